@@ -1,0 +1,174 @@
+"""Adam and AdamW, with 32-bit or block-wise 8-bit states."""
+
+from __future__ import annotations
+
+from .optimizer import (
+    FusedOptimizer,
+    check_betas,
+    check_block_size,
+    check_eps,
+    check_flag,
+    check_lr,
+    check_min_8bit_size,
+    check_weight_decay,
+)
+
+_MATH = r"""
+    Per parameter tensor, with ``t`` the tensor's step count after this step and ``g`` its
+    gradient times the step's multiplier (``1/grad_scale`` under GradScaler, times the clip
+    coefficient when ``max_grad_norm`` is set)::
+
+        g = -g                                   if maximize
+        g = g + weight_decay * p                 (Adam)
+        p = p * (1 - lr * weight_decay)          (AdamW)
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g^2
+        v_max = max(v_max, v)                    if amsgrad (and used as v below)
+        p = p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+"""
+
+_ARGS = r"""
+    Args:
+        params: an iterable of tensors or of param-group dicts.
+        lr: learning rate (a float, or a 1-element tensor that may be changed in place).
+        betas: coefficients of the running averages of the gradient and its square.
+        eps: added to the denominator for numerical stability.
+        weight_decay: L2 penalty (Adam) or decoupled decay (AdamW).
+        amsgrad: use the maximum of past second moments (Reddi et al., 2018).
+        maximize: maximize the objective instead of minimizing it.
+        max_grad_norm: clip the global 2-norm of all gradients to this value inside the step
+            (``None``: no clipping). The unclipped norm is kept on the device as
+            ``last_grad_norm``; a non-finite norm skips the step.
+        backend: ``"auto"``, ``"triton"``, ``"cuda"`` or ``"reference"`` (the environment
+            variable ``FUSEDOPT_BACKEND`` overrides ``"auto"``).
+"""
+
+_ARGS_8BIT = r"""        block_size: elements per quantization block, one fp32 absmax each (a multiple of 32).
+        min_8bit_size: tensors with fewer elements keep fp32 states.
+"""
+
+
+class _AdamFamily(FusedOptimizer):
+    _family = "adam"
+
+    def __init__(self, params, lr, betas, eps, weight_decay, amsgrad, *, maximize,
+                 decoupled_weight_decay, max_grad_norm, backend, **extra):
+        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
+                        weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+                        decoupled_weight_decay=decoupled_weight_decay, **extra)
+        super().__init__(params, defaults, max_grad_norm=max_grad_norm, backend=backend)
+
+    def _check_group(self, group: dict) -> None:
+        check_lr(group["lr"])
+        check_eps(group["eps"])
+        check_betas(group["betas"])
+        check_weight_decay(group["weight_decay"])
+        for flag in ("amsgrad", "maximize", "decoupled_weight_decay"):
+            check_flag(flag, group[flag])
+        if self._quantized:
+            check_block_size(group["block_size"])
+            check_min_8bit_size(group["min_8bit_size"])
+
+    def _state_names(self, group: dict) -> tuple[str, ...]:
+        if group["amsgrad"]:
+            return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+        return ("exp_avg", "exp_avg_sq")
+
+
+class Adam(_AdamFamily):
+    __doc__ = (
+        "Adam (Kingma & Ba, 2015), fused: one multi-tensor pass per param group.\n"
+        "    A drop-in for ``torch.optim.Adam`` (same arguments, defaults and state keys).\n"
+        + _MATH + _ARGS + r"""        decoupled_weight_decay: use AdamW's decoupled decay (as torch.optim.Adam allows).
+
+    Example:
+        >>> import torch, fusedopt
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = fusedopt.Adam(model.parameters(), lr=1e-3)
+        >>> model(torch.randn(8, 4)).square().mean().backward()
+        >>> opt.step(); opt.zero_grad()
+"""
+    )
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 amsgrad=False, *, maximize=False, decoupled_weight_decay=False,
+                 max_grad_norm=None, backend="auto"):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
+                         decoupled_weight_decay=decoupled_weight_decay,
+                         max_grad_norm=max_grad_norm, backend=backend)
+
+
+class AdamW(_AdamFamily):
+    __doc__ = (
+        "AdamW (Loshchilov & Hutter, 2019), fused: Adam with decoupled weight decay.\n"
+        "    A drop-in for ``torch.optim.AdamW`` (same arguments, defaults and state keys).\n"
+        + _MATH + _ARGS + r"""
+    Example:
+        >>> import torch, fusedopt
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = fusedopt.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, max_grad_norm=1.0)
+        >>> model(torch.randn(8, 4)).square().mean().backward()
+        >>> opt.step(); opt.zero_grad()
+"""
+    )
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 amsgrad=False, *, maximize=False, max_grad_norm=None, backend="auto"):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
+                         decoupled_weight_decay=True, max_grad_norm=max_grad_norm,
+                         backend=backend)
+
+
+_8BIT = r"""
+    States are stored block-wise in 8 bits (Dettmers et al., ICLR 2022): uint8 codes of the
+    dynamic map (signed for ``exp_avg``, unsigned for ``exp_avg_sq``) with one fp32 absmax per
+    ``block_size`` elements, i.e. about 2 bytes per parameter instead of 8. Each step
+    dequantizes, updates in fp32 exactly as the 32-bit optimizer, writes the parameter from the
+    fp32 states, then requantizes to the nearest code. State keys are torch's; the absmax of
+    state ``name`` is ``name + "_absmax"``.
+"""
+
+
+class Adam8bit(_AdamFamily):
+    __doc__ = (
+        "Adam with block-wise 8-bit states.\n" + _8BIT + _MATH + _ARGS + _ARGS_8BIT + r"""
+    Example:
+        >>> import torch, fusedopt
+        >>> model = torch.nn.Linear(128, 64)
+        >>> opt = fusedopt.Adam8bit(model.parameters(), lr=1e-3)
+        >>> model(torch.randn(8, 128)).square().mean().backward()
+        >>> opt.step(); opt.state[model.weight]["exp_avg"].dtype
+        torch.uint8
+"""
+    )
+    _quantized = True
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 amsgrad=False, *, maximize=False, decoupled_weight_decay=False,
+                 max_grad_norm=None, backend="auto", block_size=256, min_8bit_size=4096):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
+                         decoupled_weight_decay=decoupled_weight_decay,
+                         max_grad_norm=max_grad_norm, backend=backend,
+                         block_size=block_size, min_8bit_size=min_8bit_size)
+
+
+class AdamW8bit(_AdamFamily):
+    __doc__ = (
+        "AdamW with block-wise 8-bit states.\n" + _8BIT + _MATH + _ARGS + _ARGS_8BIT + r"""
+    Example:
+        >>> import torch, fusedopt
+        >>> model = torch.nn.Linear(128, 64)
+        >>> opt = fusedopt.AdamW8bit(model.parameters(), lr=1e-3)
+        >>> model(torch.randn(8, 128)).square().mean().backward()
+        >>> opt.step(); opt.state[model.weight]["exp_avg_sq"].dtype
+        torch.uint8
+"""
+    )
+    _quantized = True
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 amsgrad=False, *, maximize=False, max_grad_norm=None, backend="auto",
+                 block_size=256, min_8bit_size=4096):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
+                         decoupled_weight_decay=True, max_grad_norm=max_grad_norm,
+                         backend=backend, block_size=block_size, min_8bit_size=min_8bit_size)

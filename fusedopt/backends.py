@@ -1,0 +1,94 @@
+"""Backend selection: the one place that decides which implementation runs a step.
+
+A backend is a module with ``NAME``, ``DESCRIPTION``, ``available(device) -> str | None``
+(None when it can run on that device, else the reason it cannot) and the family functions
+``adam``, ``lamb``, ``lion`` and ``global_norm`` (see :mod:`fusedopt.reference`).
+
+``"auto"`` (or the ``FUSEDOPT_BACKEND`` environment variable, which overrides it) takes the
+first backend of :data:`AUTO_ORDER` that runs on the device; CPU tensors always get the
+reference. An explicitly requested backend that cannot run raises ``RuntimeError`` with the
+reason.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+import torch
+
+NAMES = ("auto", "triton", "cuda", "reference")
+
+# Module of each concrete backend, imported on first use so that importing fusedopt never
+# pulls in Triton or compiles anything.
+_MODULES = {
+    "reference": "fusedopt.reference",
+    "triton": "fusedopt.kernels.backend",
+    "cuda": "fusedopt.cuda_backend",
+}
+
+# Preference of "auto" on CUDA devices, fastest first.
+AUTO_ORDER = ("triton", "reference")
+
+
+def check_name(backend: object, argument: str = "backend") -> str:
+    """Validate a backend name (``ValueError`` naming the argument and the value)."""
+    if not isinstance(backend, str) or backend not in NAMES:
+        raise ValueError(f"Invalid {argument}: {backend!r}; expected one of {', '.join(map(repr, NAMES))}")
+    return backend
+
+
+def load(name: str) -> tuple[ModuleType | None, str | None]:
+    """``(module, None)`` for a backend that imports, else ``(None, reason)``."""
+    try:
+        return importlib.import_module(_MODULES[name]), None
+    except ImportError as e:
+        return None, f"not importable: {e}"
+
+
+def unavailable_reason(name: str, device: torch.device) -> str | None:
+    """None when backend ``name`` can run on ``device``, else why not."""
+    return _reason(name, torch.device(device), ())
+
+
+def requested(backend: str) -> str:
+    """The backend a user asked for, with ``FUSEDOPT_BACKEND`` applied to ``"auto"``."""
+    if backend == "auto":
+        env = os.environ.get("FUSEDOPT_BACKEND", "").strip()
+        if env:
+            return check_name(env, "FUSEDOPT_BACKEND")
+    return backend
+
+
+def _reason(name: str, device: torch.device, tensors) -> str | None:
+    module, reason = load(name)
+    if module is None:
+        return reason
+    reason = module.available(device)
+    if reason is None and hasattr(module, "unsupported"):
+        reason = next((r for r in map(module.unsupported, tensors) if r is not None), None)
+    return reason
+
+
+def resolve(backend: str, device: torch.device, tensors=()) -> ModuleType:
+    """The backend module to run ``tensors`` (all on ``device``) with.
+
+    ``"auto"`` takes the first of :data:`AUTO_ORDER` that runs on the device and supports every
+    tensor (a backend may define ``unsupported(tensor) -> str | None``), the reference on CPU.
+    A backend named explicitly that cannot run raises ``RuntimeError`` with the reason.
+    """
+    name = requested(backend)
+    device = torch.device(device)
+    tensors = list(tensors)
+    if name == "auto":
+        candidates = ("reference",) if device.type == "cpu" else AUTO_ORDER
+    else:
+        candidates = (name,)
+    reasons = []
+    for n in candidates:
+        reason = _reason(n, device, tensors)
+        if reason is None:
+            return load(n)[0]
+        reasons.append(f"backend {n!r} cannot run on {device} tensors: {reason}")
+    raise RuntimeError("; ".join(reasons))

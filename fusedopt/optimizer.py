@@ -1,0 +1,425 @@
+"""The base class every fusedopt optimizer shares.
+
+Class -> base step -> one backend. :class:`FusedOptimizer` validates hyper-parameters at
+construction and gradients at ``step()`` (before anything changes), groups each param group's
+tensors into batches of one device and one dtype combination, computes the per-step device
+scalars (unscale, global-norm clip, skip), and hands each batch to one backend function. The
+families (``adam.py``, ``lamb.py``, ``lion.py``) only declare their hyper-parameters and state.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+from collections import defaultdict
+from dataclasses import dataclass, field
+from itertools import chain
+from typing import Any, Callable
+
+import torch
+
+from . import backends, quant
+from .scalars import GRAD_MULT, NORM, SIZE, SKIP
+
+_PARAM_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+@dataclass
+class Batch:
+    """What a backend family function receives: tensors of one param group that share a
+    device, a param dtype, a grad dtype and a state layout, in a stable order.
+
+    Attributes:
+        params, grads: the tensors to update and their gradients.
+        state: state name -> one tensor per param (``exp_avg``, ...). When ``quantized``, each
+            name holds uint8 codes shaped like the param and ``name + "_absmax"`` the fp32
+            per-block scales.
+        steps: per-param step counts (0-d fp32 on the device); the backend advances each by one
+            unless the step is skipped.
+        group: the param group (hyper-parameters and flags).
+        scalars: fp32 device tensor laid out as in :mod:`fusedopt.scalars`.
+        quantized: whether states are 8-bit block-wise.
+        block_size: quantization block size (8-bit only).
+        cache: backend-owned storage that lives as long as this batch key (address tables).
+    """
+
+    params: list[torch.Tensor]
+    grads: list[torch.Tensor]
+    state: dict[str, list[torch.Tensor]]
+    steps: list[torch.Tensor]
+    group: dict[str, Any]
+    scalars: torch.Tensor
+    quantized: bool = False
+    block_size: int = 256
+    cache: dict = field(default_factory=dict)
+
+
+def state_dtype(param: torch.Tensor) -> torch.dtype:
+    """fp32 states for fp32 and 16-bit params, float64 states for float64 params."""
+    return torch.float64 if param.dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# Hyper-parameter checks, in torch.optim's words where torch has them.
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _scalar(name: str, value) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or not value.is_floating_point():
+            raise ValueError(f"Tensor {name} must be a 1-element floating-point tensor, got {value!r}")
+        return float(value)
+    if not _is_number(value):
+        raise TypeError(f"Invalid {name}: {value!r}; expected a number")
+    return float(value)
+
+
+def check_lr(lr) -> None:
+    if not 0.0 <= _scalar("lr", lr):
+        raise ValueError(f"Invalid learning rate: {lr}")
+
+
+def check_eps(eps) -> None:
+    if not 0.0 <= _scalar("eps", eps):
+        raise ValueError(f"Invalid epsilon value: {eps}")
+
+
+def check_weight_decay(weight_decay) -> None:
+    if not 0.0 <= _scalar("weight_decay", weight_decay):
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+
+
+def check_betas(betas) -> None:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise TypeError(f"Invalid betas: {betas!r}; expected a pair (beta1, beta2)")
+    for i, beta in enumerate(betas):
+        if not 0.0 <= _scalar(f"betas[{i}]", beta) < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
+
+
+def check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"Invalid {name}: {value!r}; expected True or False")
+
+
+def check_max_grad_norm(max_grad_norm) -> None:
+    if max_grad_norm is None:
+        return
+    if not _is_number(max_grad_norm):
+        raise TypeError(f"Invalid max_grad_norm: {max_grad_norm!r}; expected a positive number or None")
+    if not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
+        raise ValueError(f"Invalid max_grad_norm: {max_grad_norm}; expected a positive number or None")
+
+
+def check_block_size(block_size) -> None:
+    if not isinstance(block_size, int) or isinstance(block_size, bool):
+        raise TypeError(f"Invalid block_size: {block_size!r}; expected a positive multiple of 32")
+    if block_size <= 0 or block_size % 32:
+        raise ValueError(f"Invalid block_size: {block_size}; expected a positive multiple of 32")
+
+
+def check_min_8bit_size(min_8bit_size) -> None:
+    if not isinstance(min_8bit_size, int) or isinstance(min_8bit_size, bool):
+        raise TypeError(f"Invalid min_8bit_size: {min_8bit_size!r}; expected an integer >= 0")
+    if min_8bit_size < 0:
+        raise ValueError(f"Invalid min_8bit_size: {min_8bit_size}; expected an integer >= 0")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class FusedOptimizer(torch.optim.Optimizer):
+    """Base of every fusedopt optimizer (see the families for the math).
+
+    Subclasses set ``_family`` (the backend function to call), ``_quantized`` (8-bit states),
+    and implement ``_check_group`` and ``_state_names``.
+    """
+
+    _step_supports_amp_scaling = True
+    _family: str = ""
+    _quantized: bool = False
+
+    def __init__(self, params, defaults: dict, *, max_grad_norm=None, backend: str = "auto"):
+        if isinstance(params, (set, frozenset)):
+            raise TypeError(
+                "params must be an ordered collection (a list of tensors or of param-group "
+                "dicts), not a set: the ordering of tensors in sets changes between runs"
+            )
+        check_max_grad_norm(max_grad_norm)
+        self.backend = backends.check_name(backend)
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        #: Global gradient norm of the last step that clipped, as a 0-d fp32 device tensor.
+        self.last_grad_norm: torch.Tensor | None = None
+        self._caches: dict = {}
+        self._unit_scalars: dict = {}
+        super().__init__(params, defaults)
+
+    # -- to be provided by a family ---------------------------------------------------------
+
+    def _check_group(self, group: dict) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _state_names(self, group: dict) -> tuple[str, ...]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- param groups -----------------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group).__name__}")
+        params = param_group.get("params")
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        elif isinstance(params, (set, frozenset)):
+            raise TypeError(
+                "optimizer parameters need to be organized in ordered collections, but the "
+                "ordering of tensors in sets will change between runs. Please use a list instead."
+            )
+        elif params is None:
+            raise ValueError("param_group must have a 'params' entry")
+        else:
+            params = list(params)
+        for p in params:
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"optimizer can only optimize Tensors, but one of the params is {torch.typename(p)}")
+            if p.dtype not in _PARAM_DTYPES:
+                raise TypeError(
+                    f"fusedopt optimizes float32, float64, bfloat16 and float16 params, but one "
+                    f"of the params has dtype {p.dtype}"
+                )
+            if p.layout != torch.strided:
+                raise TypeError(f"fusedopt optimizes dense (strided) tensors, but one of the params has layout {p.layout}")
+        if len({id(p) for p in params}) != len(params):
+            raise ValueError("a parameter group contains the same tensor more than once")
+        self._check_group({**self.defaults, **param_group})
+        super().add_param_group({**param_group, "params": params})
+        self._caches.clear()
+
+    # -- the step ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None):
+        """Perform one optimization step over every param that has a gradient.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (optional).
+
+        With ``torch.amp.GradScaler``, the scaler sets ``grad_scale`` and ``found_inf`` on the
+        optimizer: gradients are unscaled inside the update, and when ``found_inf`` is set the
+        whole step changes nothing. Nothing here waits for the device.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        plan = self._plan()  # every check happens here, before any state changes
+        if not plan:
+            return loss
+        scalars = self._step_scalars(plan)
+        for gi, group, key, params, backend in plan:
+            for p in params:
+                self._init_state(p, group)
+            batch = self._batch(gi, group, key, params, scalars[key[0]])
+            getattr(backend, self._family)(batch)
+        return loss
+
+    def _plan(self):
+        """Validate every gradient and choose a backend for every batch, changing nothing.
+
+        Returns a list of ``(group index, group, key, params, backend module)`` where key is
+        ``(device, param dtype, grad dtype, quantized)``.
+        """
+        plan = []
+        for gi, group in enumerate(self.param_groups):
+            batches: dict[tuple, list] = {}
+            for pi, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None:
+                    continue
+                where = f"param {pi} of group {gi}"
+                if g.layout != torch.strided:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients ({where})")
+                if g.shape != p.shape:
+                    raise RuntimeError(f"gradient of {where} has shape {tuple(g.shape)} but the param has shape {tuple(p.shape)}")
+                if g.device != p.device:
+                    raise RuntimeError(f"gradient of {where} is on {g.device} but the param is on {p.device}")
+                if not g.is_floating_point():
+                    raise RuntimeError(f"gradient of {where} has dtype {g.dtype}; expected a floating-point gradient")
+                key = (p.device, p.dtype, g.dtype, self._is_quantized(p, group))
+                batches.setdefault(key, []).append(p)
+            for key in sorted(batches, key=str):
+                params = batches[key]
+                tensors = list(chain(params, (p.grad for p in params)))
+                plan.append((gi, group, key, params, backends.resolve(self.backend, key[0], tensors)))
+        return plan
+
+    def _is_quantized(self, p: torch.Tensor, group: dict) -> bool:
+        state = self.state.get(p)
+        if state and "exp_avg" in state:
+            return state["exp_avg"].dtype == torch.uint8
+        return self._quantized and p.numel() >= group["min_8bit_size"]
+
+    def _init_state(self, p: torch.Tensor, group: dict) -> None:
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        quantized = self._is_quantized(p, group)
+        for name in self._state_names(group):
+            if name in state:
+                continue
+            if quantized:
+                signed = quant.signed_state(name)
+                state[name] = torch.full(p.shape, quant.zero_code(signed), dtype=torch.uint8, device=p.device)
+                blocks = quant.num_blocks(p.numel(), group["block_size"])
+                state[name + "_absmax"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
+            else:
+                state[name] = torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.contiguous_format)
+
+    def _batch(self, gi, group, key, params, scalars) -> Batch:
+        quantized = key[3]
+        names = self._state_names(group)
+        if quantized:
+            names = tuple(chain(names, (n + "_absmax" for n in names)))
+        return Batch(
+            params=params,
+            grads=[p.grad for p in params],
+            state={n: [self.state[p][n] for p in params] for n in names},
+            steps=[self.state[p]["step"] for p in params],
+            group=group,
+            scalars=scalars,
+            quantized=quantized,
+            block_size=group.get("block_size", 256),
+            cache=self._caches.setdefault((gi, key), {}),
+        )
+
+    def _step_scalars(self, plan) -> dict[torch.device, torch.Tensor]:
+        """Per device: ``[grad multiplier, skip, norm]`` (see :mod:`fusedopt.scalars`)."""
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        devices = list(dict.fromkeys(key[0] for _, _, key, _, _ in plan))
+        if grad_scale is None and found_inf is None and self.max_grad_norm is None:
+            return {d: self._unit(d) for d in devices}
+
+        home = devices[0]
+        mult = torch.ones((), dtype=torch.float32, device=home)
+        skip = torch.zeros((), dtype=torch.float32, device=home)
+        norm = torch.zeros((), dtype=torch.float32, device=home)
+        if grad_scale is not None:
+            # Exactly the inverse GradScaler.unscale_ uses.
+            mult = grad_scale.to(home).double().reciprocal().float().reshape(())
+        if found_inf is not None:
+            skip = (found_inf.to(home).reshape(()) > 0).float()
+        if self.max_grad_norm is not None:
+            norms = []
+            for d in devices:
+                grads = [p.grad for _, _, key, ps, _ in plan if key[0] == d for p in ps]
+                backend = next(b for _, _, key, _, b in plan if key[0] == d)
+                norms.append(backend.global_norm(grads, 2.0).to(home, torch.float32))
+            norm = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
+            norm = norm * mult
+            coef = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
+            skip = torch.maximum(skip, (~torch.isfinite(norm)).float())
+            mult = mult * coef
+            self.last_grad_norm = norm
+        packed = torch.zeros(SIZE, dtype=torch.float32, device=home)
+        packed[GRAD_MULT] = mult
+        packed[SKIP] = skip
+        packed[NORM] = norm
+        return {d: packed if d == home else packed.to(d) for d in devices}
+
+    def _unit(self, device: torch.device) -> torch.Tensor:
+        """The constant scalars of a step with no scaler and no clipping (cached per device)."""
+        unit = self._unit_scalars.get(device)
+        if unit is None:
+            unit = torch.zeros(SIZE, dtype=torch.float32, device=device)
+            unit[GRAD_MULT] = 1.0
+            self._unit_scalars[device] = unit
+        return unit
+
+    # -- state dict -------------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict saved by this class, by another fusedopt optimizer of the same
+        family, or by ``torch.optim`` (Adam/AdamW into Adam/AdamW).
+
+        States are cast to this optimizer's layout: fp32 (float64 for float64 params), or 8-bit
+        codes with fp32 absmax; fp32 states load into an 8-bit optimizer by quantizing them and
+        8-bit states into a 32-bit optimizer by dequantizing. Nothing changes unless the whole
+        dict loads. The loaded tensors are copies: stepping never writes into ``state_dict``.
+        """
+        groups = self.param_groups
+        saved_groups = copy.deepcopy(state_dict["param_groups"])
+        if len(groups) != len(saved_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        for g, sg in zip(groups, saved_groups):
+            if len(g["params"]) != len(sg["params"]):
+                raise ValueError("loaded state dict contains a parameter group that doesn't match the size of optimizer's group")
+
+        new_groups = []
+        owner = {}
+        for g, sg in zip(groups, saved_groups):
+            ng = {**g, **{k: v for k, v in sg.items() if k != "params"}, "params": g["params"]}
+            self._check_group(ng)
+            new_groups.append(ng)
+            for p in g["params"]:
+                owner[id(p)] = ng
+        id_map = dict(zip(chain.from_iterable(sg["params"] for sg in saved_groups),
+                          chain.from_iterable(g["params"] for g in groups)))
+
+        new_state: dict = defaultdict(dict)
+        for k, saved in state_dict["state"].items():
+            if k in id_map:
+                p = id_map[k]
+                new_state[p] = self._convert_state(p, owner[id(p)], saved)
+            else:
+                new_state[k] = saved
+        self.param_groups = new_groups
+        self.state = new_state
+        self._caches.clear()
+
+    def _convert_state(self, p: torch.Tensor, group: dict, saved: dict) -> dict:
+        out = {}
+        quantized = self._quantized and p.numel() >= group["min_8bit_size"]
+        block_size = group.get("block_size", 256)
+        for key, value in saved.items():
+            if key == "step":
+                out["step"] = torch.as_tensor(value, dtype=torch.float32).reshape(()).to(p.device).clone()
+            elif key.endswith("_absmax") or not isinstance(value, torch.Tensor):
+                continue  # absmax travels with its codes; non-tensor extras are not ours
+            else:
+                if value.numel() != p.numel():
+                    raise ValueError(f"state {key!r} has {value.numel()} elements but its param has {p.numel()}")
+                signed = quant.signed_state(key)
+                absmax = saved.get(key + "_absmax")
+                if value.dtype == torch.uint8:
+                    if absmax is None:
+                        raise ValueError(f"8-bit state {key!r} comes without {key + '_absmax'!r}")
+                    if absmax.numel() != quant.num_blocks(p.numel(), block_size):
+                        raise ValueError(
+                            f"state {key + '_absmax'!r} has {absmax.numel()} blocks; block_size={block_size} "
+                            f"gives {quant.num_blocks(p.numel(), block_size)} for a param of {p.numel()} elements"
+                        )
+                    if quantized:
+                        out[key] = value.to(p.device).reshape(p.shape).clone()
+                        out[key + "_absmax"] = absmax.to(p.device, torch.float32).clone()
+                        continue
+                    value = quant.dequantize_blockwise(value.reshape(p.shape), absmax, signed, block_size)
+                value = value.to(p.device).reshape(p.shape)
+                if quantized:
+                    codes, scales = quant.quantize_blockwise(value, signed, block_size)
+                    out[key], out[key + "_absmax"] = codes, scales
+                else:
+                    out[key] = value.to(state_dtype(p)).clone(memory_format=torch.contiguous_format)
+        return out
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_caches", {})
+        self.__dict__.setdefault("_unit_scalars", {})
+

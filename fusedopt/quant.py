@@ -1,0 +1,158 @@
+"""Block-wise 8-bit optimizer states (Dettmers et al., "8-bit Optimizers via Block-wise
+Quantization", ICLR 2022).
+
+A state tensor of ``n`` elements is stored as ``n`` uint8 codes plus one fp32 ``absmax`` per
+block of ``block_size`` consecutive elements (the last block may be short). An element's value
+is ``codebook[code] * absmax[block]``. The codebook is the *dynamic tree* map: seven decades
+``10^-6 .. 10^0``, each split into linearly spaced fractions, plus ``0`` and ``1`` — signed for
+the first moment, unsigned (twice as fine) for the second. The 256 values are bit-identical to
+bitsandbytes' ``create_dynamic_map(signed)``, so states convert between the two libraries.
+
+Quantization maps ``x = state / absmax`` to the *nearest* code: ``code = #{midpoints < x}``
+over the sorted codebook's midpoints (a tie goes to the lower code). Every backend uses the
+same fp32 midpoint table, so given the same fp32 state all backends produce the same codes.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+__all__ = [
+    "dynamic_map",
+    "midpoints",
+    "num_blocks",
+    "quantize_blockwise",
+    "dequantize_blockwise",
+    "zero_code",
+    "signed_state",
+]
+
+_DECADES = 7  # 10^-6 .. 10^0
+
+
+@functools.lru_cache(maxsize=None)
+def _dynamic_map_cpu(signed: bool) -> torch.Tensor:
+    values: list[float] = []
+    for decade in range(_DECADES):
+        # Decade ``decade`` holds 2^decade fractions when signed (each used with both signs),
+        # 2^(decade+1) when unsigned: the larger the magnitude, the finer the spacing.
+        n = 2 ** decade if signed else 2 ** (decade + 1)
+        edges = torch.linspace(0.1, 1, n + 1, dtype=torch.float32)
+        centres = (edges[:-1] + edges[1:]) / 2.0
+        scale = 10.0 ** (decade - (_DECADES - 1))
+        values += (scale * centres).tolist()
+        if signed:
+            values += (-scale * centres).tolist()
+    values += [0.0, 1.0]
+    if len(values) != 256:  # pragma: no cover - a construction error, not an input error
+        raise RuntimeError(f"dynamic map has {len(values)} values, expected 256")
+    values.sort()
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def dynamic_map(signed: bool, device: torch.device | str | None = None) -> torch.Tensor:
+    """The 256-value dynamic codebook (fp32, sorted ascending).
+
+    Args:
+        signed: ``True`` for signed states (first moment), ``False`` for non-negative ones
+            (second moment), whose codes cover ``[0, 1]`` twice as finely.
+        device: where to put the codebook (default: CPU).
+
+    Example:
+        >>> code = dynamic_map(signed=True)
+        >>> code.shape, float(code[0]), float(code[-1])
+        (torch.Size([256]), -0.9930000305175781, 1.0)
+    """
+    code = _dynamic_map_cpu(bool(signed))
+    return code if device is None else code.to(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _midpoints_cpu(signed: bool) -> torch.Tensor:
+    code = _dynamic_map_cpu(signed)
+    return (code[:-1] + code[1:]) * 0.5
+
+
+def midpoints(signed: bool, device: torch.device | str | None = None) -> torch.Tensor:
+    """The 255 fp32 decision boundaries between neighbouring codes (round to nearest)."""
+    mids = _midpoints_cpu(bool(signed))
+    return mids if device is None else mids.to(device)
+
+
+def zero_code(signed: bool) -> int:
+    """The code whose value is exactly ``0.0`` (what a fresh state is filled with)."""
+    return int((_dynamic_map_cpu(bool(signed)) == 0).nonzero()[0, 0])
+
+
+def signed_state(name: str) -> bool:
+    """Which codebook a state uses: the first moment (``exp_avg``) is signed; the second
+    moments (``exp_avg_sq``, ``max_exp_avg_sq``) are non-negative."""
+    return name == "exp_avg"
+
+
+def num_blocks(numel: int, block_size: int) -> int:
+    """Number of quantization blocks (and absmax entries) of a tensor of ``numel`` elements."""
+    return math.ceil(numel / block_size)
+
+
+def _blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``x`` flattened and zero-padded to whole blocks, as ``[blocks, block_size]``."""
+    flat = x.reshape(-1)
+    pad = num_blocks(flat.numel(), block_size) * block_size - flat.numel()
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return flat.view(-1, block_size)
+
+
+def quantize_blockwise(
+    x: torch.Tensor,
+    signed: bool,
+    block_size: int = 256,
+    codes_out: torch.Tensor | None = None,
+    absmax_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``x`` to uint8 codes with one fp32 absmax per block.
+
+    ``absmax = max |x|`` over each block; each element gets the nearest code of
+    ``x / absmax`` (fp32). An all-zero block keeps ``absmax = 0`` and encodes as the zero code:
+    nothing divides by zero. Writes into ``codes_out`` / ``absmax_out`` when given.
+
+    Returns:
+        ``(codes, absmax)``: codes shaped like ``x`` (uint8), absmax of shape ``[blocks]``.
+
+    Example:
+        >>> x = torch.randn(1000)
+        >>> codes, absmax = quantize_blockwise(x, signed=True, block_size=256)
+        >>> y = dequantize_blockwise(codes, absmax, signed=True, block_size=256)
+        >>> bool((y - x).abs().max() < 0.05 * x.abs().max())
+        True
+    """
+    x32 = x.detach().to(torch.float32)
+    blocks = _blocks(x32, block_size)
+    absmax = blocks.abs().amax(dim=1)
+    safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    normed = (blocks / safe[:, None]).reshape(-1)[: x.numel()]
+    codes = torch.bucketize(normed, midpoints(signed, x.device), right=False).to(torch.uint8)
+    codes = codes.view(x.shape)
+    if codes_out is not None:
+        codes_out.copy_(codes)
+        codes = codes_out
+    if absmax_out is not None:
+        absmax_out.copy_(absmax)
+        absmax = absmax_out
+    return codes, absmax
+
+
+def dequantize_blockwise(
+    codes: torch.Tensor,
+    absmax: torch.Tensor,
+    signed: bool,
+    block_size: int = 256,
+) -> torch.Tensor:
+    """fp32 values ``codebook[codes] * absmax[block]``, shaped like ``codes``."""
+    values = dynamic_map(signed, codes.device)[codes.reshape(-1).long()]
+    scale = absmax.to(torch.float32).repeat_interleave(block_size)[: codes.numel()]
+    return (values * scale).view(codes.shape)
