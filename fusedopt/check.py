@@ -1,0 +1,227 @@
+"""``python -m fusedopt check``: is every backend right on this machine?
+
+First the reference against the peers that have the optimizer (torch.optim, lion-pytorch,
+bitsandbytes), then every other available backend against the reference, all on fresh random
+data on this machine's device. Each row reports the largest error over params and every state
+tensor, the tolerance and pass/fail; the command exits non-zero if any row fails.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import backends, quant
+from .adam import Adam, AdamW, AdamW8bit
+from .clip import clip_grad_norm_
+from .lamb import LAMB
+from .lion import Lion, Lion8bit
+from .testing import compare
+
+STEPS = 7
+SIZES = (1, 257, 4099, 5000)  # odd sizes; the two largest are above min_8bit_size with a short tail block
+LR = 1e-3
+
+
+@dataclass
+class Row:
+    check: str
+    backend: str
+    dtype: str
+    max_abs: float | None
+    detail: str
+    ok: bool | None  # None: not run (the reason is in detail)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running an optimizer on fixed random data.
+# ---------------------------------------------------------------------------------------------
+
+
+def _data(device, dtype, seed, sizes=SIZES):
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(n, generator=gen).to(device, dtype) for n in sizes]
+    grads = [[torch.randn(n, generator=gen).to(device, dtype) for n in sizes] for _ in range(STEPS)]
+    return params, grads
+
+
+def _run(make: Callable, params0, grads, *, skip_grad=(2, 1)):
+    """``STEPS`` steps of ``make(params)``; at step ``skip_grad[0]`` param ``skip_grad[1]`` has
+    no gradient (its step count must not advance)."""
+    params = [p.clone().requires_grad_(True) for p in params0]
+    opt = make(params)
+    for s in range(STEPS):
+        for i, p in enumerate(params):
+            p.grad = None if (s, i) == skip_grad else grads[s][i].clone()
+        opt.step()
+    return params, opt
+
+
+def _state_values(opt, p, name, block_size=256):
+    state = opt.state[p]
+    value = state[name]
+    if value.dtype == torch.uint8:
+        return quant.dequantize_blockwise(value, state[name + "_absmax"], quant.signed_state(name), block_size)
+    return value
+
+
+def _worst(results) -> tuple[float, str, bool]:
+    worst = max(results, key=lambda r: (not r.ok, r.max_abs))
+    return worst.max_abs, str(worst), all(r.ok for r in results)
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference against peers.
+# ---------------------------------------------------------------------------------------------
+
+
+def _peer_torch(device) -> list[Row]:
+    rows = []
+    for ours, theirs, kwargs in (
+        (Adam, torch.optim.Adam, dict(weight_decay=0.01)),
+        (AdamW, torch.optim.AdamW, dict(weight_decay=0.01, amsgrad=True)),
+    ):
+        params0, grads = _data(device, torch.float32, 1)
+        a, oa = _run(lambda ps: ours(ps, lr=LR, backend="reference", **kwargs), params0, grads)
+        b, ob = _run(lambda ps: theirs(ps, lr=LR, foreach=False, **kwargs), params0, grads)
+        results = []
+        for i, (pa, pb) in enumerate(zip(a, b)):
+            results.append(compare(pa, pb, name=f"param {i}"))
+            for name in ob.state[pb]:
+                if name != "step":
+                    results.append(compare(oa.state[pa][name], ob.state[pb][name], name=f"{name} {i}"))
+            results.append(compare(oa.state[pa]["step"].cpu(), ob.state[pb]["step"].cpu(), name=f"step {i}"))
+        m, detail, ok = _worst(results)
+        rows.append(Row(f"{ours.__name__} vs torch.optim.{theirs.__name__}", "reference", "float32", m, detail, ok))
+    return rows
+
+
+def _peer_lion(device) -> list[Row]:
+    try:
+        from lion_pytorch import Lion as PeerLion
+    except ImportError as e:
+        return [Row("Lion vs lion-pytorch", "reference", "float32", None, f"not run: {e}", None)]
+    params0, grads = _data(device, torch.float32, 2)
+    a, oa = _run(lambda ps: Lion(ps, lr=LR, weight_decay=0.1, backend="reference"), params0, grads)
+    b, ob = _run(lambda ps: PeerLion(ps, lr=LR, weight_decay=0.1), params0, grads)
+    results = []
+    for i, (pa, pb) in enumerate(zip(a, b)):
+        results.append(compare(pa, pb, name=f"param {i}"))
+        results.append(compare(oa.state[pa]["exp_avg"], ob.state[pb]["exp_avg"], name=f"exp_avg {i}"))
+    m, detail, ok = _worst(results)
+    return [Row("Lion vs lion-pytorch", "reference", "float32", m, detail, ok)]
+
+
+def _peer_bnb(device) -> list[Row]:
+    try:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as bnbf
+    except Exception as e:  # bitsandbytes raises more than ImportError when it has no backend
+        return [Row("8-bit vs bitsandbytes", "reference", "-", None, f"not run: bitsandbytes unavailable ({e})", None)]
+    rows = []
+    equal = all(torch.equal(quant.dynamic_map(s), bnbf.create_dynamic_map(signed=s).cpu()) for s in (True, False))
+    rows.append(Row("codebooks vs bitsandbytes create_dynamic_map", "reference", "float32", 0.0 if equal else None,
+                    "identical" if equal else "differ", equal))
+    for ours, theirs in ((AdamW8bit, bnb.optim.AdamW8bit), (Lion8bit, bnb.optim.Lion8bit)):
+        params0, grads = _data(device, torch.float32, 3)
+        try:
+            b, ob = _run(lambda ps: theirs(ps, lr=LR, min_8bit_size=4096), params0, grads, skip_grad=(-1, -1))
+        except Exception as e:  # bitsandbytes without a backend for this device
+            rows.append(Row(f"{ours.__name__} vs bitsandbytes", "reference", "float32", None,
+                            f"not run: bitsandbytes failed on {device} ({type(e).__name__}: {e})", None))
+            continue
+        a, oa = _run(lambda ps: ours(ps, lr=LR, min_8bit_size=4096, backend="reference"), params0, grads,
+                     skip_grad=(-1, -1))
+        # Implementations may round a handful of values to neighbouring codes; a param may then
+        # differ by a fraction of one step's movement (lr), never by more.
+        results = [compare(pa, pb, name=f"param {i}", rtol=0.0, atol=LR) for i, (pa, pb) in enumerate(zip(a, b))]
+        m, detail, ok = _worst(results)
+        rows.append(Row(f"{ours.__name__} vs bitsandbytes", "reference", "float32", m, detail, ok))
+    return rows
+
+
+def _peer_clip(device) -> list[Row]:
+    rows = []
+    for norm_type in (2.0, float("inf")):
+        params0, grads = _data(device, torch.float32, 4)
+        pa = [p.clone().requires_grad_(True) for p in params0]
+        pb = [p.clone().requires_grad_(True) for p in params0]
+        for p, q, g in zip(pa, pb, grads[0]):
+            p.grad, q.grad = g.clone(), g.clone()
+        na = clip_grad_norm_(pa, 1.0, norm_type, backend="reference")
+        nb = torch.nn.utils.clip_grad_norm_(pb, 1.0, norm_type)
+        results = [compare(na, nb, name="norm")] + [compare(p.grad, q.grad, name=f"grad {i}") for i, (p, q) in enumerate(zip(pa, pb))]
+        m, detail, ok = _worst(results)
+        rows.append(Row(f"clip_grad_norm_ (p={norm_type:g}) vs torch", "reference", "float32", m, detail, ok))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Every other backend against the reference.
+# ---------------------------------------------------------------------------------------------
+
+_CONFIGS = (
+    ("AdamW", lambda ps, b: AdamW(ps, lr=LR, backend=b)),
+    ("Adam amsgrad maximize", lambda ps, b: Adam(ps, lr=LR, weight_decay=0.01, amsgrad=True, maximize=True, backend=b)),
+    ("AdamW max_grad_norm", lambda ps, b: AdamW(ps, lr=LR, max_grad_norm=1.0, backend=b)),
+    ("LAMB", lambda ps, b: LAMB(ps, lr=LR, backend=b)),
+    ("Lion", lambda ps, b: Lion(ps, lr=LR, weight_decay=0.1, backend=b)),
+    ("AdamW8bit", lambda ps, b: AdamW8bit(ps, lr=LR, backend=b)),
+    ("Lion8bit", lambda ps, b: Lion8bit(ps, lr=LR, weight_decay=0.1, backend=b)),
+)
+
+
+def _backend_rows(name: str, device) -> list[Row]:
+    reason = backends.unavailable_reason(name, device)
+    if reason is not None:
+        return [Row("all optimizers", name, "-", None, f"not run: {reason}", None)]
+    rows = []
+    for label, make in _CONFIGS:
+        for dtype in (torch.float32, torch.bfloat16):
+            params0, grads = _data(device, dtype, 5)
+            a, oa = _run(lambda ps: make(ps, name), params0, grads)
+            b, ob = _run(lambda ps: make(ps, "reference"), params0, grads)
+            eight_bit = "8bit" in label
+            results = []
+            for i, (pa, pb) in enumerate(zip(a, b)):
+                # A code that lands on the other side of a midpoint after an fp32 rounding
+                # difference moves the next update by a fraction of lr: allow that for 8-bit.
+                results.append(compare(pa, pb, dtype, f"param {i}", atol=LR if eight_bit else None))
+                for sname, value in ob.state[pb].items():
+                    if sname == "step" or sname.endswith("_absmax"):
+                        continue
+                    x, y = _state_values(oa, pa, sname), _state_values(ob, pb, sname)
+                    atol = 0.02 * float(y.abs().max()) if eight_bit and value.dtype == torch.uint8 else None
+                    results.append(compare(x, y, torch.float32, f"{sname} {i}", rtol=0.0 if atol else None, atol=atol))
+                results.append(compare(oa.state[pa]["step"].cpu(), ob.state[pb]["step"].cpu(), torch.float32, f"step {i}"))
+            m, detail, ok = _worst(results)
+            rows.append(Row(label, name, str(dtype).replace("torch.", ""), m, detail, ok))
+    return rows
+
+
+def run(device: torch.device) -> list[Row]:
+    rows = []
+    for peer in (_peer_torch, _peer_lion, _peer_bnb, _peer_clip):
+        rows += peer(device)
+    for name in backends.NAMES:
+        if name not in ("auto", "reference"):
+            rows += _backend_rows(name, device)
+    return rows
+
+
+def format_rows(rows: list[Row]) -> str:
+    head = ("check", "backend", "dtype", "max |err|", "result")
+    body = []
+    for r in rows:
+        result = "not run" if r.ok is None else ("PASS" if r.ok else "FAIL")
+        err = "-" if r.max_abs is None else f"{r.max_abs:.2e}"
+        body.append((r.check, r.backend, r.dtype, err, result))
+    widths = [max(len(str(x[i])) for x in [head] + body) for i in range(len(head))]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
+    out = [line(head), line("-" * w for w in widths)] + [line(b) for b in body]
+    notes = [f"  {r.backend} / {r.check} / {r.dtype}: {r.detail}" for r in rows if r.ok is not True]
+    if notes:
+        out += ["", "details:"] + notes
+    return "\n".join(out)

@@ -1,0 +1,118 @@
+"""The command line: ``python -m fusedopt {info,check,build,bench}``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import platform
+import sys
+
+
+def _interpret_without_gpu() -> None:
+    # Without a CUDA device the Triton backend can still be exercised on CPU tensors through
+    # Triton's interpreter, which must be switched on before any kernel is decorated.
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _device():
+    import torch
+
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _version(module: str) -> str:
+    try:
+        return getattr(importlib.import_module(module), "__version__", "installed")
+    except Exception as e:  # a broken optional package should not break `info`
+        return f"not available ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+
+
+def cmd_info(args) -> int:
+    _interpret_without_gpu()
+    import torch
+
+    import fusedopt
+    from fusedopt import backends
+
+    print(f"fusedopt      {fusedopt.__version__}")
+    print(f"python        {platform.python_version()} ({platform.machine()})")
+    print(f"torch         {torch.__version__} (CUDA {torch.version.cuda or 'none'})")
+    for name in ("triton", "bitsandbytes", "lion_pytorch"):
+        print(f"{name:<13} {_version(name)}")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            print(f"cuda:{i}        {p.name}, {p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs")
+    else:
+        print("devices       cpu only (no CUDA device)")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("              TRITON_INTERPRET=1: Triton kernels run on CPU tensors in the interpreter")
+    env = os.environ.get("FUSEDOPT_BACKEND")
+    if env:
+        print(f"FUSEDOPT_BACKEND={env} (overrides 'auto')")
+    print("\nbackends:")
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    for name in backends.NAMES[1:]:
+        for dev in devices:
+            reason = backends.unavailable_reason(name, dev)
+            status = "available" if reason is None else f"unavailable: {reason}"
+            print(f"  {name:<10} {dev.type:<5} {status}")
+    for dev in devices:
+        try:
+            chosen = backends.resolve("auto", dev).NAME
+        except RuntimeError as e:
+            chosen = f"none ({e})"
+        print(f"  auto on {dev.type}: {chosen}")
+    return 0
+
+
+def cmd_check(args) -> int:
+    _interpret_without_gpu()
+    import torch
+
+    from fusedopt import check
+
+    device = torch.device(args.device) if args.device else _device()
+    print(f"checking on {device} ({'GPU' if device.type == 'cuda' else 'CPU; GPU kernels need a GPU'})...", flush=True)
+    rows = check.run(device)
+    print(check.format_rows(rows))
+    failed = [r for r in rows if r.ok is False]
+    passed = sum(r.ok is True for r in rows)
+    print(f"\n{passed} passed, {len(failed)} failed, {sum(r.ok is None for r in rows)} not run")
+    return 1 if failed else 0
+
+
+def _delegate(module: str):
+    def run(args) -> int:
+        if args.command == "bench":
+            _interpret_without_gpu()
+        return importlib.import_module(module).main(args.rest)
+
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fusedopt", description="fused optimizer kernels for PyTorch")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("info", help="versions, devices, and which backends are available (and why not)")
+    p.set_defaults(func=cmd_info)
+    p = sub.add_parser("check", help="every available backend against the reference on this machine")
+    p.add_argument("--device", help="device to check on (default: cuda if present, else cpu)")
+    p.set_defaults(func=cmd_check)
+    for name, module, text in (
+        ("build", "fusedopt.build", "compile the CUDA extension"),
+        ("bench", "fusedopt.benchmark", "time every backend and peer (see --help)"),
+    ):
+        p = sub.add_parser(name, help=text, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=_delegate(module))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
