@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
+import operator
 from collections import defaultdict
 from dataclasses import dataclass, field
 from itertools import chain
@@ -20,7 +21,7 @@ from typing import Any, Callable
 import torch
 
 from . import backends, quant
-from .scalars import GRAD_MULT, NORM, SIZE, SKIP
+from .scalars import GRAD_MULT, SIZE
 
 _PARAM_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -49,10 +50,22 @@ class Batch:
     state: dict[str, list[torch.Tensor]]
     steps: list[torch.Tensor]
     group: dict[str, Any]
-    scalars: torch.Tensor
+    scalars: torch.Tensor | None
     quantized: bool = False
     block_size: int = 256
     cache: dict = field(default_factory=dict)
+
+
+@dataclass
+class _GroupPlan:
+    """How one param group is stepped: its batches, and what they were planned from."""
+
+    group: dict
+    grads: list  # the group's ``p.grad`` per param at planning time (None allowed)
+    names: tuple  # state names
+    signature: tuple  # what the layout depends on besides tensor identities
+    entries: list  # (key, indices into group["params"], backend module) per batch
+    batches: list | None  # Batch per entry; None until states exist
 
 
 def state_dtype(param: torch.Tensor) -> torch.dtype:
@@ -156,6 +169,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         #: Global gradient norm of the last step that clipped, as a 0-d fp32 device tensor.
         self.last_grad_norm: torch.Tensor | None = None
         self._caches: dict = {}
+        self._plans: dict = {}
         self._unit_scalars: dict = {}
         super().__init__(params, defaults)
 
@@ -199,6 +213,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._check_group({**self.defaults, **param_group})
         super().add_param_group({**param_group, "params": params})
         self._caches.clear()
+        self._plans.clear()
 
     # -- the step ---------------------------------------------------------------------------
 
@@ -218,59 +233,90 @@ class FusedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        plan = self._plan()  # every check happens here, before any state changes
-        if not plan:
+        # Every check happens while planning, before any state changes.
+        plans = [self._plan_group(gi, group) for gi, group in enumerate(self.param_groups)]
+        work = []
+        for gi, (group, plan) in enumerate(zip(self.param_groups, plans)):
+            if plan.batches is None:
+                plan.batches = [self._batch(gi, group, key, idx, plan.grads) for key, idx, _ in plan.entries]
+            else:
+                for batch, (_, idx, _) in zip(plan.batches, plan.entries):
+                    batch.grads = [plan.grads[i] for i in idx]
+            self._plans[gi] = plan
+            work += [(key, batch, backend) for batch, (key, _, backend) in zip(plan.batches, plan.entries)]
+        if not work:
             return loss
-        scalars = self._step_scalars(plan)
-        for gi, group, key, params, backend in plan:
-            for p in params:
-                self._init_state(p, group)
-            batch = self._batch(gi, group, key, params, scalars[key[0]])
+        scalars = self._step_scalars(work)
+        for key, batch, backend in work:
+            batch.scalars = scalars[key[0]]
             getattr(backend, self._family)(batch)
         return loss
 
-    def _plan(self):
-        """Validate every gradient and choose a backend for every batch, changing nothing.
+    def _plan_group(self, gi: int, group: dict) -> "_GroupPlan":
+        """Validate this group's gradients and decide its batches, changing nothing.
 
-        Returns a list of ``(group index, group, key, params, backend module)`` where key is
-        ``(device, param dtype, grad dtype, quantized)``.
+        The plan of the last step is reused when the gradients are the same tensors (grads
+        zeroed in place), and its layout is reused when only the gradient tensors are new
+        (``zero_grad(set_to_none=True)``): then only the new gradients are checked. Anything
+        else (a grad that appeared or became None, a new grad dtype, new state names, another
+        backend) rebuilds the plan. Backends still check addresses themselves (``p.data = ...``).
         """
-        plan = []
-        for gi, group in enumerate(self.param_groups):
-            batches: dict[tuple, list] = {}
-            for pi, p in enumerate(group["params"]):
-                g = p.grad
-                if g is None:
-                    continue
-                where = f"param {pi} of group {gi}"
-                if g.layout != torch.strided:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients ({where})")
-                if g.shape != p.shape:
-                    raise RuntimeError(f"gradient of {where} has shape {tuple(g.shape)} but the param has shape {tuple(p.shape)}")
-                if g.device != p.device:
-                    raise RuntimeError(f"gradient of {where} is on {g.device} but the param is on {p.device}")
-                if not g.is_floating_point():
-                    raise RuntimeError(f"gradient of {where} has dtype {g.dtype}; expected a floating-point gradient")
-                key = (p.device, p.dtype, g.dtype, self._is_quantized(p, group))
-                batches.setdefault(key, []).append(p)
-            for key in sorted(batches, key=str):
-                params = batches[key]
-                tensors = list(chain(params, (p.grad for p in params)))
-                plan.append((gi, group, key, params, backends.resolve(self.backend, key[0], tensors)))
-        return plan
+        params = group["params"]
+        grads = [p.grad for p in params]
+        names = self._state_names(group)
+        old = self._plans.get(gi)
+        if old is not None and (old.group is not group or len(old.grads) != len(grads)):
+            old = None
+        if old is not None and old.names == names and all(map(operator.is_, grads, old.grads)):
+            return old
+        previous = old.grads if old is not None else [None] * len(grads)
+        strided = torch.strided
+        for pi, (p, g, h) in enumerate(zip(params, grads, previous)):
+            if g is not None and g is not h and (
+                g.layout is not strided or g.shape != p.shape or g.device != p.device or not g.is_floating_point()
+            ):
+                self._check_grad(gi, pi, p, g)
+        present = tuple(i for i, g in enumerate(grads) if g is not None)
+        signature = (names, present, tuple(grads[i].dtype for i in present), backends.requested(self.backend))
+        if old is not None and old.signature == signature:
+            return _GroupPlan(group, grads, names, signature, old.entries, old.batches)
+        buckets: dict[tuple, list[int]] = {}
+        for i in present:
+            p = params[i]
+            buckets.setdefault((p.device, p.dtype, grads[i].dtype, self._is_quantized(p, group)), []).append(i)
+        entries = []
+        for key in sorted(buckets, key=str):
+            idx = buckets[key]
+            tensors = chain((params[i] for i in idx), (grads[i] for i in idx))
+            entries.append((key, idx, backends.resolve(self.backend, key[0], tensors)))
+        return _GroupPlan(group, grads, names, signature, entries, None)
+
+    def _check_grad(self, gi: int, pi: int, p: torch.Tensor, g: torch.Tensor) -> None:
+        """Raise the error that describes what is wrong with gradient ``g`` of param ``p``."""
+        where = f"param {pi} of group {gi}"
+        if g.layout is not torch.strided:
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients ({where})")
+        if g.shape != p.shape:
+            raise RuntimeError(f"gradient of {where} has shape {tuple(g.shape)} but the param has shape {tuple(p.shape)}")
+        if g.device != p.device:
+            raise RuntimeError(f"gradient of {where} is on {g.device} but the param is on {p.device}")
+        if not g.is_floating_point():
+            raise RuntimeError(f"gradient of {where} has dtype {g.dtype}; expected a floating-point gradient")
 
     def _is_quantized(self, p: torch.Tensor, group: dict) -> bool:
+        if not self._quantized:
+            return False
         state = self.state.get(p)
         if state and "exp_avg" in state:
             return state["exp_avg"].dtype == torch.uint8
-        return self._quantized and p.numel() >= group["min_8bit_size"]
+        return p.numel() >= group["min_8bit_size"]
 
-    def _init_state(self, p: torch.Tensor, group: dict) -> None:
+    def _init_state(self, p: torch.Tensor, group: dict, names: tuple[str, ...]) -> dict:
         state = self.state[p]
         if "step" not in state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         quantized = self._is_quantized(p, group)
-        for name in self._state_names(group):
+        for name in names:
             if name in state:
                 continue
             if quantized:
@@ -280,29 +326,32 @@ class FusedOptimizer(torch.optim.Optimizer):
                 state[name + "_absmax"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
             else:
                 state[name] = torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.contiguous_format)
+        return state
 
-    def _batch(self, gi, group, key, params, scalars) -> Batch:
-        quantized = key[3]
+    def _batch(self, gi, group, key, idx, grads) -> Batch:
         names = self._state_names(group)
+        params = [group["params"][i] for i in idx]
+        states = [self._init_state(p, group, names) for p in params]
+        quantized = key[3]
         if quantized:
             names = tuple(chain(names, (n + "_absmax" for n in names)))
         return Batch(
             params=params,
-            grads=[p.grad for p in params],
-            state={n: [self.state[p][n] for p in params] for n in names},
-            steps=[self.state[p]["step"] for p in params],
+            grads=[grads[i] for i in idx],
+            state={n: [s[n] for s in states] for n in names},
+            steps=[s["step"] for s in states],
             group=group,
-            scalars=scalars,
+            scalars=None,
             quantized=quantized,
             block_size=group.get("block_size", 256),
             cache=self._caches.setdefault((gi, key), {}),
         )
 
-    def _step_scalars(self, plan) -> dict[torch.device, torch.Tensor]:
+    def _step_scalars(self, work) -> dict[torch.device, torch.Tensor]:
         """Per device: ``[grad multiplier, skip, norm]`` (see :mod:`fusedopt.scalars`)."""
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        devices = list(dict.fromkeys(key[0] for _, _, key, _, _ in plan))
+        devices = list(dict.fromkeys(key[0] for key, _, _ in work))
         if grad_scale is None and found_inf is None and self.max_grad_norm is None:
             return {d: self._unit(d) for d in devices}
 
@@ -318,8 +367,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         if self.max_grad_norm is not None:
             norms = []
             for d in devices:
-                grads = [p.grad for _, _, key, ps, _ in plan if key[0] == d for p in ps]
-                backend = next(b for _, _, key, _, b in plan if key[0] == d)
+                grads = [g for key, batch, _ in work if key[0] == d for g in batch.grads]
+                backend = next(b for key, _, b in work if key[0] == d)
                 norms.append(backend.global_norm(grads, 2.0).to(home, torch.float32))
             norm = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
             norm = norm * mult
@@ -327,10 +376,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             skip = torch.maximum(skip, (~torch.isfinite(norm)).float())
             mult = mult * coef
             self.last_grad_norm = norm
-        packed = torch.zeros(SIZE, dtype=torch.float32, device=home)
-        packed[GRAD_MULT] = mult
-        packed[SKIP] = skip
-        packed[NORM] = norm
+        packed = torch.stack([mult, skip, norm])  # the order of fusedopt.scalars
         return {d: packed if d == home else packed.to(d) for d in devices}
 
     def _unit(self, device: torch.device) -> torch.Tensor:
@@ -382,6 +428,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.param_groups = new_groups
         self.state = new_state
         self._caches.clear()
+        self._plans.clear()
 
     def _convert_state(self, p: torch.Tensor, group: dict, saved: dict) -> dict:
         out = {}
@@ -421,5 +468,6 @@ class FusedOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_caches", {})
+        self.__dict__.setdefault("_plans", {})
         self.__dict__.setdefault("_unit_scalars", {})
 
