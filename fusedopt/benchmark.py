@@ -1187,8 +1187,11 @@ def main(argv: list[str]) -> int:
         print(json.dumps(JSON_SCHEMA, indent=2))
         return 0
     try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if device.type not in ("cpu", "cuda"):
+        try:
+            device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        except RuntimeError:
+            device = None
+        if device is None or device.type not in ("cpu", "cuda"):
             raise ValueError(f"Invalid --device: {args.device!r}; expected cpu, cuda or cuda:N")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"Invalid --device: {args.device!r}; this machine has no CUDA device")
