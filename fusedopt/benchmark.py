@@ -268,6 +268,8 @@ class Provider:
         state_in_param_dtype: keeps its states in the param's dtype (torch does), so it moves
             fewer bytes and is checked with that precision's tolerance.
         separate_clip: clips with a separate ``clip_grad_norm_`` that rewrites the grads.
+        known_differences: optimizer name -> how this provider's algorithm differs from
+            DESIGN.md's (it still fails the check, and the reason says why).
     """
 
     name: str
@@ -277,9 +279,15 @@ class Provider:
     reason: Callable[[torch.device, bool], str | None] = lambda device, quick: None
     state_in_param_dtype: bool = False
     separate_clip: bool = False
+    known_differences: dict = field(default_factory=dict)
 
     def state_bytes(self, dtype: torch.dtype) -> int | None:
         return torch.empty((), dtype=dtype).element_size() if self.state_in_param_dtype else None
+
+
+class Skip(str):
+    """A reason that is a choice of this run (``--quick``, memory), not a missing capability:
+    the result's status is ``skipped`` rather than ``unavailable``."""
 
 
 def _module_reason(module: str) -> str | None:
@@ -334,7 +342,7 @@ def _torch_compile_make(params, spec, hp):
 
 def _torch_compile_reason(device, quick):
     if quick:
-        return "skipped under --quick: compiling a step takes tens of seconds per case"
+        return Skip("not run under --quick: compiling a step takes tens of seconds per case")
     return None
 
 
@@ -396,7 +404,9 @@ PROVIDERS: dict[str, Provider] = {
                  state_in_param_dtype=True, separate_clip=True),
         Provider("bnb-32bit", "bitsandbytes AdamW / LAMB / Lion, optim_bits=32",
                  _ADAMS + ("lamb", "lion"), _bnb_make(32), lambda d, q: _module_reason("bitsandbytes"),
-                 separate_clip=True),
+                 separate_clip=True,
+                 known_differences={"lamb": "bitsandbytes' LAMB is Adam with the update scaled down only "
+                                            "when its norm exceeds max_unorm * ||p||, not the trust ratio"}),
         Provider("bnb-8bit", "bitsandbytes AdamW8bit / Lion8bit (block-wise)",
                  ("adamw8bit", "lion8bit"), _bnb_make(8), lambda d, q: _module_reason("bitsandbytes")),
         Provider("lion-pytorch", "lion_pytorch.Lion: a torch for-loop",
@@ -641,6 +651,20 @@ def _make_set(case: Case, device: torch.device, seed: int) -> list[torch.Tensor]
     return params
 
 
+def warm_up(runners: list[Runner], device: torch.device, config: Config) -> int:
+    """Step each runner ``config.warmup`` times (state allocation, compilation, autotuning stay
+    out of the timings); return how many timed repeats fit the time budget."""
+    for r in runners:
+        for _ in range(config.warmup):
+            r.step()
+    _sync(device)
+    t0 = time.perf_counter()
+    runners[0].step()
+    _sync(device)
+    estimate = time.perf_counter() - t0
+    return max(config.min_repeat, min(config.max_repeat, math.ceil(config.time_budget_s / max(estimate, 1e-6))))
+
+
 def _result(provider: Provider, status: str, reason: str | None = None, **fields) -> dict:
     out = dict(provider=provider.name, status=status, reason=reason, check_error=None,
                check_tolerance=None, bytes_per_param=None, median_ms=None, q20_ms=None,
@@ -656,7 +680,7 @@ def measure(provider: Provider, case: Case, device: torch.device, config: Config
     """Check, then time, one provider on one case; returns a result (see bench/README.md)."""
     reason = provider.reason(device, quick)
     if reason is not None:
-        status = "skipped" if reason.startswith("skipped") else "unavailable"
+        status = "skipped" if isinstance(reason, Skip) else "unavailable"
         return _result(provider, status, reason)
 
     notes = []
@@ -668,9 +692,10 @@ def measure(provider: Provider, case: Case, device: torch.device, config: Config
         return _result(provider, "error", f"check raised {type(e).__name__}: {e}", notes=notes)
     checked = dict(check_error=err, check_tolerance=tol, notes=notes)
     if not err <= tol:
+        known = provider.known_differences.get(case.optimizer.name)
         return _result(provider, "wrong",
-                       f"update differs from fusedopt's reference: relative error {err:.3g} > {tol:.3g}; not timed",
-                       **checked)
+                       f"update differs from fusedopt's reference: relative error {err:.3g} > {tol:.3g}; not timed"
+                       + (f" (known: {known})" if known else ""), **checked)
 
     need = _set_bytes(case)
     free = _free_bytes(device)
@@ -686,15 +711,7 @@ def measure(provider: Provider, case: Case, device: torch.device, config: Config
     try:
         for s in range(sets):
             runners.append(provider.make(_make_set(case, device, seed=s), case.optimizer, case.optimizer.hp))
-        for r in runners:
-            for _ in range(config.warmup):
-                r.step()
-        _sync(device)
-        t0 = time.perf_counter()
-        runners[0].step()
-        _sync(device)
-        estimate = time.perf_counter() - t0
-        repeats = max(config.min_repeat, min(config.max_repeat, math.ceil(config.time_budget_s / max(estimate, 1e-6))))
+        repeats = warm_up(runners, device, config)
         flush = torch.empty(config.flush_bytes, dtype=torch.int8, device=device)
         times, host = time_fn([r.step for r in runners], device, repeats, flush)
         del flush
@@ -878,7 +895,7 @@ def format_table(doc: dict) -> str:
         f"copy ceiling: {copy['gbps']:.1f} GB/s ({copy['bytes'] / 2**20:.0f} MiB read + written "
         f"in {copy['median_ms']:.3f} ms, median)",
     ]
-    head = (f"  {'provider':<20} {'status':<7} {'median ms':>10} {'[q20, q80]':>19} {'GB/s':>8} "
+    head = (f"  {'provider':<20} {'status':<11} {'median ms':>10} {'[q20, q80]':>19} {'GB/s':>8} "
             f"{'%copy':>6} {'xfloor':>7} {'host ms':>8} {'launch':>6} {'stateB/p':>8} {'check':>8}")
     for case in doc["cases"]:
         lines.append("")
@@ -890,13 +907,14 @@ def format_table(doc: dict) -> str:
         lines.append(head)
         for r in case["results"]:
             if r["status"] != "ok":
-                check = f" (check error {r['check_error']:.2g})" if r["check_error"] is not None else ""
-                lines.append(f"  {r['provider']:<20} {r['status']:<7} {r['reason']}{check if r['status'] == 'error' else ''}")
+                passed = r["status"] != "wrong" and r["check_error"] is not None
+                check = f" (after passing the check: error {r['check_error']:.2g})" if passed else ""
+                lines.append(f"  {r['provider']:<20} {r['status']:<11} {r['reason']}{check}")
                 continue
             spread = f"[{r['q20_ms']:.3f}, {r['q80_ms']:.3f}]"
             notes = f"  ({'; '.join(r['notes'])})" if r["notes"] else ""
             lines.append(
-                f"  {r['provider']:<20} {'ok':<7} {r['median_ms']:>10.3f} {spread:>19} {r['gbps']:>8.1f} "
+                f"  {r['provider']:<20} {'ok':<11} {r['median_ms']:>10.3f} {spread:>19} {r['gbps']:>8.1f} "
                 f"{r['pct_copy']:>5.1f}% {r['x_floor']:>6.2f}x {r['host_ms']:>8.3f} {_fmt(r['launches'], 'd'):>6} "
                 f"{r['state_bytes_per_param']:>8.2f} {r['check_error']:>8.1e}{notes}")
     lines.append("")
@@ -1106,32 +1124,40 @@ def plot(doc: dict, path: str) -> str | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def pytest_pairs(optimizers, quick: bool):
-    """``(case, provider)`` parameters for a pytest-benchmark suite over ``optimizers``."""
-    return [(c, p) for c in all_cases(quick) if c.optimizer.name in optimizers
+def pytest_params(optimizers) -> list:
+    """``pytest.param(case name, provider name)`` for a suite over ``optimizers``; names, so
+    that the same ids collect in quick and full mode."""
+    import pytest
+    return [pytest.param(c.name, p.name, id=f"{c.name}:{p.name}")
+            for c in all_cases(quick=True) if c.optimizer.name in optimizers
             for p in PROVIDERS.values() if c.optimizer.name in p.optimizers]
 
 
-def pytest_benchmark(benchmark, case: Case, provider: Provider, quick: bool) -> None:
-    """Check ``provider`` on ``case``, then time its step with pytest-benchmark's ``pedantic``
-    (rotating input sets, cache flushed before each round, synchronized), and record the
-    bandwidth in ``extra_info``. Skips a provider that cannot run here; fails a wrong one."""
+def pytest_benchmark(benchmark, case_name: str, provider_name: str, quick: bool) -> None:
+    """Check a provider on a case, then time its step with pytest-benchmark's ``pedantic``
+    (input sets rotated, the cache flushed and the device synchronized before each round, the
+    device synchronized inside it), and record bandwidth and memory in ``extra_info``. Skips a
+    provider that cannot run here; fails one that computes the wrong thing, untimed."""
     import pytest
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = default_config(quick, device)
+    (case,) = (c for c in all_cases(quick) if c.name == case_name)
+    provider = PROVIDERS[provider_name]
     reason = provider.reason(device, quick)
     if reason is not None:
         pytest.skip(f"{provider.name}: {reason}")
     err, tol = check(provider, case, device, config.check_steps)
     if not err <= tol:
+        known = provider.known_differences.get(case.optimizer.name)
+        if known:
+            pytest.xfail(f"{provider.name} on {case.name}: relative error {err:.3g} > {tol:.3g}; {known}")
         pytest.fail(f"{provider.name} on {case.name}: update differs from fusedopt's reference "
                     f"(relative error {err:.3g} > {tol:.3g}); not timed")
+    sets = max(1, min(config.input_sets, int(0.4 * _free_bytes(device) // max(_set_bytes(case), 1))))
     runners = [provider.make(_make_set(case, device, seed=s), case.optimizer, case.optimizer.hp)
-               for s in range(config.input_sets)]
-    for r in runners:
-        for _ in range(config.warmup):
-            r.step()
+               for s in range(sets)]
+    rounds = warm_up(runners, device, config)
     flush = torch.empty(config.flush_bytes, dtype=torch.int8, device=device)
     turn = iter(range(1 << 62))
 
@@ -1144,14 +1170,16 @@ def pytest_benchmark(benchmark, case: Case, provider: Provider, quick: bool) -> 
         runner.step()
         _sync(device)
 
-    benchmark.pedantic(step, setup=setup, rounds=config.max_repeat, iterations=1, warmup_rounds=0)
+    benchmark.group = case.name
+    benchmark.pedantic(step, setup=setup, rounds=rounds, iterations=1, warmup_rounds=0)
     moved = case.bytes_per_step(state_bytes=provider.state_bytes(case.dtype),
                                 separate_clip=provider.separate_clip and case.optimizer.max_grad_norm is not None)
-    median_s = benchmark.stats.stats.median
     benchmark.extra_info.update(
         case=case.name, provider=provider.name, device=str(device), params=case.numel,
-        bytes_per_param=moved / case.numel, gbps=moved / median_s / 1e9, check_error=err,
+        bytes_per_param=moved / case.numel, check_error=err, input_sets=sets,
         state_bytes_per_param=state_bytes(runners[0].optimizer) / case.numel)
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        benchmark.extra_info["gbps"] = moved / benchmark.stats.stats.median / 1e9
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,8 +12,6 @@ import torch
 
 from fusedopt import benchmark
 
-
-
 # A cross-section of the quick suite that stays fast on two cores: every family, both dtypes,
 # 8-bit, clipping, the many-tensor model, and a provider that cannot run here.
 QUICK_CASES = ["adamw-clip/gpt2-124m/fp32", "adamw/many-4k/bf16", "lamb/llama-1b/fp32",
@@ -61,7 +59,9 @@ def test_quick_run_reports_every_provider_of_every_case(quick_run):
     # What cannot run on a CPU says so.
     by_name = {p["name"]: p["reason"] for p in doc["providers"]}
     assert "CUDA" in by_name["lion-pytorch-triton"]
-    assert by_name["torch-compile"].startswith("skipped under --quick")
+    assert by_name["torch-compile"].startswith("not run under --quick")
+    compiled = [r for c in doc["cases"] for r in c["results"] if r["provider"] == "torch-compile"]
+    assert compiled and all(r["status"] == "skipped" for r in compiled)
     for backend in ("triton", "cuda"):
         assert by_name[f"fusedopt-{backend}"] is not None
 
