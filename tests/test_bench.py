@@ -103,6 +103,13 @@ def _adamw_with(**change):
     return make
 
 
+def _nan(params, spec, hp):
+    def step():
+        for p in params:
+            p.fill_(float("nan"))
+    return benchmark.Runner(torch.optim.SGD(params, lr=0.1), step)
+
+
 def _raises(params, spec, hp):
     def step():
         raise RuntimeError("kernel exploded")
@@ -145,6 +152,19 @@ def test_an_independent_correct_provider_passes_the_check(dtype):
     for name in ("torch-forloop", "torch-fused", "bnb-32bit"):
         err, tol = benchmark.check(benchmark.PROVIDERS[name], case, torch.device("cpu"), steps=3)
         assert 0 < err <= tol, (name, dtype, err, tol)
+
+
+def test_a_provider_that_writes_nan_is_marked_and_the_json_stays_valid(monkeypatch, tmp_path):
+    nan = benchmark.Provider("nan", "writes NaN", ("lion8bit",), _nan)
+    monkeypatch.setitem(benchmark.PROVIDERS, nan.name, nan)
+    path = tmp_path / "run.json"
+    assert benchmark.main(["--quick", "--device", "cpu", "--cases", "lion8bit/gpt2-124m/bf16",
+                           "--providers", "nan", "--json", str(path)]) == 0
+    doc = json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+    jsonschema.validate(doc, benchmark.JSON_SCHEMA)
+    (r,) = doc["cases"][0]["results"]
+    assert r["status"] == "wrong" and "non-finite" in r["reason"] and r["check_error"] is None
+    assert all(r[k] is None for k in TIMINGS)
 
 
 def test_a_provider_that_raises_is_reported_as_an_error(monkeypatch, tmp_path):
