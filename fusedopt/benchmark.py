@@ -529,7 +529,7 @@ class Config:
 def default_config(quick: bool, device: torch.device) -> Config:
     gpu = device.type == "cuda"
     if quick:
-        return Config(warmup=2, min_repeat=5, max_repeat=20, time_budget_s=0.05, input_sets=2,
+        return Config(warmup=1, min_repeat=5, max_repeat=20, time_budget_s=0.05, input_sets=2,
                       check_steps=3, flush_bytes=(256 if gpu else 8) << 20,
                       copy_bytes=(256 if gpu else 32) << 20)
     return Config(warmup=5, min_repeat=10, max_repeat=100, time_budget_s=1.0, input_sets=3,
