@@ -774,6 +774,17 @@ def _driver() -> str | None:
     return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device: torch.device) -> dict:
     gpu = device.type == "cuda"
     if gpu:
@@ -781,7 +792,7 @@ def environment(device: torch.device) -> dict:
         name = props.name
         memory = props.total_memory
     else:
-        name = platform.processor() or platform.machine()
+        name = _cpu_name()
         memory = None
     status = _git("status", "--porcelain", "--untracked-files=no")
     return dict(
