@@ -1,0 +1,10 @@
+"""Adam family: AdamW, AdamW with global-norm clipping, AdamW8bit (see bench/README.md)."""
+
+import pytest
+
+from fusedopt import benchmark as fb
+
+
+@pytest.mark.parametrize("case,provider", fb.pytest_params(("adamw", "adamw-clip", "adamw8bit")))
+def test_adamw(benchmark, case, provider, quick):
+    fb.pytest_benchmark(benchmark, case, provider, quick)

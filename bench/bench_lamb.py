@@ -1,0 +1,10 @@
+"""LAMB (see bench/README.md)."""
+
+import pytest
+
+from fusedopt import benchmark as fb
+
+
+@pytest.mark.parametrize("case,provider", fb.pytest_params(("lamb",)))
+def test_lamb(benchmark, case, provider, quick):
+    fb.pytest_benchmark(benchmark, case, provider, quick)

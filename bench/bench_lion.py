@@ -1,0 +1,10 @@
+"""Lion and Lion8bit (see bench/README.md)."""
+
+import pytest
+
+from fusedopt import benchmark as fb
+
+
+@pytest.mark.parametrize("case,provider", fb.pytest_params(("lion", "lion8bit")))
+def test_lion(benchmark, case, provider, quick):
+    fb.pytest_benchmark(benchmark, case, provider, quick)
