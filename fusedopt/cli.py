@@ -86,13 +86,11 @@ def cmd_check(args) -> int:
     return 1 if failed else 0
 
 
-def _delegate(module: str):
-    def run(args) -> int:
-        if args.command == "bench":
-            _interpret_without_gpu()
-        return importlib.import_module(module).main(args.rest)
-
-    return run
+# Subcommands whose own parser lives in their module: ``main`` hands them the rest of argv.
+_DELEGATED = {
+    "build": ("fusedopt.build", "compile the CUDA extension (see `build --help`)"),
+    "bench": ("fusedopt.benchmark", "time every backend and peer (see `bench --help`)"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,13 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("check", help="every available backend against the reference on this machine")
     p.add_argument("--device", help="device to check on (default: cuda if present, else cpu)")
     p.set_defaults(func=cmd_check)
-    for name, module, text in (
-        ("build", "fusedopt.build", "compile the CUDA extension"),
-        ("bench", "fusedopt.benchmark", "time every backend and peer (see --help)"),
-    ):
-        p = sub.add_parser(name, help=text, add_help=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=_delegate(module))
+    for name, (_, text) in _DELEGATED.items():
+        sub.add_parser(name, help=text, add_help=False)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in _DELEGATED:
+        if argv[0] == "bench":
+            _interpret_without_gpu()
+        return importlib.import_module(_DELEGATED[argv[0]][0]).main(argv[1:])
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -38,3 +38,11 @@ def test_check_table_marks_failures_and_exits_nonzero(monkeypatch, capsys):
 def test_unknown_command_is_an_error():
     with pytest.raises(SystemExit):
         cli.main(["frobnicate"])
+
+
+def test_bench_is_dispatched_with_its_own_options(tmp_path):
+    out = _run("bench", "--quick", "--cases", "adamw/gpt2*fp32", "--providers", "torch-fused,fusedopt-reference",
+               "--json", str(tmp_path / "r.json"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert (tmp_path / "r.json").exists()
+    assert "need a GPU" in out.stdout
