@@ -41,7 +41,7 @@ def test_unknown_command_is_an_error():
 
 
 def test_bench_is_dispatched_with_its_own_options(tmp_path):
-    out = _run("bench", "--quick", "--cases", "adamw/gpt2-124m/fp32", "--providers", "torch-fused,fusedopt-reference",
+    out = _run("bench", "--quick", "--cases", "adamw/gpt2-124m/fp32", "--providers", "torch-fused", "fusedopt-reference",
                "--json", str(tmp_path / "r.json"))
     assert out.returncode == 0, out.stdout + out.stderr
     assert (tmp_path / "r.json").exists()
