@@ -131,6 +131,24 @@ def test_torch_state_dict_loads_both_ways():
         compare(step, ours, opt, theirs, topt, dtype, dtype, names)
 
 
+def test_tensor_lr_changed_in_place():
+    """lr given as a 1-element tensor and changed in place between steps (as a scheduler on a
+    captured graph does) is followed exactly as torch follows it."""
+    ours, theirs = make_params(torch.float64), make_params(torch.float64)
+    lr_ours, lr_theirs = torch.tensor(1e-2, dtype=torch.float64), torch.tensor(1e-2, dtype=torch.float64)
+    opt = fusedopt.AdamW(param_groups(ours, {}), lr=lr_ours, backend="reference")
+    topt = torch.optim.AdamW(param_groups(theirs, {}), lr=lr_theirs, foreach=False)
+    for step in range(STEPS):
+        lr_ours.fill_(1e-2 * 0.7**step)
+        lr_theirs.fill_(1e-2 * 0.7**step)
+        grads = make_grads(step, ours)
+        set_grads(ours, grads)
+        set_grads(theirs, grads)
+        opt.step()
+        topt.step()
+        compare(step, ours, opt, theirs, topt, torch.float64, torch.float64, ("exp_avg", "exp_avg_sq"))
+
+
 def scaler_scale(scaler) -> float:
     """The scaler's current scale (making it, as ``scaler.scale(loss)`` does on first use)."""
     scaler.scale(torch.ones(()))
