@@ -149,6 +149,30 @@ def test_tensor_lr_changed_in_place():
         compare(step, ours, opt, theirs, topt, torch.float64, torch.float64, ("exp_avg", "exp_avg_sq"))
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_nonfinite_grad(bad):
+    """With max_grad_norm, a non-finite grad makes the norm non-finite and the step changes
+    nothing; without it, the non-finite values flow into params and states as in torch."""
+    ours, theirs, clipped = make_params(torch.float32), make_params(torch.float32), make_params(torch.float32)
+    opt = fusedopt.AdamW(param_groups(ours, GROUP1), backend="reference")
+    topt = torch.optim.AdamW(param_groups(theirs, GROUP1), foreach=False)
+    copt = fusedopt.AdamW(param_groups(clipped, GROUP1), backend="reference", max_grad_norm=1.0)
+    for step in range(3):
+        grads = make_grads(step, ours)
+        for params in (ours, theirs, clipped):
+            set_grads(params, grads)
+            if step == 2:
+                params[1][1].grad[5] = bad
+        before = snapshot(copt, clipped)
+        opt.step()
+        topt.step()
+        copt.step()
+        compare(step, ours, opt, theirs, topt, torch.float32, torch.float32, ("exp_avg", "exp_avg_sq"))
+        assert bool(torch.isfinite(copt.last_grad_norm)) == (step < 2)
+    assert not bool(torch.isfinite(ours[1][1]).all())
+    assert_unchanged(copt, clipped, before, f"clipped step with {bad}")
+
+
 def scaler_scale(scaler) -> float:
     """The scaler's current scale (making it, as ``scaler.scale(loss)`` does on first use)."""
     scaler.scale(torch.ones(()))
