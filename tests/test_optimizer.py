@@ -397,3 +397,36 @@ def test_non_contiguous_param_updates_in_place(cls):
     same(view.contiguous(), dense, "non-contiguous param")
     for k, v in dopt.state[dense].items():
         same(opt.state[view][k], v, k)
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=name)
+def test_mixed_dtypes_in_one_group(cls):
+    """float32, bfloat16, float16 and float64 params in one group step exactly as each would in
+    an optimizer of its own; the clipping norm covers all of them."""
+    gen = torch.Generator().manual_seed(0)
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.float32]
+    mixed = [torch.randn(100 + i, generator=gen).to(dt) for i, dt in enumerate(dtypes)]
+    alone = [p.clone() for p in mixed]
+    opt = cls(mixed, **_extra(cls))
+    opts = [cls([p], **_extra(cls)) for p in alone]
+    clipped = [p.clone() for p in mixed]
+    copt = cls(clipped, max_grad_norm=1.0, **_extra(cls))
+    for step in range(8):
+        grads = [torch.randn(p.shape, generator=gen).to(p.dtype) for p in mixed]
+        for params in (mixed, alone, clipped):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+        opt.step()
+        for o in opts:
+            o.step()
+        copt.step()
+        norm = torch.linalg.vector_norm(torch.stack([g.double().norm() for g in grads]))
+        assert_close(copt.last_grad_norm, norm, torch.float32, f"step {step} last_grad_norm")
+    for i, (p, q, o) in enumerate(zip(mixed, alone, opts)):
+        assert p.dtype == dtypes[i]
+        assert_identical(p, q, f"param {i} ({p.dtype})")
+        for k, v in o.state[q].items():
+            assert_identical(opt.state[p][k], v, f"param {i} {k}")
+        expected_state = torch.float64 if p.dtype == torch.float64 else torch.float32
+        if cls not in EIGHT_BIT:
+            assert opt.state[p]["exp_avg"].dtype == expected_state
