@@ -291,6 +291,7 @@ def test_gradscaler_inf_on_first_step():
 # 8-bit states
 # ---------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     "ours_cls,bnb_name,ref_cls,kw",
     [
