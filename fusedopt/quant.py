@@ -11,6 +11,13 @@ bitsandbytes' ``create_dynamic_map(signed)``, so states convert between the two 
 Quantization maps ``x = state / absmax`` to the *nearest* code: ``code = #{midpoints < x}``
 over the sorted codebook's midpoints (a tie goes to the lower code). Every backend uses the
 same fp32 midpoint table, so given the same fp32 state all backends produce the same codes.
+
+One exception to round-to-nearest: in the unsigned map (second moments) the first boundary is
+``0`` instead of half the smallest positive code, so a positive state never becomes zero. Adam
+divides by ``sqrt(v)``: a ``v`` rounded to zero while its ``m`` is not (``v/absmax`` falls below
+``1.6e-7`` whenever ``|m|/absmax(m)`` falls below about ``4e-4``) turns the next step into
+``m / (sqrt((1 - beta2) g^2) + eps)``, an update thousands of times ``lr`` when ``g`` is small.
+Rounding such a ``v`` up to the smallest code only makes that element's step smaller.
 """
 
 from __future__ import annotations
@@ -73,11 +80,15 @@ def dynamic_map(signed: bool, device: torch.device | str | None = None) -> torch
 @functools.lru_cache(maxsize=None)
 def _midpoints_cpu(signed: bool) -> torch.Tensor:
     code = _dynamic_map_cpu(signed)
-    return (code[:-1] + code[1:]) * 0.5
+    mids = (code[:-1] + code[1:]) * 0.5
+    if not signed:
+        mids[0] = 0.0  # a positive second moment never rounds to zero (see the module docstring)
+    return mids
 
 
 def midpoints(signed: bool, device: torch.device | str | None = None) -> torch.Tensor:
-    """The 255 fp32 decision boundaries between neighbouring codes (round to nearest)."""
+    """The 255 fp32 decision boundaries between neighbouring codes (round to nearest; the
+    unsigned map's first boundary is ``0``, so a positive value never gets the zero code)."""
     mids = _midpoints_cpu(bool(signed))
     return mids if device is None else mids.to(device)
 
@@ -117,7 +128,8 @@ def quantize_blockwise(
     """Quantize ``x`` to uint8 codes with one fp32 absmax per block.
 
     ``absmax = max |x|`` over each block; each element gets the nearest code of
-    ``x / absmax`` (fp32). An all-zero block keeps ``absmax = 0`` and encodes as the zero code:
+    ``x / absmax`` (fp32), except that a positive ``x`` never gets the unsigned map's zero
+    code (see the module docstring). An all-zero block keeps ``absmax = 0`` and encodes as the zero code:
     nothing divides by zero. Writes into ``codes_out`` / ``absmax_out`` when given.
 
     Returns:
