@@ -13,7 +13,7 @@ import io
 import torch
 
 from fusedopt import quant
-from tolerances import assert_close, assert_identical
+from fusedopt.testing import assert_close, assert_identical
 
 STEPS = 8
 

@@ -27,7 +27,7 @@ from cases import (
     step_count,
 )
 from fusedopt import quant
-from tolerances import assert_close, assert_identical
+from fusedopt.testing import assert_close, assert_identical
 
 # Group 1 differs from the defaults in every hyper-parameter.
 GROUP1 = dict(lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05)

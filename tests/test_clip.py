@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fusedopt
-from tolerances import assert_close, assert_identical
+from fusedopt.testing import assert_close, assert_identical
 
 SHAPES = [(255,), (16, 17), (1,), (4097,), (3, 5, 7)]
 NORMS = [2.0, math.inf, 1.0, 3.0]

@@ -15,7 +15,7 @@ import torch
 
 import fusedopt
 from cases import STEPS, compare, make_grads, make_params, param_groups, set_grads, step_count
-from tolerances import assert_close
+from fusedopt.testing import assert_close
 
 GROUP1 = dict(lr=3e-3, betas=(0.8, 0.99), eps=1e-8, weight_decay=0.05)
 

@@ -24,7 +24,7 @@ from cases import (
     step_count,
 )
 from fusedopt import quant
-from tolerances import assert_identical
+from fusedopt.testing import assert_identical
 
 GROUP1 = dict(lr=3e-3, betas=(0.8, 0.95), weight_decay=0.2)
 

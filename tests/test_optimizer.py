@@ -12,7 +12,7 @@ import torch
 import fusedopt
 from cases import assert_unchanged, checkpoint, snapshot
 from fusedopt import backends
-from tolerances import assert_close, assert_identical
+from fusedopt.testing import assert_close, assert_identical
 
 ADAM_FAMILY = [fusedopt.Adam, fusedopt.AdamW, fusedopt.Adam8bit, fusedopt.AdamW8bit]
 EIGHT_BIT = [fusedopt.Adam8bit, fusedopt.AdamW8bit, fusedopt.Lion8bit]

@@ -7,7 +7,7 @@ import torch
 from bitsandbytes.functional import create_dynamic_map
 
 from fusedopt import quant
-from tolerances import assert_identical
+from fusedopt.testing import assert_identical
 
 SIZES = [0, 1, 255, 256, 257, 4097]
 BLOCK_SIZES = [32, 96, 256, 2048, 4096]

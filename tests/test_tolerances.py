@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tolerances import assert_close, assert_identical, tolerance
+from fusedopt.testing import assert_close, assert_identical, tolerance
 
 
 def test_tolerance_per_dtype():
