@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
-from . import backends
+from . import backends, distributed
 
 
 def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach=None,
@@ -52,10 +53,23 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
     if not grads:
         return torch.tensor(0.0)
 
-    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    # One part per (device, shard groups): sharded (FSDP2 DTensor) gradients are reduced over
+    # the mesh dimensions they are sharded on; everything works on local shards.
+    parts: dict[tuple, tuple] = {}
     for g in grads:
-        by_device.setdefault(g.device, []).append(g)
-    norms = [backends.resolve(backend, d, gs).global_norm(gs, norm_type) for d, gs in by_device.items()]
+        key = (g.device, distributed.shard_key(g))
+        parts.setdefault(key, (distributed.shard_groups(g), []))[1].append(distributed.local(g))
+    norms = []
+    for (device, _), (groups, local) in sorted(parts.items(), key=lambda kv: str(kv[0])):
+        n = backends.resolve(backend, device, local).global_norm(local, norm_type)
+        if groups:
+            if math.isinf(norm_type):
+                distributed.all_reduce_max(n, groups)
+            else:
+                n = n ** norm_type
+                distributed.all_reduce_sum(groups)(n)
+                n = n ** (1.0 / norm_type)
+        norms.append(n)
     first = grads[0].device
     if len(norms) == 1:
         total = norms[0]
@@ -69,12 +83,12 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
             "non-finite norm anyway, set `error_if_nonfinite=False`"
         )
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    for device, gs in by_device.items():
+    for (device, _), (_, local) in parts.items():
         c = coef.to(device)
         if foreach is False:
-            for g in gs:
+            for g in local:
                 g.mul_(c)
         else:
-            torch._foreach_mul_(gs, c)
+            torch._foreach_mul_(local, c)
     out_dtype = functools.reduce(torch.promote_types, (g.dtype for g in grads))
     return total.to(out_dtype)

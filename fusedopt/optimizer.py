@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import backends, quant
+from . import backends, distributed, quant
 from .scalars import GRAD_MULT, SIZE
 
 _PARAM_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -43,6 +43,9 @@ class Batch:
         quantized: whether states are 8-bit block-wise.
         block_size: quantization block size (8-bit only).
         cache: backend-owned storage that lives as long as this batch key (address tables).
+        all_reduce: for sharded (FSDP2 DTensor) params, an in-place sum over the shards of a
+            tensor of partial sums (LAMB's per-tensor ``||p||^2``, ``||u||^2``); None otherwise.
+            Tensors in a batch are always the local shards.
     """
 
     params: list[torch.Tensor]
@@ -54,6 +57,7 @@ class Batch:
     quantized: bool = False
     block_size: int = 256
     cache: dict = field(default_factory=dict)
+    all_reduce: Callable[[torch.Tensor], None] | None = None
 
 
 @dataclass
@@ -240,8 +244,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             if plan.batches is None:
                 plan.batches = [self._batch(gi, group, key, idx, plan.grads) for key, idx, _ in plan.entries]
             else:
+                local = distributed.local
                 for batch, (_, idx, _) in zip(plan.batches, plan.entries):
-                    batch.grads = [plan.grads[i] for i in idx]
+                    batch.grads = [local(plan.grads[i]) for i in idx]
             self._plans[gi] = plan
             work += [(key, batch, backend) for batch, (key, _, backend) in zip(plan.batches, plan.entries)]
         if not work:
@@ -283,7 +288,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         buckets: dict[tuple, list[int]] = {}
         for i in present:
             p = params[i]
-            buckets.setdefault((p.device, p.dtype, grads[i].dtype, self._is_quantized(p, group)), []).append(i)
+            key = (p.device, p.dtype, grads[i].dtype, self._is_quantized(p, group), distributed.shard_key(p))
+            buckets.setdefault(key, []).append(i)
         entries = []
         for key in sorted(buckets, key=str):
             idx = buckets[key]
@@ -320,10 +326,16 @@ class FusedOptimizer(torch.optim.Optimizer):
             if name in state:
                 continue
             if quantized:
+                # Blocks run over the local shard: what a kernel sees. A sharded param's codes
+                # and absmax are DTensors too, so a distributed checkpoint saves every shard.
+                shard = distributed.local(p)
                 signed = quant.signed_state(name)
-                state[name] = torch.full(p.shape, quant.zero_code(signed), dtype=torch.uint8, device=p.device)
-                blocks = quant.num_blocks(p.numel(), group["block_size"])
-                state[name + "_absmax"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
+                codes = torch.full(shard.shape, quant.zero_code(signed), dtype=torch.uint8, device=p.device)
+                blocks = quant.num_blocks(shard.numel(), group["block_size"])
+                absmax = torch.zeros(blocks, dtype=torch.float32, device=p.device)
+                if distributed.is_dtensor(p):
+                    codes, absmax = distributed.like(p, codes), distributed.blockwise(p, absmax)
+                state[name], state[name + "_absmax"] = codes, absmax
             else:
                 state[name] = torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.contiguous_format)
         return state
@@ -335,16 +347,18 @@ class FusedOptimizer(torch.optim.Optimizer):
         quantized = key[3]
         if quantized:
             names = tuple(chain(names, (n + "_absmax" for n in names)))
+        local = distributed.local
         return Batch(
-            params=params,
-            grads=[grads[i] for i in idx],
-            state={n: [s[n] for s in states] for n in names},
+            params=[local(p) for p in params],
+            grads=[local(grads[i]) for i in idx],
+            state={n: [local(s[n]) for s in states] for n in names},
             steps=[s["step"] for s in states],
             group=group,
             scalars=None,
             quantized=quantized,
             block_size=group.get("block_size", 256),
             cache=self._caches.setdefault((gi, key), {}),
+            all_reduce=distributed.all_reduce_sum(distributed.shard_groups(params[0])),
         )
 
     def _step_scalars(self, work) -> dict[torch.device, torch.Tensor]:
@@ -365,12 +379,22 @@ class FusedOptimizer(torch.optim.Optimizer):
         if found_inf is not None:
             skip = (found_inf.to(home).reshape(()) > 0).float()
         if self.max_grad_norm is not None:
-            norms = []
-            for d in devices:
-                grads = [g for key, batch, _ in work if key[0] == d for g in batch.grads]
-                backend = next(b for key, _, b in work if key[0] == d)
-                norms.append(backend.global_norm(grads, 2.0).to(home, torch.float32))
-            norm = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
+            # Sum of squares per (device, shard groups); shards are summed over their groups.
+            parts: dict[tuple, list] = {}
+            for key, batch, backend in work:
+                parts.setdefault((key[0], key[4]), [backend, batch.all_reduce, []])[2].extend(batch.grads)
+            ordered = sorted(parts.items(), key=lambda kv: str(kv[0]))
+            if len(ordered) == 1 and ordered[0][1][1] is None:
+                backend, _, grads = ordered[0][1]
+                norm = backend.global_norm(grads, 2.0).to(home, torch.float32)
+            else:
+                total = torch.zeros((), dtype=torch.float32, device=home)
+                for _, (backend, reduce, grads) in ordered:
+                    sq = backend.global_norm(grads, 2.0).to(torch.float32) ** 2
+                    if reduce is not None:
+                        reduce(sq)
+                    total = total + sq.to(home)
+                norm = torch.sqrt(total)
             norm = norm * mult
             coef = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
             skip = torch.maximum(skip, (~torch.isfinite(norm)).float())
@@ -444,13 +468,19 @@ class FusedOptimizer(torch.optim.Optimizer):
                     raise ValueError(f"state {key!r} has {value.numel()} elements but its param has {p.numel()}")
                 signed = quant.signed_state(key)
                 absmax = saved.get(key + "_absmax")
+                if distributed.is_dtensor(p) and quantized != (value.dtype == torch.uint8):
+                    raise ValueError(
+                        f"state {key!r} of a sharded param is {'8-bit' if value.dtype == torch.uint8 else 'fp32'} "
+                        f"but this optimizer keeps it {'8-bit' if quantized else 'fp32'}; convert it unsharded"
+                    )
                 if value.dtype == torch.uint8:
                     if absmax is None:
                         raise ValueError(f"8-bit state {key!r} comes without {key + '_absmax'!r}")
-                    if absmax.numel() != quant.num_blocks(p.numel(), block_size):
+                    shard, blocks = distributed.local(p).numel(), distributed.local(absmax).numel()
+                    if blocks != quant.num_blocks(shard, block_size):
                         raise ValueError(
-                            f"state {key + '_absmax'!r} has {absmax.numel()} blocks; block_size={block_size} "
-                            f"gives {quant.num_blocks(p.numel(), block_size)} for a param of {p.numel()} elements"
+                            f"state {key + '_absmax'!r} has {blocks} blocks; block_size={block_size} "
+                            f"gives {quant.num_blocks(shard, block_size)} for a param (shard) of {shard} elements"
                         )
                     if quantized:
                         out[key] = value.to(p.device).reshape(p.shape).clone()

@@ -46,8 +46,9 @@ def adam_math(p, g, m, v, v_max, *, t, lr, beta1, beta2, eps, weight_decay, amsg
     return p, m, v, v_max
 
 
-def lamb_math(p, g, m, v, *, t, lr, beta1, beta2, eps, weight_decay, bias_correction):
-    """LAMB (You et al., 2020), one tensor. Returns ``(p, m, v)``."""
+def lamb_math(p, g, m, v, *, t, lr, beta1, beta2, eps, weight_decay, bias_correction, all_reduce=None):
+    """LAMB (You et al., 2020), one tensor. Returns ``(p, m, v)``. ``all_reduce`` sums the
+    squared norms over the shards when ``p`` is one shard of a larger tensor."""
     m = beta1 * m + (1 - beta1) * g
     v = beta2 * v + (1 - beta2) * g * g
     if bias_correction:
@@ -56,8 +57,13 @@ def lamb_math(p, g, m, v, *, t, lr, beta1, beta2, eps, weight_decay, bias_correc
     else:
         m_hat, v_hat = m, v
     u = m_hat / (torch.sqrt(v_hat) + eps) + weight_decay * p
-    p_norm = torch.linalg.vector_norm(p)
-    u_norm = torch.linalg.vector_norm(u)
+    if all_reduce is None:
+        p_norm = torch.linalg.vector_norm(p)
+        u_norm = torch.linalg.vector_norm(u)
+    else:
+        squares = torch.stack([(p * p).sum(), (u * u).sum()])
+        all_reduce(squares)
+        p_norm, u_norm = torch.sqrt(squares)
     r = torch.where((p_norm > 0) & (u_norm > 0), p_norm / u_norm, torch.ones_like(p_norm))
     p = p - lr * r * u
     return p, m, v
@@ -174,6 +180,7 @@ def lamb(batch) -> None:
             eps=_hyper(group["eps"], dt),
             weight_decay=_hyper(group["weight_decay"], dt),
             bias_correction=group["bias_correction"],
+            all_reduce=batch.all_reduce,
         )
         param.copy_(torch.where(keep, p.to(param.dtype), param))
         _commit(batch, "exp_avg", i, m, keep)

@@ -1,0 +1,180 @@
+"""Distributed training on CPU with gloo and 2 processes: DDP, FSDP2 (``fully_shard``, DTensor
+params), the global norm across ranks, 8-bit eligibility on the full size, and optimizer state
+through ``torch.distributed.checkpoint``.
+
+FSDP2 runs are compared with the same optimizer on an unsharded copy of the model fed the same
+data: sharding must not change the result. The layers are sized so that every rank's shard of
+each weight is a whole number of 256-element quantization blocks; then even 8-bit states are
+blocked identically in both runs.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fusedopt
+from fusedopt.testing import assert_close, assert_identical
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+WORLD = 2
+STEPS = 5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(fn, *args):
+    port = _free_port()
+    mp.spawn(_entry, args=(fn, port, args), nprocs=WORLD, join=True)
+
+
+def _entry(rank, fn, port, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        fn(rank, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    # Weight shards: [48, 64] = 3072 and [24, 96] = 2304 elements per rank, 12 and 9 blocks of
+    # 256. The second weight's shard is below min_8bit_size=4096 but the weight (4608) is not.
+    return torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Tanh(), torch.nn.Linear(96, 48))
+
+
+def _batches(steps=STEPS):
+    gen = torch.Generator().manual_seed(123)  # the same data on every rank
+    return [(torch.randn(16, 64, generator=gen), torch.randn(16, 48, generator=gen)) for _ in range(steps)]
+
+
+def _train(model, opt, batches):
+    for x, y in batches:
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+_OPTIMIZERS = {
+    "AdamW+clip": lambda ps: fusedopt.AdamW(ps, lr=1e-2, weight_decay=0.1, max_grad_norm=0.5),
+    "LAMB": lambda ps: fusedopt.LAMB(ps, lr=1e-2),
+    "AdamW8bit": lambda ps: fusedopt.AdamW8bit(ps, lr=1e-2, min_8bit_size=4096),
+    "Lion8bit+clip": lambda ps: fusedopt.Lion8bit(ps, lr=1e-3, weight_decay=0.1, min_8bit_size=4096, max_grad_norm=0.5),
+}
+
+
+def _fsdp_matches_unsharded(rank, name):
+    from torch.distributed.fsdp import fully_shard
+
+    make = _OPTIMIZERS[name]
+    sharded, plain = _model(), _model()
+    fully_shard(sharded)
+    opt_s, opt_p = make(sharded.parameters()), make(plain.parameters())
+    _train(sharded, opt_s, _batches())
+    _train(plain, opt_p, _batches())
+    for (pname, ps), pp in zip(sharded.named_parameters(), plain.parameters()):
+        assert_close(ps.full_tensor(), pp, torch.float32, f"rank {rank} {name} {pname}")
+        state = opt_s.state[ps]
+        if "8bit" in name and "weight" in pname:
+            # Eligibility is decided on the full size, not the shard.
+            assert state["exp_avg"].dtype == torch.uint8, f"{pname}: {state['exp_avg'].dtype}"
+    if opt_p.max_grad_norm is not None:
+        assert_close(opt_s.last_grad_norm, opt_p.last_grad_norm, torch.float32, f"rank {rank} last_grad_norm")
+
+
+@pytest.mark.parametrize("name", list(_OPTIMIZERS))
+def test_fsdp2_matches_unsharded(name):
+    _spawn(_fsdp_matches_unsharded, name)
+
+
+def _clip_matches(rank, norm_type):
+    from torch.distributed.fsdp import fully_shard
+
+    sharded, plain = _model(), _model()
+    fully_shard(sharded)
+    x, y = _batches(1)[0]
+    for m in (sharded, plain):
+        (torch.nn.functional.mse_loss(m(x), y) * 100).backward()
+    n_t = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad, norm_type) for p in plain.parameters()]), norm_type)
+    n_s = fusedopt.clip_grad_norm_(sharded.parameters(), 0.1, norm_type)
+    n_p = fusedopt.clip_grad_norm_(plain.parameters(), 0.1, norm_type)
+    assert_close(n_s, n_p, torch.float32, f"rank {rank} norm")
+    assert_close(n_p, n_t, torch.float32, f"rank {rank} norm vs torch")
+    for ps, pp in zip(sharded.parameters(), plain.parameters()):
+        assert_close(ps.grad.full_tensor(), pp.grad, torch.float32, f"rank {rank} clipped grad")
+
+
+@pytest.mark.parametrize("norm_type", [2.0, float("inf")])
+def test_clip_grad_norm_across_shards(norm_type):
+    _spawn(_clip_matches, norm_type)
+
+
+def _dcp_round_trip(rank, path):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    batches = _batches(STEPS + 3)
+    # Uninterrupted run.
+    ref = _model()
+    fully_shard(ref)
+    opt_ref = fusedopt.AdamW8bit(ref.parameters(), lr=1e-2, min_8bit_size=4096)
+    _train(ref, opt_ref, batches)
+    # Run, save, restore into a fresh model and optimizer, continue.
+    first = _model()
+    fully_shard(first)
+    opt_first = fusedopt.AdamW8bit(first.parameters(), lr=1e-2, min_8bit_size=4096)
+    _train(first, opt_first, batches[:STEPS])
+    dcp.save({"model": first.state_dict(), "optim": get_optimizer_state_dict(first, opt_first)}, checkpoint_id=path)
+
+    second = _model(seed=7)  # different init: everything must come from the checkpoint
+    fully_shard(second)
+    opt_second = fusedopt.AdamW8bit(second.parameters(), lr=1e-2, min_8bit_size=4096)
+    state = {"model": second.state_dict(), "optim": get_optimizer_state_dict(second, opt_second)}
+    dcp.load(state, checkpoint_id=path)
+    second.load_state_dict(state["model"])
+    set_optimizer_state_dict(second, opt_second, state["optim"])
+    _train(second, opt_second, batches[STEPS:])
+    for (name, a), b in zip(ref.named_parameters(), second.parameters()):
+        assert_identical(a.to_local(), b.to_local(), f"rank {rank} {name}")
+        for key, value in opt_ref.state[a].items():
+            other = opt_second.state[b][key]
+            local = lambda t: t.to_local() if hasattr(t, "to_local") else t
+            assert_identical(local(other), local(value), f"rank {rank} {name} {key}")
+
+
+def test_distributed_checkpoint_round_trip_is_exact(tmp_path):
+    _spawn(_dcp_round_trip, str(tmp_path / "ckpt"))
+
+
+def _ddp_matches_torch(rank):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ours, theirs = DDP(_model()), DDP(_model())
+    opt_a = fusedopt.AdamW(ours.parameters(), lr=1e-2, weight_decay=0.1, amsgrad=True)
+    opt_b = torch.optim.AdamW(theirs.parameters(), lr=1e-2, weight_decay=0.1, amsgrad=True, foreach=False)
+    gen = torch.Generator().manual_seed(rank)  # different data per rank: DDP averages the grads
+    batches = [(torch.randn(8, 64, generator=gen), torch.randn(8, 48, generator=gen)) for _ in range(STEPS)]
+    _train(ours, opt_a, batches)
+    _train(theirs, opt_b, batches)
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        assert_close(a, b, torch.float32, f"rank {rank} param")
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            assert_close(opt_a.state[a][key], opt_b.state[b][key], torch.float32, f"rank {rank} {key}")
+
+
+def test_ddp_matches_torch_adamw():
+    _spawn(_ddp_matches_torch)
