@@ -1,0 +1,300 @@
+"""Every available non-reference backend against the reference, through the public classes.
+
+Backend-agnostic: each case runs once per backend in ``BACKENDS`` and device in ``DEVICES``;
+a backend that cannot run there skips with its reason (without a GPU, the Triton kernels run
+on CPU tensors in Triton's interpreter: ``tests/conftest.py`` sets ``TRITON_INTERPRET=1``).
+
+A case is one optimizer class, one dtype combination, two param groups with different
+hyper-parameters, odd sizes, and at least 7 steps on random data in which a grad is ``None``
+for a step, a grad is replaced by a new tensor, a param is re-bound with ``p.data = ...``, and
+(where the case uses them) GradScaler's ``found_inf`` and a non-finite gradient skip a step.
+Every param, every state tensor and every step count is compared.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+import fusedopt
+from fusedopt import backends, quant
+from tolerances import assert_close
+
+BACKENDS = ("triton", "cuda")
+DEVICES = ("cpu", pytest.param("cuda", marks=pytest.mark.gpu))
+
+DTYPES = {
+    "fp32": (torch.float32, torch.float32),
+    "bf16": (torch.bfloat16, torch.bfloat16),
+    "fp16": (torch.float16, torch.float16),
+    "fp32-bf16grad": (torch.float32, torch.bfloat16),
+}
+
+SIZES = (0, 1, 255, 257, 4097, 65537)
+SIZES_B = (3, (33, 65), 2049)  # the second group: other sizes, a 2-d param
+STEPS = 8
+
+
+def mixed_sizes(count: int = 320, seed: int = 7) -> list[int]:
+    """Many small odd sizes (and a few larger ones), as in a real model's tensor list."""
+    gen = torch.Generator().manual_seed(seed)
+    small = torch.randint(1, 700, (count - 8,), generator=gen).tolist()
+    return small + [1, 2, 16383, 16384, 16385, 4096, 8191, 32769]
+
+
+@dataclass
+class Case:
+    cls: str
+    dtype: str = "fp32"
+    kwargs: dict = field(default_factory=dict)  # constructor arguments
+    group_b: dict = field(default_factory=dict)  # overrides for the second group
+    sizes: tuple = SIZES
+    sizes_b: tuple = SIZES_B
+    scaler: bool = False  # GradScaler-style grad_scale / found_inf (one step skipped)
+    nonfinite: bool = False  # a non-finite grad at one step (skipped when clipping)
+
+    @property
+    def id(self) -> str:
+        parts = [self.cls, self.dtype]
+        parts += [f"{k}={v}" for k, v in self.kwargs.items()]
+        parts += [f"b.{k}={_show(v)}" for k, v in self.group_b.items()]
+        if self.scaler:
+            parts.append("scaler")
+        if self.nonfinite:
+            parts.append("nonfinite")
+        if self.sizes != SIZES:
+            parts.append(f"{len(self.sizes)}sizes")
+        return "-".join(parts)
+
+
+def _show(value):
+    if isinstance(value, torch.Tensor):
+        return f"tensor({value.item():g})"
+    if isinstance(value, tuple):
+        return "(" + ",".join(map(_show, value)) + ")"
+    return str(value)
+
+
+def _adam_cases():
+    cases = []
+    for dtype in DTYPES:
+        cases += [
+            Case("AdamW", dtype, group_b=dict(lr=3e-3, weight_decay=0.0)),
+            Case("Adam", dtype, dict(weight_decay=0.1, amsgrad=True), group_b=dict(weight_decay=0.0, lr=2e-3)),
+            Case("AdamW", dtype, dict(maximize=True, max_grad_norm=1.0), dict(weight_decay=0.3), nonfinite=True),
+            Case("Adam", dtype, dict(maximize=True), dict(amsgrad=True, eps=1e-6), scaler=True),
+        ]
+    cases += [
+        Case("AdamW", "fp32", dict(amsgrad=True, max_grad_norm=0.5), dict(betas=(0.8, 0.9)), scaler=True),
+        Case("AdamW", "fp32", {}, dict(lr=torch.tensor(2e-3), betas=(torch.tensor(0.85), 0.99))),
+    ]
+    return cases
+
+
+CASES = _adam_cases()
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _make(case: Case, device: str, backend: str):
+    p_dtype, _ = DTYPES[case.dtype]
+    gen = torch.Generator().manual_seed(1234)
+
+    def param(size):
+        shape = size if isinstance(size, tuple) else (size,)
+        return torch.randn(shape, generator=gen).to(device, p_dtype)
+
+    group_a = [param(s) for s in case.sizes]
+    group_b = [param(s) for s in case.sizes_b]
+    _, g_dtype = DTYPES[case.dtype]
+    if g_dtype != p_dtype:
+        if not hasattr(group_a[0], "grad_dtype"):
+            pytest.skip(f"this torch ({torch.__version__}) cannot give a {p_dtype} param a {g_dtype} grad")
+        for p in group_a + group_b:
+            p.grad_dtype = g_dtype
+    cls = getattr(fusedopt, case.cls)
+    opt = cls([{"params": group_a}, {"params": group_b, **case.group_b}], backend=backend, **case.kwargs)
+    return opt, group_a + group_b
+
+
+def run(case: Case, device: str, backend: str):
+    """Run ``STEPS`` steps; return the params and the optimizer."""
+    opt, params = _make(case, device, backend)
+    _, g_dtype = DTYPES[case.dtype]
+    gen = torch.Generator().manual_seed(99)
+    grads = [torch.zeros(p.shape, dtype=g_dtype, device=device) for p in params]
+    largest = max(range(len(params)), key=lambda i: params[i].numel())
+    scale = 1024.0
+    for step in range(STEPS):
+        for g in grads:
+            values = torch.randn(g.shape, generator=gen)
+            g.copy_(values * scale if case.scaler else values)  # in place: tables are reused
+        for p, g in zip(params, grads):
+            p.grad = g
+        if step == 2:  # no grad: the param and its step are left alone
+            params[1].grad = None
+            params[largest].grad = None
+        if step == 3:  # a new grad tensor: a new address
+            grads[largest] = grads[largest].clone()
+            params[largest].grad = grads[largest]
+        if step == 4:  # a re-bound param: a new address
+            params[largest].data = params[largest].data.clone()
+            params[-1].data = params[-1].data * 0.5
+        if case.nonfinite and step == 5:
+            grads[largest].view(-1)[7] = float("inf")
+        if case.scaler:
+            opt.grad_scale = torch.tensor(scale, device=device)
+            opt.found_inf = torch.tensor(1.0 if step == 6 else 0.0, device=device)
+        opt.step()
+        if case.nonfinite and step == 5:
+            grads[largest].view(-1)[7] = 0.0
+    return params, opt
+
+
+def _p_feeds_states(case: Case) -> bool:
+    """Whether the params enter the moments (Adam's L2 weight decay): then a param that two
+    backends round to neighbouring 16-bit values moves the states by that much."""
+    if case.cls not in ("Adam", "Adam8bit"):
+        return False
+    return any(g.get("weight_decay", 0.0) for g in (case.kwargs, case.group_b))
+
+
+def _state_dtype(case: Case) -> torch.dtype:
+    p_dtype, _ = DTYPES[case.dtype]
+    return p_dtype if _p_feeds_states(case) else torch.float32
+
+
+def assert_codes_close(name, codes, absmax, expected_codes, expected_absmax, signed, block_size, exact):
+    """8-bit states: absmax within fp32 tolerance; codes identical when ``exact`` (the same
+    fp32 state went into the same quantizer), else the dequantized values within one code
+    step, which is what a last-bit difference in the fp32 state can move them by at a
+    midpoint."""
+    assert_close(absmax, expected_absmax, torch.float32, name + "_absmax")
+    if exact:
+        diff = (codes.long() - expected_codes.long()).reshape(-1)
+        if bool(diff.any()):
+            idx = diff.nonzero()[:, 0]
+            raise AssertionError(
+                f"{name}: {idx.numel()} of {diff.numel()} codes differ; first at {int(idx[0])}: "
+                f"{int(codes.reshape(-1)[idx[0]])} vs expected {int(expected_codes.reshape(-1)[idx[0]])}"
+            )
+        return
+    book = quant.dynamic_map(signed).double()
+    gaps = torch.cat([book[1:] - book[:-1], book[-1:] - book[-2:-1]])
+    gaps = torch.maximum(gaps, torch.cat([gaps[:1], gaps[:-1]]))  # the wider neighbour gap
+    e_codes = expected_codes.reshape(-1).long().cpu()
+    scale = expected_absmax.double().cpu().repeat_interleave(block_size)[: e_codes.numel()]
+    actual = quant.dequantize_blockwise(codes, absmax, signed, block_size).double().cpu().reshape(-1)
+    expected = quant.dequantize_blockwise(expected_codes, expected_absmax, signed, block_size).double().cpu().reshape(-1)
+    bound = gaps[e_codes] * scale * (1 + 1e-6) + 1e-12
+    bad = (actual - expected).abs() > bound
+    if bool(bad.any()):
+        idx = bad.nonzero()[:, 0]
+        raise AssertionError(f"{name}: {idx.numel()} dequantized values differ by more than one code step; first at {int(idx[0])}")
+
+
+def compare(case: Case, actual, expected) -> None:
+    params, opt = actual
+    ref_params, ref_opt = expected
+    p_dtype, _ = DTYPES[case.dtype]
+    state_dtype = _state_dtype(case)
+    for i, (p, r) in enumerate(zip(params, ref_params)):
+        assert_close(p, r, p_dtype, f"param {i}")
+        state, ref_state = opt.state[p], ref_opt.state[r]
+        assert sorted(state) == sorted(ref_state), f"param {i}: state keys {sorted(state)} vs {sorted(ref_state)}"
+        for key, value in ref_state.items():
+            got = state[key]
+            name = f"param {i} {key}"
+            assert got.dtype == value.dtype and got.shape == value.shape, f"{name}: {got.dtype}{tuple(got.shape)}"
+            if key == "step":
+                assert float(got) == float(value), f"{name}: {float(got)} vs {float(value)}"
+            elif key.endswith("_absmax"):
+                continue  # with its codes
+            elif value.dtype == torch.uint8:
+                group = next(g for g in ref_opt.param_groups if any(q is r for q in g["params"]))
+                assert_codes_close(name, got, state[key + "_absmax"], value, ref_state[key + "_absmax"],
+                                   quant.signed_state(key), group["block_size"], exact=not _p_feeds_states(case))
+            else:
+                assert_close(got, value, state_dtype, name)
+
+
+def _check(case: Case, device: str, backend: str) -> None:
+    reason = backends.unavailable_reason(backend, torch.device(device))
+    if reason is not None:
+        pytest.skip(f"backend {backend!r} on {device}: {reason}")
+    expected = run(case, device, "reference")
+    actual = run(case, device, backend)
+    compare(case, actual, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_against_reference(case, device, backend):
+    _check(case, device, backend)
+
+
+# ---------------------------------------------------------------------------------------------
+# The global norm
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("norm_type", [2.0, math.inf, 1.0, 3.0])
+@pytest.mark.parametrize("dtypes", ["fp32", "bf16", "fp16", "mixed"])
+def test_global_norm(dtypes, norm_type, device, backend):
+    reason = backends.unavailable_reason(backend, torch.device(device))
+    if reason is not None:
+        pytest.skip(f"backend {backend!r} on {device}: {reason}")
+    module = backends.load(backend)[0]
+    gen = torch.Generator().manual_seed(5)
+    kinds = [torch.float32, torch.bfloat16, torch.float16] if dtypes == "mixed" else [DTYPES[dtypes][0]]
+    sizes = [1, 255, 257, 4097, 65537, 0] + mixed_sizes(40)
+    tensors = [(torch.randn(n, generator=gen) * 3).to(device, kinds[i % len(kinds)]) for i, n in enumerate(sizes)]
+    if norm_type == math.inf:
+        tensors = [t for t in tensors if t.numel()]  # torch's inf-norm has no identity for an empty tensor
+    got = module.global_norm(tensors, norm_type)
+    assert got.shape == () and got.device == tensors[0].device and got.dtype == torch.float32
+    if norm_type in (1.0, 2.0, math.inf):
+        # against the exact (float64) norm: an fp32 accumulation is within fp32 tolerance of it
+        expected = fusedopt.reference.global_norm([t.double() for t in tensors], norm_type)
+        assert_close(got, expected, torch.float32, f"{norm_type}-norm")
+    else:  # other orders are the reference's
+        assert torch.equal(got, fusedopt.reference.global_norm(tensors, norm_type))
+    again = module.global_norm(tensors, norm_type)
+    assert torch.equal(got, again), "the norm is not deterministic"
+    # non-finite gradients give a non-finite norm (which makes a clipped step skip)
+    tensors[3].view(-1)[5] = float("nan")
+    assert torch.isnan(module.global_norm(tensors, norm_type))
+    tensors[3].view(-1)[5] = float("inf")
+    assert not torch.isfinite(module.global_norm(tensors, norm_type))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_clip_grad_norm(device, backend):
+    reason = backends.unavailable_reason(backend, torch.device(device))
+    if reason is not None:
+        pytest.skip(f"backend {backend!r} on {device}: {reason}")
+    gen = torch.Generator().manual_seed(6)
+    results = []
+    for b in ("reference", backend):
+        params = [torch.zeros(n, device=device) for n in (3, 4097, 300)]
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).to(device) if not results else None
+        if results:
+            for p, q in zip(params, results[0][0]):
+                p.grad = q.grad.clone() * 0 + q.grad_before
+        for p in params:
+            p.grad_before = p.grad.clone()
+        norm = fusedopt.clip_grad_norm_(params, 1.0, backend=b)
+        results.append((params, norm))
+    (ref_params, ref_norm), (params, norm) = results
+    assert_close(norm, ref_norm, torch.float32, "norm")
+    for i, (p, r) in enumerate(zip(params, ref_params)):
+        assert_close(p.grad, r.grad, torch.float32, f"grad {i}")
