@@ -15,6 +15,7 @@ import torch
 import triton  # noqa: F401  (an ImportError here is the "not importable" reason)
 
 from . import adam as _adam
+from . import lion as _lion
 from . import norm as _norm
 
 NAME = "triton"
@@ -75,6 +76,12 @@ def _on_device(fn):
 def adam(batch) -> None:
     """Adam / AdamW over one batch (32-bit or 8-bit states)."""
     _adam.step(batch)
+
+
+@_on_device
+def lion(batch) -> None:
+    """Lion over one batch (32-bit or 8-bit state)."""
+    _lion.step(batch)
 
 
 def global_norm(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor:

@@ -94,7 +94,18 @@ def _adam_cases():
     return cases
 
 
-CASES = _adam_cases()
+def _lion_cases():
+    cases = []
+    for dtype in DTYPES:
+        cases += [
+            Case("Lion", dtype, dict(weight_decay=0.1), group_b=dict(lr=3e-4, betas=(0.95, 0.98))),
+            Case("Lion", dtype, dict(max_grad_norm=1.0), dict(weight_decay=0.5), nonfinite=True, scaler=True),
+        ]
+    cases.append(Case("Lion", "fp32", {}, dict(lr=torch.tensor(2e-4), weight_decay=0.2)))
+    return cases
+
+
+CASES = _adam_cases() + _lion_cases()
 
 
 # ---------------------------------------------------------------------------------------------
