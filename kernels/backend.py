@@ -15,6 +15,7 @@ import torch
 import triton  # noqa: F401  (an ImportError here is the "not importable" reason)
 
 from . import adam as _adam
+from . import lamb as _lamb
 from . import lion as _lion
 from . import norm as _norm
 
@@ -76,6 +77,12 @@ def _on_device(fn):
 def adam(batch) -> None:
     """Adam / AdamW over one batch (32-bit or 8-bit states)."""
     _adam.step(batch)
+
+
+@_on_device
+def lamb(batch) -> None:
+    """LAMB over one batch: moments, trust ratios, apply."""
+    _lamb.step(batch)
 
 
 @_on_device

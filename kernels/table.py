@@ -15,7 +15,7 @@ never touches the device; a rebuild copies the new rows from pinned memory witho
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -36,6 +36,7 @@ class Table:
     width: int
     aligned: bool  # every vector stream is 16-byte aligned
     steps: torch.Tensor  # fp32 [n_tensors, 4] scratch written by common.step_kernel
+    scratch: dict = field(default_factory=dict)  # per-family device buffers sized for this table
 
 
 def to_device(cpu: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -105,7 +105,18 @@ def _lion_cases():
     return cases
 
 
-CASES = _adam_cases() + _lion_cases()
+def _lamb_cases():
+    cases = []
+    for dtype in DTYPES:
+        cases += [
+            Case("LAMB", dtype, dict(weight_decay=0.1), group_b=dict(lr=3e-3, bias_correction=False)),
+            Case("LAMB", dtype, dict(max_grad_norm=1.0), dict(weight_decay=0.0, eps=1e-8), nonfinite=True, scaler=True),
+        ]
+    cases.append(Case("LAMB", "fp32", {}, dict(lr=torch.tensor(2e-3), betas=(0.8, torch.tensor(0.95)))))
+    return cases
+
+
+CASES = _adam_cases() + _lion_cases() + _lamb_cases()
 
 
 # ---------------------------------------------------------------------------------------------
