@@ -9,12 +9,11 @@ imported (how CI tests them).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton  # noqa: F401  (an ImportError here is the "not importable" reason)
 
 from . import adam as _adam
+from . import common
 from . import lamb as _lamb
 from . import lion as _lion
 from . import norm as _norm
@@ -22,9 +21,7 @@ from . import norm as _norm
 NAME = "triton"
 DESCRIPTION = "Triton multi-tensor kernels: one launch per param group and pass, no host sync (CUDA)"
 
-#: Whether the kernels were decorated for Triton's interpreter (decided at import, as
-#: ``triton.jit`` decides).
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRET = common.INTERPRET
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

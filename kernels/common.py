@@ -14,11 +14,24 @@ states, and hence the same 8-bit codes.
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
 from ..scalars import GRAD_MULT as _GRAD_MULT
 from ..scalars import SKIP as _SKIP
+
+#: Whether ``triton.jit`` decorates for the interpreter (decided at import, as triton decides).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def block(gpu: int, interpreter: int) -> int:
+    """A tile size: ``gpu`` compiled, ``interpreter`` under TRITON_INTERPRET. The interpreter
+    costs about the same per operation whatever the tile, so it runs the same code on bigger
+    tiles (the compiled shapes are checked by tests/test_compile.py and the GPU tests)."""
+    return interpreter if INTERPRET else gpu
+
 
 GRAD_MULT: tl.constexpr = tl.constexpr(_GRAD_MULT)
 SKIP: tl.constexpr = tl.constexpr(_SKIP)
@@ -92,7 +105,7 @@ def pow_int(base, t):
     b = base.to(tl.float64)
     e = t.to(tl.int32)
     result = tl.full(e.shape, 1.0, tl.float64)
-    for _ in tl.static_range(25):
+    while tl.max(e, axis=0) > 0:
         result = tl.where((e & 1) != 0, result * b, result)
         b = b * b
         e = e >> 1

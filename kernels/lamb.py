@@ -17,7 +17,7 @@ import triton.language as tl
 from . import common, table
 from .common import GRAD_MULT, POW1_COL, POW2_COL, SKIP, STEP_WIDTH, T_COL
 
-BLOCK = 2048
+BLOCK = common.block(2048, 8192)
 NUM_WARPS = 8
 RATIO_BLOCK = 1024
 
@@ -106,10 +106,10 @@ def lamb_moments_kernel(table, work, steps, scalars, hyper_values, partials,
                 p_sq += pp
                 u_sq += uu
         else:
-            n = n.to(tl.int32)
-            for off in range(0, n, BLOCK):
+            tail = n.to(tl.int32)
+            for off in range(0, tail, BLOCK):
                 pp, uu = _moments_block(p_ptr + off, g_ptr + off, m_ptr + off, v_ptr + off,
-                                        tl.arange(0, BLOCK) < n - off, grad_mult, beta1, one_minus_beta1, beta2,
+                                        tl.arange(0, BLOCK) < tail - off, grad_mult, beta1, one_minus_beta1, beta2,
                                         one_minus_beta2, eps, weight_decay, bias_correction1, bias_correction2,
                                         BIAS_CORRECTION, BLOCK)
                 p_sq += pp
@@ -188,9 +188,9 @@ def lamb_apply_kernel(table, work, steps, scalars, hyper_values, ratios, lr, eps
                              weight_decay, bias_correction1, bias_correction2, P_DTYPE, BIAS_CORRECTION,
                              STOCHASTIC, BLOCK)
         else:
-            n = n.to(tl.int32)
-            for off in range(0, n, BLOCK):
-                _apply_block(p_ptr + off, m_ptr + off, v_ptr + off, tl.arange(0, BLOCK) < n - off, start + off,
+            tail = n.to(tl.int32)
+            for off in range(0, tail, BLOCK):
+                _apply_block(p_ptr + off, m_ptr + off, v_ptr + off, tl.arange(0, BLOCK) < tail - off, start + off,
                              key, lr_r, eps, weight_decay, bias_correction1, bias_correction2, P_DTYPE,
                              BIAS_CORRECTION, STOCHASTIC, BLOCK)
 

@@ -17,7 +17,7 @@ import triton.language as tl
 from .. import reference
 from . import common, table
 
-BLOCK = 2048
+BLOCK = common.block(2048, 8192)
 NUM_WARPS = 8
 FINISH_BLOCK = 1024
 
@@ -67,9 +67,9 @@ def norm_partial_kernel(table, work, partials, offset, G_DTYPE: tl.constexpr, OR
         for off in range(0, CHUNK, BLOCK):
             acc = _accumulate(acc, tl.load(g_ptr + off + o).to(tl.float32), ORD)
     else:
-        n = n.to(tl.int32)
-        for off in range(0, n, BLOCK):
-            acc = _accumulate(acc, tl.load(g_ptr + off + o, mask=off + o < n, other=0.0).to(tl.float32), ORD)
+        tail = n.to(tl.int32)
+        for off in range(0, tail, BLOCK):
+            acc = _accumulate(acc, tl.load(g_ptr + off + o, mask=off + o < tail, other=0.0).to(tl.float32), ORD)
     tl.store(partials + offset + tl.program_id(0), _reduce(acc, ORD))
 
 
