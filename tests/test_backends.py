@@ -137,7 +137,18 @@ def _8bit_cases():
     return cases
 
 
-CASES = _adam_cases() + _lion_cases() + _lamb_cases() + _8bit_cases()
+def _stochastic_rounding_cases():
+    sr = dict(stochastic_rounding=True)
+    return [  # both backends draw the same noise: results as close as round-to-nearest ones
+        Case("AdamW", "bf16", sr, group_b=dict(seed=12345, lr=3e-3)),
+        Case("Lion", "bf16", dict(sr, max_grad_norm=CLIP), group_b=dict(seed=2**32 - 1), scaler=True),
+        Case("LAMB", "bf16", sr, group_b=dict(stochastic_rounding=False)),
+        Case("AdamW8bit", "bf16", dict(sr, min_8bit_size=256), group_b=dict(seed=7)),
+        Case("AdamW", "fp32", sr),  # float32 params are stored exactly
+    ]
+
+
+CASES = _adam_cases() + _lion_cases() + _lamb_cases() + _8bit_cases() + _stochastic_rounding_cases()
 
 
 # ---------------------------------------------------------------------------------------------
