@@ -41,7 +41,7 @@ CLIP = 100.0  # below the global norm of the grid's gradients (about 800): clipp
 SCALE = 1024.0  # GradScaler's scale in the cases that use one
 
 
-def mixed_sizes(count: int = 320, seed: int = 7) -> list[int]:
+def mixed_sizes(count: int = 304, seed: int = 7) -> list[int]:
     """Many small odd sizes (and a few larger ones), as in a real model's tensor list."""
     gen = torch.Generator().manual_seed(seed)
     small = torch.randint(1, 700, (count - 8,), generator=gen).tolist()
@@ -69,7 +69,7 @@ class Case:
         if self.nonfinite:
             parts.append("nonfinite")
         if self.sizes != SIZES:
-            parts.append(f"{len(self.sizes)}sizes")
+            parts.append(f"{len(self.sizes)}tensors")
         return "-".join(parts)
 
 
@@ -148,7 +148,20 @@ def _stochastic_rounding_cases():
     ]
 
 
-CASES = _adam_cases() + _lion_cases() + _lamb_cases() + _8bit_cases() + _stochastic_rounding_cases()
+def _many_tensor_cases():
+    """A model-like list of 300+ tensors of mixed sizes in one group (one launch a pass): the
+    table and work list of each kernel kind (a 32-bit update with the norm, LAMB's per-tensor
+    trust ratios, 8-bit block indices)."""
+    many = dict(sizes=tuple(mixed_sizes()), sizes_b=(5, 700))
+    return [
+        Case("AdamW", "fp32", dict(amsgrad=True, max_grad_norm=CLIP), scaler=True, **many),
+        Case("LAMB", "bf16", **many),
+        Case("AdamW8bit", "fp32-bf16grad", dict(min_8bit_size=512), **many),
+    ]
+
+
+CASES = (_adam_cases() + _lion_cases() + _lamb_cases() + _8bit_cases() + _stochastic_rounding_cases()
+         + _many_tensor_cases())
 
 
 # ---------------------------------------------------------------------------------------------
