@@ -10,6 +10,7 @@ from .optimizer import (
     check_flag,
     check_lr,
     check_min_8bit_size,
+    check_stochastic_rounding,
     check_weight_decay,
 )
 
@@ -41,6 +42,12 @@ _ARGS = r"""
             ``last_grad_norm``; a non-finite norm skips the step.
         backend: ``"auto"``, ``"triton"``, ``"cuda"`` or ``"reference"`` (the environment
             variable ``FUSEDOPT_BACKEND`` overrides ``"auto"``).
+        stochastic_rounding: store bfloat16 params with stochastic rounding (up with
+            probability equal to the discarded fraction, so updates smaller than a bf16 ulp
+            are not lost on average) instead of round-to-nearest. Reproducible: the noise is a
+            hash of the group's ``"seed"`` (0 unless the group sets one), the param's step,
+            its position in the group and the element. float32 params are stored exactly;
+            float16 params are refused.
 """
 
 _ARGS_8BIT = r"""        block_size: elements per quantization block, one fp32 absmax each (a multiple of 32).
@@ -52,10 +59,11 @@ class _AdamFamily(FusedOptimizer):
     _family = "adam"
 
     def __init__(self, params, lr, betas, eps, weight_decay, amsgrad, *, maximize,
-                 decoupled_weight_decay, max_grad_norm, backend, **extra):
+                 decoupled_weight_decay, max_grad_norm, backend, stochastic_rounding, **extra):
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
                         weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-                        decoupled_weight_decay=decoupled_weight_decay, **extra)
+                        decoupled_weight_decay=decoupled_weight_decay,
+                        stochastic_rounding=stochastic_rounding, **extra)
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, backend=backend)
 
     def _check_group(self, group: dict) -> None:
@@ -65,6 +73,7 @@ class _AdamFamily(FusedOptimizer):
         check_weight_decay(group["weight_decay"])
         for flag in ("amsgrad", "maximize", "decoupled_weight_decay"):
             check_flag(flag, group[flag])
+        check_stochastic_rounding(group)
         if self._quantized:
             check_block_size(group["block_size"])
             check_min_8bit_size(group["min_8bit_size"])
@@ -92,10 +101,11 @@ class Adam(_AdamFamily):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, *, maximize=False, decoupled_weight_decay=False,
-                 max_grad_norm=None, backend="auto"):
+                 max_grad_norm=None, backend="auto", stochastic_rounding=False):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
                          decoupled_weight_decay=decoupled_weight_decay,
-                         max_grad_norm=max_grad_norm, backend=backend)
+                         max_grad_norm=max_grad_norm, backend=backend,
+                         stochastic_rounding=stochastic_rounding)
 
 
 class AdamW(_AdamFamily):
@@ -113,10 +123,11 @@ class AdamW(_AdamFamily):
     )
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 amsgrad=False, *, maximize=False, max_grad_norm=None, backend="auto"):
+                 amsgrad=False, *, maximize=False, max_grad_norm=None, backend="auto",
+                 stochastic_rounding=False):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
                          decoupled_weight_decay=True, max_grad_norm=max_grad_norm,
-                         backend=backend)
+                         backend=backend, stochastic_rounding=stochastic_rounding)
 
 
 _8BIT = r"""
@@ -145,10 +156,12 @@ class Adam8bit(_AdamFamily):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, *, maximize=False, decoupled_weight_decay=False,
-                 max_grad_norm=None, backend="auto", block_size=256, min_8bit_size=4096):
+                 max_grad_norm=None, backend="auto", block_size=256, min_8bit_size=4096,
+                 stochastic_rounding=False):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
                          decoupled_weight_decay=decoupled_weight_decay,
                          max_grad_norm=max_grad_norm, backend=backend,
+                         stochastic_rounding=stochastic_rounding,
                          block_size=block_size, min_8bit_size=min_8bit_size)
 
 
@@ -168,7 +181,8 @@ class AdamW8bit(_AdamFamily):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, maximize=False, max_grad_norm=None, backend="auto",
-                 block_size=256, min_8bit_size=4096):
+                 block_size=256, min_8bit_size=4096, stochastic_rounding=False):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
                          decoupled_weight_decay=True, max_grad_norm=max_grad_norm,
-                         backend=backend, block_size=block_size, min_8bit_size=min_8bit_size)
+                         backend=backend, stochastic_rounding=stochastic_rounding,
+                         block_size=block_size, min_8bit_size=min_8bit_size)

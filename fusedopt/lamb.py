@@ -3,7 +3,15 @@ Learning: Training BERT in 76 minutes", ICLR 2020)."""
 
 from __future__ import annotations
 
-from .optimizer import FusedOptimizer, check_betas, check_eps, check_flag, check_lr, check_weight_decay
+from .optimizer import (
+    FusedOptimizer,
+    check_betas,
+    check_eps,
+    check_flag,
+    check_lr,
+    check_stochastic_rounding,
+    check_weight_decay,
+)
 
 
 class LAMB(FusedOptimizer):
@@ -30,6 +38,12 @@ class LAMB(FusedOptimizer):
         max_grad_norm: clip the global 2-norm of all gradients inside the step (``None``: no
             clipping); the norm is kept on the device as ``last_grad_norm``.
         backend: ``"auto"``, ``"triton"``, ``"cuda"`` or ``"reference"``.
+        stochastic_rounding: store bfloat16 params with stochastic rounding (up with
+            probability equal to the discarded fraction, so updates smaller than a bf16 ulp
+            are not lost on average) instead of round-to-nearest. Reproducible: the noise is a
+            hash of the group's ``"seed"`` (0 unless the group sets one), the param's step,
+            its position in the group and the element. float32 params are stored exactly;
+            float16 params are refused.
 
     Example:
         >>> import torch, fusedopt
@@ -42,9 +56,10 @@ class LAMB(FusedOptimizer):
     _family = "lamb"
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=1e-2, *,
-                 bias_correction=True, max_grad_norm=None, backend="auto"):
+                 bias_correction=True, max_grad_norm=None, backend="auto", stochastic_rounding=False):
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
-                        weight_decay=weight_decay, bias_correction=bias_correction)
+                        weight_decay=weight_decay, bias_correction=bias_correction,
+                        stochastic_rounding=stochastic_rounding)
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, backend=backend)
 
     def _check_group(self, group: dict) -> None:
@@ -53,6 +68,7 @@ class LAMB(FusedOptimizer):
         check_betas(group["betas"])
         check_weight_decay(group["weight_decay"])
         check_flag("bias_correction", group["bias_correction"])
+        check_stochastic_rounding(group)
 
     def _state_names(self, group: dict) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq")

@@ -9,6 +9,7 @@ from .optimizer import (
     check_block_size,
     check_lr,
     check_min_8bit_size,
+    check_stochastic_rounding,
     check_weight_decay,
 )
 
@@ -32,21 +33,29 @@ _DOC = r"""
         max_grad_norm: clip the global 2-norm of all gradients inside the step (``None``: no
             clipping); the norm is kept on the device as ``last_grad_norm``.
         backend: ``"auto"``, ``"triton"``, ``"cuda"`` or ``"reference"``.
+        stochastic_rounding: store bfloat16 params with stochastic rounding (up with
+            probability equal to the discarded fraction, so updates smaller than a bf16 ulp
+            are not lost on average) instead of round-to-nearest. Reproducible: the noise is a
+            hash of the group's ``"seed"`` (0 unless the group sets one), the param's step,
+            its position in the group and the element. float32 params are stored exactly;
+            float16 params are refused.
 """
 
 
 class _LionFamily(FusedOptimizer):
     _family = "lion"
 
-    def __init__(self, params, lr, betas, weight_decay, *, max_grad_norm, backend, **extra):
+    def __init__(self, params, lr, betas, weight_decay, *, max_grad_norm, backend, stochastic_rounding,
+                 **extra):
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas,
-                        weight_decay=weight_decay, **extra)
+                        weight_decay=weight_decay, stochastic_rounding=stochastic_rounding, **extra)
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, backend=backend)
 
     def _check_group(self, group: dict) -> None:
         check_lr(group["lr"])
         check_betas(group["betas"])
         check_weight_decay(group["weight_decay"])
+        check_stochastic_rounding(group)
         if self._quantized:
             check_block_size(group["block_size"])
             check_min_8bit_size(group["min_8bit_size"])
@@ -66,9 +75,9 @@ class Lion(_LionFamily):
 """
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *,
-                 max_grad_norm=None, backend="auto"):
+                 max_grad_norm=None, backend="auto", stochastic_rounding=False):
         super().__init__(params, lr, betas, weight_decay, max_grad_norm=max_grad_norm,
-                         backend=backend)
+                         backend=backend, stochastic_rounding=stochastic_rounding)
 
 
 class Lion8bit(_LionFamily):
@@ -86,6 +95,8 @@ class Lion8bit(_LionFamily):
     _quantized = True
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *,
-                 max_grad_norm=None, backend="auto", block_size=256, min_8bit_size=4096):
+                 max_grad_norm=None, backend="auto", block_size=256, min_8bit_size=4096,
+                 stochastic_rounding=False):
         super().__init__(params, lr, betas, weight_decay, max_grad_norm=max_grad_norm,
-                         backend=backend, block_size=block_size, min_8bit_size=min_8bit_size)
+                         backend=backend, stochastic_rounding=stochastic_rounding,
+                         block_size=block_size, min_8bit_size=min_8bit_size)

@@ -140,6 +140,26 @@ def check_block_size(block_size) -> None:
         raise ValueError(f"Invalid block_size: {block_size}; expected a positive multiple of 32")
 
 
+def check_stochastic_rounding(group: dict) -> None:
+    """``stochastic_rounding`` is a flag; it rounds bfloat16 params (float32 and float64 params
+    are stored exactly, float16 params are refused); ``seed``, when a group sets one, is an
+    integer in [0, 2**32)."""
+    value = group.get("stochastic_rounding", False)
+    check_flag("stochastic_rounding", value)
+    if "seed" in group:
+        seed = group["seed"]
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise TypeError(f"Invalid seed: {seed!r}; expected an integer in [0, 2**32)")
+        if not 0 <= seed < 2**32:
+            raise ValueError(f"Invalid seed: {seed}; expected an integer in [0, 2**32)")
+    if value:
+        for i, p in enumerate(group.get("params", ())):
+            if isinstance(p, torch.Tensor) and p.dtype == torch.float16:
+                raise ValueError(
+                    f"stochastic_rounding=True rounds bfloat16 params, but param {i} of the group is float16"
+                )
+
+
 def check_min_8bit_size(min_8bit_size) -> None:
     if not isinstance(min_8bit_size, int) or isinstance(min_8bit_size, bool):
         raise TypeError(f"Invalid min_8bit_size: {min_8bit_size!r}; expected an integer >= 0")
@@ -214,7 +234,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 raise TypeError(f"fusedopt optimizes dense (strided) tensors, but one of the params has layout {p.layout}")
         if len({id(p) for p in params}) != len(params):
             raise ValueError("a parameter group contains the same tensor more than once")
-        self._check_group({**self.defaults, **param_group})
+        self._check_group({**self.defaults, **param_group, "params": params})
         super().add_param_group({**param_group, "params": params})
         self._caches.clear()
         self._plans.clear()

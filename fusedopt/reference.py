@@ -125,6 +125,76 @@ def _advance(step: torch.Tensor, keep: torch.Tensor) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Storing a param: round to nearest, or stochastically (bf16, ``stochastic_rounding=True``).
+# --------------------------------------------------------------------------------------------
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """``x * c mod 2**32`` for int64 ``x`` in [0, 2**32), in two 16-bit halves (no overflow)."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer finaliser (``lowbias32``) on int64 tensors holding values in
+    [0, 2**32); every backend uses the same one, so stochastic rounding draws the same bits."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def rounding_noise(seed: int, t: torch.Tensor, salt: int, numel: int) -> torch.Tensor:
+    """The 16 random bits of each element of a tensor at step ``t`` (a device tensor):
+    ``mix32(key ^ mix32(low32(i) ^ mix32(high32(i))))`` with
+    ``key = mix32(mix32(mix32(seed ^ 0x9E3779B9) ^ t) ^ salt)``, where ``salt`` is the param's
+    position in its group and ``i`` the element's index."""
+    device = t.device
+    key = mix32(torch.full((), (seed ^ 0x9E3779B9) & _M32, dtype=torch.int64, device=device))
+    key = mix32(key ^ t.to(torch.int64))
+    key = mix32(key ^ (salt & _M32))
+    index = torch.arange(numel, dtype=torch.int64, device=device)
+    return mix32(key ^ mix32((index & _M32) ^ mix32(index >> 32))) & 0xFFFF
+
+
+def round_stochastic_bf16(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """fp32 ``x`` to bf16, rounded up (in magnitude) with probability equal to the discarded
+    fraction: add 16 random bits below the bf16 mantissa, then truncate. NaN stays NaN."""
+    bits = x.contiguous().view(torch.int32).to(torch.int64) & _M32
+    rounded = ((bits + noise.view(x.shape)) & _M32) >> 16
+    rounded = torch.where(rounded >= 0x8000, rounded - 0x10000, rounded).to(torch.int16)
+    return torch.where(torch.isnan(x), x.to(torch.bfloat16), rounded.view(torch.bfloat16))
+
+
+def stochastic(batch) -> bool:
+    """Whether this batch's params are stored with stochastic rounding (bf16 params of a
+    group with ``stochastic_rounding=True``)."""
+    return bool(batch.group.get("stochastic_rounding", False)) and batch.params[0].dtype == torch.bfloat16
+
+
+def _store(batch, i: int, new: torch.Tensor, keep: torch.Tensor, t: torch.Tensor | None, salts) -> None:
+    """Write the updated fp32 (or float64) param ``new`` into param ``i`` where ``keep``."""
+    param = batch.params[i]
+    if salts is not None:
+        noise = rounding_noise(int(batch.group.get("seed", 0)), t, salts[i], param.numel())
+        stored = round_stochastic_bf16(new.float(), noise).view(param.shape)
+    else:
+        stored = new.to(param.dtype)
+    param.copy_(torch.where(keep, stored, param))
+
+
+def _salts(batch):
+    """Each param's position in its group (salts the rounding noise), when rounding
+    stochastically; else None."""
+    if not stochastic(batch):
+        return None
+    position = {id(p): i for i, p in enumerate(batch.group["params"])}
+    return [position[id(p)] for p in batch.params]
+
+
+# --------------------------------------------------------------------------------------------
 # The backend entry points.
 # --------------------------------------------------------------------------------------------
 
@@ -133,6 +203,7 @@ def adam(batch) -> None:
     group = batch.group
     amsgrad = group["amsgrad"]
     grad_mult, keep = _scalars(batch)
+    salts = _salts(batch)
     for i, (param, grad, step) in enumerate(zip(batch.params, batch.grads, batch.steps)):
         dt = compute_dtype(param)
         beta1, beta2 = (_hyper(b, dt) for b in group["betas"])
@@ -153,7 +224,7 @@ def adam(batch) -> None:
             maximize=group["maximize"],
             decoupled=group["decoupled_weight_decay"],
         )
-        param.copy_(torch.where(keep, p.to(param.dtype), param))
+        _store(batch, i, p, keep, t, salts)
         _commit(batch, "exp_avg", i, m, keep)
         _commit(batch, "exp_avg_sq", i, v, keep)
         if amsgrad:
@@ -164,6 +235,7 @@ def adam(batch) -> None:
 def lamb(batch) -> None:
     group = batch.group
     grad_mult, keep = _scalars(batch)
+    salts = _salts(batch)
     for i, (param, grad, step) in enumerate(zip(batch.params, batch.grads, batch.steps)):
         dt = compute_dtype(param)
         beta1, beta2 = (_hyper(b, dt) for b in group["betas"])
@@ -182,7 +254,7 @@ def lamb(batch) -> None:
             bias_correction=group["bias_correction"],
             all_reduce=batch.all_reduce,
         )
-        param.copy_(torch.where(keep, p.to(param.dtype), param))
+        _store(batch, i, p, keep, t, salts)
         _commit(batch, "exp_avg", i, m, keep)
         _commit(batch, "exp_avg_sq", i, v, keep)
         _advance(step, keep)
@@ -191,9 +263,11 @@ def lamb(batch) -> None:
 def lion(batch) -> None:
     group = batch.group
     grad_mult, keep = _scalars(batch)
+    salts = _salts(batch)
     for i, (param, grad, step) in enumerate(zip(batch.params, batch.grads, batch.steps)):
         dt = compute_dtype(param)
         beta1, beta2 = (_hyper(b, dt) for b in group["betas"])
+        t = (step.to(torch.float64) + 1).to(dt)
         p, m = lion_math(
             param.to(dt),
             grad.to(dt) * grad_mult.to(dt),
@@ -203,7 +277,7 @@ def lion(batch) -> None:
             beta2=beta2,
             weight_decay=_hyper(group["weight_decay"], dt),
         )
-        param.copy_(torch.where(keep, p.to(param.dtype), param))
+        _store(batch, i, p, keep, t, salts)
         _commit(batch, "exp_avg", i, m, keep)
         _advance(step, keep)
 

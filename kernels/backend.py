@@ -1,0 +1,100 @@
+"""The Triton backend: multi-tensor kernels for every family, the global norm and fused
+clipping (see :mod:`fusedopt.backends` for the contract).
+
+Each family pass is one launch per batch whatever its tensor count, after a one-launch step
+prologue; nothing waits for the device. CUDA tensors run compiled kernels; CPU tensors run
+them in Triton's interpreter when ``TRITON_INTERPRET=1`` was set before this module was
+imported (how CI tests them).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton  # noqa: F401  (an ImportError here is the "not importable" reason)
+
+from . import adam as _adam
+from . import common
+from . import lamb as _lamb
+from . import lion as _lion
+from . import norm as _norm
+
+NAME = "triton"
+DESCRIPTION = "Triton multi-tensor kernels: one launch per param group and pass, no host sync (CUDA)"
+
+INTERPRET = common.INTERPRET
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def available(device: torch.device) -> str | None:
+    """None when the kernels can run on ``device``, else why not."""
+    device = torch.device(device)
+    if INTERPRET:
+        if device.type == "cpu":
+            return None
+        return (
+            "TRITON_INTERPRET=1 runs the kernels in Triton's interpreter, which reaches only CPU "
+            f"memory through the launch tables; unset it to run on {device}"
+        )
+    if device.type == "cpu":
+        return "the Triton kernels run on CUDA devices; CPU tensors need TRITON_INTERPRET=1 set before fusedopt.kernels is imported"
+    if device.type != "cuda":
+        return f"the Triton kernels run on CUDA devices, not {device.type}"
+    if not torch.cuda.is_available():
+        return "no CUDA device is available"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 7:
+        return f"Triton needs compute capability 7.0 or newer; {device} has {major}.{minor}"
+    return None
+
+
+def unsupported(tensor: torch.Tensor) -> str | None:
+    """Why the kernels cannot take ``tensor`` (a param or a grad), or None."""
+    if tensor.dtype not in _DTYPES:
+        return f"the kernels compute in fp32 and take float32, bfloat16 and float16 tensors, not {tensor.dtype}"
+    if not tensor.is_contiguous():
+        return f"the kernels take contiguous tensors; got one of shape {tuple(tensor.shape)} with strides {tensor.stride()}"
+    return None
+
+
+def _on_device(fn):
+    def run(batch):
+        device = batch.params[0].device
+        if device.type == "cuda" and device.index != torch.cuda.current_device():
+            with torch.cuda.device(device):
+                return fn(batch)
+        return fn(batch)
+
+    run.__name__ = fn.__name__
+    run.__doc__ = fn.__doc__
+    return run
+
+
+@_on_device
+def adam(batch) -> None:
+    """Adam / AdamW over one batch (32-bit or 8-bit states)."""
+    _adam.step(batch)
+
+
+@_on_device
+def lamb(batch) -> None:
+    """LAMB over one batch: moments, trust ratios, apply."""
+    _lamb.step(batch)
+
+
+@_on_device
+def lion(batch) -> None:
+    """Lion over one batch (32-bit or 8-bit state)."""
+    _lion.step(batch)
+
+
+def global_norm(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor:
+    """The ``norm_type``-norm of all ``tensors`` (0-d fp32 on their device): a deterministic
+    two-pass reduction for 1, 2 and inf; other orders are computed by the reference."""
+    if not tensors:
+        raise ValueError("global_norm needs at least one tensor")
+    device = tensors[0].device
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):
+            return _norm.global_norm(tensors, norm_type)
+    return _norm.global_norm(tensors, norm_type)

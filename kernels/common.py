@@ -1,0 +1,136 @@
+"""Device helpers shared by every family's kernels.
+
+Every kernel walks a launch table (see :mod:`fusedopt.kernels.table`): row ``i`` holds the
+int64 addresses of tensor ``i``'s streams (param, grad, states, ...) followed by its element
+count; a work item ``(tensor << 32) | chunk`` tells a program which chunk of which tensor it
+owns. Addresses are cast with ``tl.pointer_type``, which also runs under ``TRITON_INTERPRET=1``
+on CPU tensors.
+
+Arithmetic mirrors the reference backend operation by operation in fp32 (IEEE division and
+square root: Triton's ``/`` and ``tl.sqrt`` are approximate on GPUs; kernels are launched
+with FMA contraction off), so that given the same inputs both backends produce the same fp32
+states, and hence the same 8-bit codes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+from ..scalars import GRAD_MULT as _GRAD_MULT
+from ..scalars import SKIP as _SKIP
+
+#: Whether ``triton.jit`` decorates for the interpreter (decided at import, as triton decides).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def block(gpu: int, interpreter: int) -> int:
+    """A tile size: ``gpu`` compiled, ``interpreter`` under TRITON_INTERPRET. The interpreter
+    costs about the same per operation whatever the tile, so it runs the same code on bigger
+    tiles (the compiled shapes are checked by tests/test_compile.py and the GPU tests)."""
+    return interpreter if INTERPRET else gpu
+
+
+GRAD_MULT: tl.constexpr = tl.constexpr(_GRAD_MULT)
+SKIP: tl.constexpr = tl.constexpr(_SKIP)
+
+# Columns of the per-tensor step buffer written by ``step_kernel`` (fp32 each).
+T_COL: tl.constexpr = tl.constexpr(0)  # t, the step count after this step
+POW1_COL: tl.constexpr = tl.constexpr(1)  # beta1 ** t
+POW2_COL: tl.constexpr = tl.constexpr(2)  # beta2 ** t
+STEP_WIDTH: tl.constexpr = tl.constexpr(4)
+
+
+@triton.jit
+def load_ptr(row, col: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Column ``col`` of a table row as a pointer to ``DTYPE``. ``ALIGNED`` tells the compiler
+    the address is a multiple of 16 bytes (the host checked), which is what lets full chunks
+    use 16-byte vector accesses."""
+    ptr = tl.load(row + col).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def mix32(x):
+    """A 32-bit integer finaliser (``lowbias32``): every output bit depends on every input bit.
+    ``fusedopt.reference.mix32`` is the same function on int64 tensors."""
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    x = x ^ (x >> 16)
+    return x
+
+
+@triton.jit
+def rounding_key(seed, t, salt):
+    """Per-tensor, per-step key of the stochastic-rounding noise (uint32)."""
+    k = mix32(seed.to(tl.uint32) ^ 0x9E3779B9)
+    k = mix32(k ^ t.to(tl.uint32))
+    return mix32(k ^ salt.to(tl.uint32))
+
+
+@triton.jit
+def to_dtype(x, index, key, DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """fp32 ``x`` stored as ``DTYPE``: round to nearest even, or, with ``STOCHASTIC`` (bf16),
+    round up with probability equal to the discarded fraction, the 16 random bits being
+    ``mix32(key ^ mix32(low32(index) ^ mix32(high32(index))))``.
+
+    bf16 is rounded by hand on the bit pattern (torch's rule, NaN kept quiet): the
+    interpreter truncates fp32 -> bf16, and the bit version costs nothing in a memory-bound
+    kernel."""
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        if STOCHASTIC:
+            i = index.to(tl.int64)
+            noise = mix32(key ^ mix32((i & 0xFFFFFFFF).to(tl.uint32) ^ mix32((i >> 32).to(tl.uint32))))
+            rounded = bits + (noise & 0xFFFF)
+        else:
+            rounded = bits + (((bits >> 16) & 1) + 0x7FFF)
+        rounded = tl.where(x != x, 0x7FC00000, rounded)
+        return (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DTYPE)
+
+
+@triton.jit
+def pow_int(base, t):
+    """``base ** t`` for fp32 ``base`` and integer-valued fp32 ``t`` (< 2**25), by squaring in
+    fp64 and rounded once to fp32: within an ulp of the reference's ``powf``, and the same bits
+    on the GPU and in the interpreter."""
+    b = base.to(tl.float64)
+    e = t.to(tl.int32)
+    result = tl.full(e.shape, 1.0, tl.float64)
+    while tl.max(e, axis=0) > 0:
+        result = tl.where((e & 1) != 0, result * b, result)
+        b = b * b
+        e = e >> 1
+    return result.to(tl.float32)
+
+
+@triton.jit(do_not_specialize=["n"])
+def step_kernel(table, out, n, scalars, hyper_values, beta1, beta2, WIDTH: tl.constexpr,
+                STEP_COL: tl.constexpr, BETA1_INDEX: tl.constexpr, BETA2_INDEX: tl.constexpr,
+                HYPER_IN_MEMORY: tl.constexpr, BLOCK: tl.constexpr):
+    """Before a family pass: ``t = step + 1`` and ``beta1 ** t``, ``beta2 ** t`` of every tensor
+    into ``out`` (read by the pass), and each step advanced unless the step is skipped.
+
+    Doing this in its own launch keeps the family kernels free of the race between the
+    programs that read a tensor's step and the one that would advance it."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < n
+    skip = tl.load(scalars + SKIP)
+    step_ptr = tl.load(table + i.to(tl.int64) * WIDTH + STEP_COL, mask=mask, other=0).to(tl.pointer_type(tl.float32))
+    step = tl.load(step_ptr, mask=mask, other=0.0)
+    t = step + 1.0
+    if HYPER_IN_MEMORY:  # see table.hyper_args
+        beta1 = tl.load(hyper_values + BETA1_INDEX)
+        beta2 = tl.load(hyper_values + BETA2_INDEX)
+    tl.store(out + i * STEP_WIDTH + T_COL, t, mask=mask)
+    tl.store(out + i * STEP_WIDTH + POW1_COL, pow_int(beta1 + tl.zeros_like(t), t), mask=mask)
+    tl.store(out + i * STEP_WIDTH + POW2_COL, pow_int(beta2 + tl.zeros_like(t), t), mask=mask)
+    tl.store(step_ptr, t, mask=i < tl.where(skip == 0, n, 0))

@@ -1,0 +1,244 @@
+"""LAMB in two passes (after the step prologue), each one launch per batch.
+
+Pass 1 (:func:`lamb_moments_kernel`): the moments of every chunk, written back, and the
+chunk's partial sums of ``p^2`` and ``u^2`` in its own slot. A finishing launch
+(:func:`lamb_ratio_kernel`, one program per tensor) adds each tensor's slots in order into
+the trust ratio ``r = ||p|| / ||u||``. Pass 2 (:func:`lamb_apply_kernel`) recomputes ``u`` from
+the stored moments (fp32, so exactly pass 1's) and applies ``p -= lr * r * u``. Deterministic:
+no atomics.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import common, table
+from .common import GRAD_MULT, POW1_COL, POW2_COL, SKIP, STEP_WIDTH, T_COL
+
+BLOCK = common.block(2048, 8192)
+NUM_WARPS = 8
+RATIO_BLOCK = 1024
+
+
+@triton.jit
+def lamb_direction(p, m, v, eps, weight_decay, bias_correction1, bias_correction2,
+                   BIAS_CORRECTION: tl.constexpr):
+    """``u = m_hat / (sqrt(v_hat) + eps) + weight_decay * p``."""
+    if BIAS_CORRECTION:
+        m_hat = tl.div_rn(m, bias_correction1)
+        v_hat = tl.div_rn(v, bias_correction2)
+    else:
+        m_hat = m
+        v_hat = v
+    return tl.div_rn(m_hat, tl.sqrt_rn(v_hat) + eps) + weight_decay * p
+
+
+@triton.jit
+def lamb_math(p, g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
+              bias_correction1, bias_correction2, BIAS_CORRECTION: tl.constexpr):
+    """LAMB's per-element half on fp32 values: the new moments and the update direction,
+    ``(m, v, u)``; the order of operations is the reference's (``fusedopt.reference.lamb_math``).
+    The other half, ``p - lr * r * u`` with ``r = ||p|| / ||u||``, needs the whole tensor."""
+    m = beta1 * m + one_minus_beta1 * g
+    v = beta2 * v + one_minus_beta2 * g * g
+    u = lamb_direction(p, m, v, eps, weight_decay, bias_correction1, bias_correction2, BIAS_CORRECTION)
+    return m, v, u
+
+
+@triton.jit
+def _moments_block(p_ptr, g_ptr, m_ptr, v_ptr, mask, grad_mult, beta1, one_minus_beta1, beta2,
+                   one_minus_beta2, eps, weight_decay, bias_correction1, bias_correction2,
+                   BIAS_CORRECTION: tl.constexpr, BLOCK: tl.constexpr):
+    o = tl.arange(0, BLOCK)
+    p = tl.load(p_ptr + o, mask=mask).to(tl.float32)
+    g = tl.load(g_ptr + o, mask=mask).to(tl.float32) * grad_mult
+    m = tl.load(m_ptr + o, mask=mask)
+    v = tl.load(v_ptr + o, mask=mask)
+    m, v, u = lamb_math(p, g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
+                        bias_correction1, bias_correction2, BIAS_CORRECTION)
+    tl.store(m_ptr + o, m, mask=mask)
+    tl.store(v_ptr + o, v, mask=mask)
+    if mask is not None:  # lanes past the end hold garbage
+        p = tl.where(mask, p, 0.0)
+        u = tl.where(mask, u, 0.0)
+    return p * p, u * u
+
+
+@triton.jit
+def lamb_moments_kernel(table, work, steps, scalars, hyper_values, partials,
+                        beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
+                        WIDTH: tl.constexpr, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
+                        BIAS_CORRECTION: tl.constexpr, HYPER_IN_MEMORY: tl.constexpr,
+                        ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """Pass 1. Table row: param, grad, exp_avg, exp_avg_sq, step, numel, salt. Slot
+    ``partials[program]`` gets the chunk's ``(sum p^2, sum u^2)``."""
+    skip = tl.load(scalars + SKIP)
+    if skip == 0:
+        w = tl.program_id(0)
+        item = tl.load(work + w)
+        tensor = (item >> 32).to(tl.int32)
+        start = (item & 0xFFFFFFFF) * CHUNK
+        row = table + tensor * WIDTH
+        n = tl.load(row + WIDTH - 2) - start
+        p_ptr = common.load_ptr(row, 0, P_DTYPE, ALIGNED) + start
+        g_ptr = common.load_ptr(row, 1, G_DTYPE, ALIGNED) + start
+        m_ptr = common.load_ptr(row, 2, tl.float32, ALIGNED) + start
+        v_ptr = common.load_ptr(row, 3, tl.float32, ALIGNED) + start
+        if HYPER_IN_MEMORY:  # see table.hyper_args
+            beta1 = tl.load(hyper_values + 1)
+            one_minus_beta1 = tl.load(hyper_values + 2)
+            beta2 = tl.load(hyper_values + 3)
+            one_minus_beta2 = tl.load(hyper_values + 4)
+            eps = tl.load(hyper_values + 5)
+            weight_decay = tl.load(hyper_values + 6)
+        grad_mult = tl.load(scalars + GRAD_MULT)
+        bias_correction1 = 1.0 - tl.load(steps + tensor * STEP_WIDTH + POW1_COL)
+        bias_correction2 = 1.0 - tl.load(steps + tensor * STEP_WIDTH + POW2_COL)
+        p_sq = tl.zeros([BLOCK], tl.float32)
+        u_sq = tl.zeros([BLOCK], tl.float32)
+        if n >= CHUNK:
+            for off in range(0, CHUNK, BLOCK):
+                pp, uu = _moments_block(p_ptr + off, g_ptr + off, m_ptr + off, v_ptr + off, None, grad_mult,
+                                        beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
+                                        bias_correction1, bias_correction2, BIAS_CORRECTION, BLOCK)
+                p_sq += pp
+                u_sq += uu
+        else:
+            tail = n.to(tl.int32)
+            for off in range(0, tail, BLOCK):
+                pp, uu = _moments_block(p_ptr + off, g_ptr + off, m_ptr + off, v_ptr + off,
+                                        tl.arange(0, BLOCK) < tail - off, grad_mult, beta1, one_minus_beta1, beta2,
+                                        one_minus_beta2, eps, weight_decay, bias_correction1, bias_correction2,
+                                        BIAS_CORRECTION, BLOCK)
+                p_sq += pp
+                u_sq += uu
+        tl.store(partials + 2 * w, tl.sum(p_sq, axis=0))
+        tl.store(partials + 2 * w + 1, tl.sum(u_sq, axis=0))
+
+
+@triton.jit
+def lamb_ratio_kernel(first, partials, ratios, BLOCK: tl.constexpr):
+    """One program per tensor: its slots, added in order, give ``r = ||p|| / ||u||`` (1 unless
+    both norms are positive)."""
+    tensor = tl.program_id(0)
+    begin = tl.load(first + tensor)
+    end = tl.load(first + tensor + 1)
+    o = tl.arange(0, BLOCK)
+    p_sq = tl.zeros([BLOCK], tl.float32)
+    u_sq = tl.zeros([BLOCK], tl.float32)
+    for off in range(begin, end, BLOCK):
+        mask = off + o < end
+        p_sq += tl.load(partials + 2 * (off + o), mask=mask, other=0.0)
+        u_sq += tl.load(partials + 2 * (off + o) + 1, mask=mask, other=0.0)
+    p_norm = tl.sqrt_rn(tl.sum(p_sq, axis=0))
+    u_norm = tl.sqrt_rn(tl.sum(u_sq, axis=0))
+    r = tl.where((p_norm > 0) & (u_norm > 0), tl.div_rn(p_norm, tl.where(u_norm > 0, u_norm, 1.0)), 1.0)
+    tl.store(ratios + tensor, r)
+
+
+@triton.jit
+def _apply_block(p_ptr, m_ptr, v_ptr, mask, index, key, lr_r, eps, weight_decay, bias_correction1,
+                 bias_correction2, P_DTYPE: tl.constexpr, BIAS_CORRECTION: tl.constexpr,
+                 STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
+    o = tl.arange(0, BLOCK)
+    p = tl.load(p_ptr + o, mask=mask).to(tl.float32)
+    m = tl.load(m_ptr + o, mask=mask)
+    v = tl.load(v_ptr + o, mask=mask)
+    u = lamb_direction(p, m, v, eps, weight_decay, bias_correction1, bias_correction2, BIAS_CORRECTION)
+    p = p - lr_r * u
+    if P_DTYPE == tl.float32:
+        tl.store(p_ptr + o, p, mask=mask)
+    else:
+        tl.store(p_ptr + o, common.to_dtype(p, index + o, key, P_DTYPE, STOCHASTIC), mask=mask)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def lamb_apply_kernel(table, work, steps, scalars, hyper_values, ratios, lr, eps, weight_decay, seed,
+                      WIDTH: tl.constexpr, P_DTYPE: tl.constexpr, BIAS_CORRECTION: tl.constexpr,
+                      STOCHASTIC: tl.constexpr, HYPER_IN_MEMORY: tl.constexpr, ALIGNED: tl.constexpr,
+                      CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """Pass 2: ``p -= lr * r * u``, ``u`` recomputed from the moments pass 1 stored."""
+    skip = tl.load(scalars + SKIP)
+    if skip == 0:
+        item = tl.load(work + tl.program_id(0))
+        tensor = (item >> 32).to(tl.int32)
+        start = (item & 0xFFFFFFFF) * CHUNK
+        row = table + tensor * WIDTH
+        n = tl.load(row + WIDTH - 2) - start
+        p_ptr = common.load_ptr(row, 0, P_DTYPE, ALIGNED) + start
+        m_ptr = common.load_ptr(row, 2, tl.float32, ALIGNED) + start
+        v_ptr = common.load_ptr(row, 3, tl.float32, ALIGNED) + start
+        if HYPER_IN_MEMORY:  # see table.hyper_args
+            lr = tl.load(hyper_values + 0)
+            eps = tl.load(hyper_values + 5)
+            weight_decay = tl.load(hyper_values + 6)
+        bias_correction1 = 1.0 - tl.load(steps + tensor * STEP_WIDTH + POW1_COL)
+        bias_correction2 = 1.0 - tl.load(steps + tensor * STEP_WIDTH + POW2_COL)
+        lr_r = lr * tl.load(ratios + tensor)
+        if STOCHASTIC:
+            t = tl.load(steps + tensor * STEP_WIDTH + T_COL)
+            key = common.rounding_key(seed, t, tl.load(row + WIDTH - 1))
+        else:
+            key = 0
+        if n >= CHUNK:
+            for off in range(0, CHUNK, BLOCK):
+                _apply_block(p_ptr + off, m_ptr + off, v_ptr + off, None, start + off, key, lr_r, eps,
+                             weight_decay, bias_correction1, bias_correction2, P_DTYPE, BIAS_CORRECTION,
+                             STOCHASTIC, BLOCK)
+        else:
+            tail = n.to(tl.int32)
+            for off in range(0, tail, BLOCK):
+                _apply_block(p_ptr + off, m_ptr + off, v_ptr + off, tl.arange(0, BLOCK) < tail - off, start + off,
+                             key, lr_r, eps, weight_decay, bias_correction1, bias_correction2, P_DTYPE,
+                             BIAS_CORRECTION, STOCHASTIC, BLOCK)
+
+
+def hyper_values(group, device):
+    """LAMB's runtime hyper-parameters in the kernels' order, derived as the reference does."""
+    lr = table.group_value(group["lr"], device)
+    beta1, beta2 = (table.group_value(b, device) for b in group["betas"])
+    eps = table.group_value(group["eps"], device)
+    weight_decay = table.group_value(group["weight_decay"], device)
+    return [lr, beta1, 1 - beta1, beta2, 1 - beta2, eps, weight_decay]
+
+
+def step(batch) -> None:
+    """The step prologue, pass 1, the trust ratios and pass 2 over ``batch``: four launches
+    whatever the tensor count."""
+    group = batch.group
+    streams = [batch.params, batch.grads, batch.state["exp_avg"], batch.state["exp_avg_sq"], batch.steps]
+    stochastic = table.stochastic(batch)
+    tab = table.lookup(batch.cache, "lamb", streams, vector_streams=4, chunk=table.CHUNK,
+                       extra=table.salts(batch) if stochastic else None)
+    device = batch.params[0].device
+    values, in_memory, values_tensor = table.hyper_args(hyper_values(group, device), device)
+    scalars = batch.scalars
+    hyper_tensor = values_tensor if in_memory else scalars
+    table.launch_steps(tab, scalars, hyper_tensor, values, in_memory, beta1_index=1, beta2_index=3)
+    scratch = tab.scratch.get("lamb")
+    if scratch is None:
+        scratch = (torch.empty((max(tab.n_work, 1), 2), dtype=torch.float32, device=device),
+                   torch.empty(tab.n_tensors, dtype=torch.float32, device=device))
+        tab.scratch["lamb"] = scratch
+    partials, ratios = scratch
+    if tab.n_work == 0:
+        return
+    lr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay = values
+    p_dtype = table.tl_dtype(batch.params[0].dtype)
+    lamb_moments_kernel[(tab.n_work,)](
+        tab.rows, tab.work, tab.steps, scalars, hyper_tensor, partials,
+        beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
+        WIDTH=tab.width, P_DTYPE=p_dtype, G_DTYPE=table.tl_dtype(batch.grads[0].dtype),
+        BIAS_CORRECTION=group["bias_correction"], HYPER_IN_MEMORY=in_memory, ALIGNED=tab.aligned,
+        CHUNK=table.CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,
+    )
+    lamb_ratio_kernel[(tab.n_tensors,)](tab.first, partials, ratios, BLOCK=RATIO_BLOCK, num_warps=4,
+                                        enable_fp_fusion=False)
+    lamb_apply_kernel[(tab.n_work,)](
+        tab.rows, tab.work, tab.steps, scalars, hyper_tensor, ratios, lr, eps, weight_decay, table.seed(group),
+        WIDTH=tab.width, P_DTYPE=p_dtype, BIAS_CORRECTION=group["bias_correction"], STOCHASTIC=stochastic,
+        HYPER_IN_MEMORY=in_memory, ALIGNED=tab.aligned, CHUNK=table.CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        enable_fp_fusion=False,
+    )

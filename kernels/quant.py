@@ -1,0 +1,88 @@
+"""Block-wise 8-bit states on the device (see :mod:`fusedopt.quant` for the format).
+
+A tile is ``[ROWS, BLOCK_PAD]``: ``ROWS`` whole quantization blocks of ``BLOCK_SIZE``
+consecutive elements (``BLOCK_PAD`` is ``BLOCK_SIZE`` rounded up to a power of two; the extra
+columns are masked), so a block's absmax is a reduction along one row, in registers.
+Requantization finds ``#{midpoints < state / absmax}`` by an 8-step branchless binary search
+over the same fp32 midpoints as ``fusedopt.quant.quantize_blockwise``, after an IEEE division:
+given the same fp32 state, the codes are the reference's.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from . import common
+
+# Largest quantization block a program keeps in registers; larger blocks are left to the
+# reference backend (one program would need a second pass over the block).
+MAX_BLOCK = 4096
+# Elements per tile, and tiles per work item.
+TILE = common.block(2048, 8192)
+TILES = 4
+NUM_WARPS = 4  # 16 elements a thread: 16-byte accesses for the uint8 codes too
+
+
+def layout(block_size: int) -> dict:
+    """The compile-time tile shape for ``block_size`` (a multiple of 32, at most MAX_BLOCK)."""
+    block_pad = 1 << (block_size - 1).bit_length()
+    rows = max(1, TILE // block_pad)
+    return dict(BLOCK_SIZE=block_size, BLOCK_PAD=block_pad, ROWS=rows, TILES=TILES)
+
+
+def chunk(block_size: int) -> int:
+    """Elements per work item (whole blocks)."""
+    lay = layout(block_size)
+    return lay["TILES"] * lay["ROWS"] * block_size
+
+
+@triton.jit
+def tile_offsets(base, BLOCK_SIZE: tl.constexpr, BLOCK_PAD: tl.constexpr, ROWS: tl.constexpr):
+    """Offsets (from the chunk start) of the ``[ROWS, BLOCK_PAD]`` tile whose first block
+    starts at ``base``."""
+    r = tl.arange(0, ROWS)
+    c = tl.arange(0, BLOCK_PAD)
+    return base + r[:, None] * BLOCK_SIZE + c[None, :]
+
+
+@triton.jit
+def tile_masks(base, n, BLOCK_SIZE: tl.constexpr, BLOCK_PAD: tl.constexpr, ROWS: tl.constexpr,
+               MASKED: tl.constexpr):
+    """The element and row masks of a tile: its padding columns, and with ``MASKED`` what lies
+    past the ``n`` elements left in the chunk."""
+    r = tl.arange(0, ROWS)
+    c = tl.arange(0, BLOCK_PAD)
+    if MASKED:
+        mask = (c[None, :] < BLOCK_SIZE) & (base + r[:, None] * BLOCK_SIZE + c[None, :] < n)
+        row_mask = base + r * BLOCK_SIZE < n
+    else:
+        mask = (c[None, :] < BLOCK_SIZE) & (r[:, None] >= 0)
+        row_mask = r >= 0
+    return mask, row_mask
+
+
+@triton.jit
+def load_state(codes_ptr, absmax_ptr, o, blocks, mask, row_mask, values):
+    """Dequantize: ``values[code] * absmax[block]`` (``values`` is the codebook row)."""
+    codes = tl.load(codes_ptr + o, mask=mask)
+    absmax = tl.load(absmax_ptr + blocks, mask=row_mask)
+    return tl.load(values + codes.to(tl.int32)) * absmax[:, None]
+
+
+@triton.jit
+def store_state(state, codes_ptr, absmax_ptr, o, blocks, mask, row_mask, mids):
+    """Requantize ``state`` (fp32 tile) in place: absmax of each row, then the nearest code of
+    ``state / absmax`` (an all-zero block keeps absmax 0 and gets the zero code)."""
+    magnitude = tl.abs(state)
+    if mask is not None:
+        magnitude = tl.where(mask, magnitude, 0.0)
+    absmax = tl.max(magnitude, axis=1)
+    safe = tl.where(absmax > 0, absmax, 1.0)
+    x = tl.div_rn(state, safe[:, None])
+    code = tl.zeros(x.shape, tl.int32)
+    for level in tl.static_range(8):
+        half = 128 >> level
+        code = tl.where(tl.load(mids + code + (half - 1)) < x, code + half, code)
+    tl.store(codes_ptr + o, code.to(tl.uint8), mask=mask)
+    tl.store(absmax_ptr + blocks, absmax, mask=row_mask)

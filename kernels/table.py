@@ -1,0 +1,213 @@
+"""Launch tables: how one kernel launch reaches every tensor of a batch.
+
+A :class:`Table` is a device tensor of int64 rows, one per tensor: the address of each of its
+streams (param, grad, states, step, ...), then its element count and an extra integer (the
+param's position in its group, which salts stochastic rounding). Its work list has one
+``(tensor << 32) | chunk`` item per chunk of ``chunk`` elements, tensor by tensor, so a launch
+over 20,000 tensors is still one launch with one program per chunk.
+
+Tables live in ``batch.cache`` and are rebuilt only when something they hold changes: an
+address (a param re-bound with ``p.data = ...``, a grad replaced by a new tensor, a state
+replaced), an element count, or the set of tensors (a grad that became ``None`` drops its
+param from the batch). The check costs one ``data_ptr()`` per stream per tensor per step and
+never touches the device; a rebuild copies the new rows from pinned memory without waiting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .. import quant
+
+#: Elements per work item of the 32-bit kernels (a multiple of every BLOCK they loop with).
+CHUNK = 16384
+
+
+@dataclass
+class Table:
+    rows: torch.Tensor  # int64 [n_tensors, width] on the device
+    work: torch.Tensor  # int64 [n_work]: (tensor << 32) | chunk, tensor by tensor
+    first: torch.Tensor  # int32 [n_tensors + 1]: index of each tensor's first work item
+    n_tensors: int
+    n_work: int
+    width: int
+    aligned: bool  # every vector stream is 16-byte aligned
+    steps: torch.Tensor  # fp32 [n_tensors, 4] scratch written by common.step_kernel
+    scratch: dict = field(default_factory=dict)  # per-family device buffers sized for this table
+
+
+def to_device(cpu: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a host tensor to ``device`` without making the host wait (pinned, non-blocking)."""
+    if device.type == "cpu":
+        return cpu
+    return cpu.pin_memory().to(device, non_blocking=True)
+
+
+def lookup(cache: dict, name: str, streams: Sequence[Sequence[torch.Tensor]], vector_streams: int,
+           chunk: int, extra: Sequence[int] | None = None) -> Table:
+    """The table ``name`` of a batch for ``streams`` (one list of tensors per column, every list
+    as long as the first, which holds the params and gives the element counts), rebuilt when
+    its key changes.
+
+    The first ``vector_streams`` columns are read with vector accesses and decide ``aligned``.
+    ``extra`` is one more integer per tensor (stored after the element count).
+    """
+    key = key_of(streams, chunk, extra)
+    entry = cache.get(name)
+    if entry is not None and entry[0] == key:
+        return entry[1]
+    table = build(streams, vector_streams, chunk, extra)
+    cache[name] = (key, table)
+    return table
+
+
+def key_of(streams: Sequence[Sequence[torch.Tensor]], chunk: int, extra: Sequence[int] | None = None) -> tuple:
+    """Everything a table depends on: every address, every element count, the chunk size."""
+    return (
+        chunk,
+        tuple(t.data_ptr() for column in streams for t in column),
+        tuple(t.numel() for t in streams[0]),
+        None if extra is None else tuple(extra),
+    )
+
+
+def build(streams: Sequence[Sequence[torch.Tensor]], vector_streams: int, chunk: int,
+          extra: Sequence[int] | None = None) -> Table:
+    """A new table for ``streams`` (see :func:`lookup`), copied to the params' device."""
+    device = streams[0][0].device
+    addresses = [t.data_ptr() for column in streams for t in column]
+    numels = [t.numel() for t in streams[0]]
+    n = len(numels)
+    width = len(streams) + 2
+    rows = torch.empty((n, width), dtype=torch.int64)
+    rows[:, : len(streams)] = torch.tensor(addresses, dtype=torch.int64).view(len(streams), n).t()
+    rows[:, len(streams)] = torch.tensor(numels, dtype=torch.int64)
+    rows[:, len(streams) + 1] = torch.tensor(list(extra) if extra is not None else [0] * n, dtype=torch.int64)
+    chunks = torch.tensor([-(-k // chunk) for k in numels], dtype=torch.int64)
+    first = torch.zeros(n + 1, dtype=torch.int64)
+    torch.cumsum(chunks, 0, out=first[1:])
+    n_work = int(first[-1])
+    owner = torch.repeat_interleave(torch.arange(n, dtype=torch.int64), chunks)
+    index = torch.arange(n_work, dtype=torch.int64) - first[:-1].repeat_interleave(chunks)
+    work = (owner << 32) | index
+    vector = addresses[: vector_streams * n]
+    return Table(
+        rows=to_device(rows, device),
+        work=to_device(work, device),
+        first=to_device(first.to(torch.int32), device),
+        n_tensors=n,
+        n_work=n_work,
+        width=width,
+        aligned=all(a % 16 == 0 for a in vector),
+        steps=torch.empty((n, 4), dtype=torch.float32, device=device),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Hyper-parameters
+# ---------------------------------------------------------------------------------------------
+
+
+def hyper_args(values: Sequence, device: torch.device):
+    """Runtime hyper-parameters for a kernel: ``(floats, in_memory, tensor)``.
+
+    Python numbers are passed as kernel arguments (a new value never recompiles anything).
+    When any value is a tensor on the device (a learning rate a scheduler updates in place,
+    for instance), every value goes into one fp32 device tensor the kernel reads instead,
+    built with device ops only: no host sync, and a captured CUDA graph follows the tensor.
+    """
+    if not any(isinstance(v, torch.Tensor) for v in values):
+        return [float(v) for v in values], False, None
+    parts = [
+        v.to(device=device, dtype=torch.float32).reshape(()) if isinstance(v, torch.Tensor)
+        else torch.full((), float(v), dtype=torch.float32, device=device)
+        for v in values
+    ]
+    return [0.0] * len(values), True, torch.stack(parts)
+
+
+def group_value(value, device: torch.device):
+    """A group hyper-parameter as the reference computes with it: a Python number stays one
+    (exact double arithmetic on the host, rounded to fp32 once), a device tensor stays on the
+    device (fp32 tensor arithmetic), a CPU tensor becomes a number (reading it does not sync)."""
+    if isinstance(value, torch.Tensor):
+        if value.device.type == "cpu" and device.type != "cpu":
+            return float(value)
+        return value.to(device=device, dtype=torch.float32).reshape(())
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# 8-bit codebooks on the device
+# ---------------------------------------------------------------------------------------------
+
+_CODEBOOKS: dict = {}
+
+
+def codebooks(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values, midpoints)`` as fp32 ``[2, 256]`` device tensors, row 0 unsigned and row 1
+    signed (``row = signed``); the midpoints row ends with ``+inf`` so that the 8-step binary
+    search never reads past it."""
+    books = _CODEBOOKS.get(device)
+    if books is None:
+        values = torch.stack([quant.dynamic_map(False), quant.dynamic_map(True)])
+        inf = torch.full((1,), float("inf"))
+        mids = torch.stack([torch.cat([quant.midpoints(False), inf]), torch.cat([quant.midpoints(True), inf])])
+        books = (to_device(values.contiguous(), device), to_device(mids.contiguous(), device))
+        _CODEBOOKS[device] = books
+    return books
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-batch launch helpers
+# ---------------------------------------------------------------------------------------------
+
+STEP_BLOCK = 1024
+
+_TL_DTYPES = {}
+
+
+def tl_dtype(dtype: torch.dtype):
+    """The Triton element type of a torch dtype the kernels take."""
+    if not _TL_DTYPES:
+        import triton.language as tl
+
+        _TL_DTYPES.update({torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16})
+    return _TL_DTYPES[dtype]
+
+
+def stochastic(batch) -> bool:
+    """Whether params of this batch are stored with stochastic rounding (bf16 params only:
+    wider params are stored exactly)."""
+    return bool(batch.group.get("stochastic_rounding", False)) and batch.params[0].dtype == torch.bfloat16
+
+
+def seed(group) -> int:
+    """The group's stochastic-rounding seed (``group["seed"]``, default 0)."""
+    return int(group.get("seed", 0)) & 0xFFFFFFFF
+
+
+def salts(batch) -> list[int]:
+    """Each param's position in its group: with the seed, the step and the element index, what
+    makes its rounding noise (the same in every backend)."""
+    position = {id(p): i for i, p in enumerate(batch.group["params"])}
+    return [position[id(p)] for p in batch.params]
+
+
+def launch_steps(tab: Table, scalars: torch.Tensor, hyper_tensor: torch.Tensor, values, in_memory: bool,
+                 beta1_index: int | None = None, beta2_index: int | None = None) -> None:
+    """Write ``t``, ``beta1 ** t``, ``beta2 ** t`` of every tensor into ``tab.steps`` and advance
+    every step unless the step is skipped (one launch; see ``common.step_kernel``)."""
+    from .common import step_kernel
+
+    beta1 = values[beta1_index] if beta1_index is not None else 0.0
+    beta2 = values[beta2_index] if beta2_index is not None else 0.0
+    step_kernel[(-(-tab.n_tensors // STEP_BLOCK),)](
+        tab.rows, tab.steps, tab.n_tensors, scalars, hyper_tensor, beta1, beta2,
+        WIDTH=tab.width, STEP_COL=tab.width - 3,
+        BETA1_INDEX=beta1_index or 0, BETA2_INDEX=beta2_index or 0,
+        HYPER_IN_MEMORY=in_memory and beta1_index is not None, BLOCK=STEP_BLOCK,
+    )

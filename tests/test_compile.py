@@ -1,0 +1,175 @@
+"""Every Triton kernel compiles for real GPUs, with 16-byte accesses and no spills; no GPU needed.
+
+The interpreter replaces ``triton.jit``, so a kernel can pass every interpreted test and still
+not compile, or compile to scalar accesses. Here each kernel is compiled for sm_80 and sm_90
+(``triton.compile(..., target=GPUTarget("cuda", cc, 32))``) in a subprocess without
+``TRITON_INTERPRET``, in the configuration the launchers use, and its PTX must show at least
+the 16-byte vector loads and stores that the main (unmasked) path needs for every stream it
+reads and writes; ``ptxas -v`` must report no spills.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CCS = (80, 90)
+
+_POINTERS = {
+    "table": "*i64", "work": "*i64", "first": "*i32", "steps": "*fp32", "scalars": "*fp32",
+    "hyper_values": "*fp32", "code_values": "*fp32", "code_mids": "*fp32", "partials": "*fp32",
+    "ratios": "*fp32", "out": "*fp32",
+}
+_INTS = {"seed", "n", "offset"}
+
+
+def _cases():
+    """``(name, kernel, constexprs, num_warps, loads, stores)``: ``loads`` / ``stores`` list the
+    bytes per element of each stream the main path reads / writes with vector accesses."""
+    import triton.language as tl
+
+    from fusedopt.kernels import adam, lamb, lion, norm, quant, table
+    from fusedopt.kernels.common import step_kernel
+
+    chunk = dict(CHUNK=table.CHUNK, ALIGNED=True, HYPER_IN_MEMORY=False)
+    out = []
+    for p_name, p_dtype, p_bytes, g_dtype, g_bytes in (
+        ("fp32", tl.float32, 4, tl.float32, 4),
+        ("bf16", tl.bfloat16, 2, tl.bfloat16, 2),  # with stochastic rounding
+        ("fp32-bf16grad", tl.float32, 4, tl.bfloat16, 2),
+    ):
+        dt = dict(P_DTYPE=p_dtype, G_DTYPE=g_dtype)
+        sr = p_dtype == tl.bfloat16
+        out.append((f"adam-amsgrad-{p_name}", adam.adam_kernel,
+                    dict(WIDTH=8, **dt, AMSGRAD=True, MAXIMIZE=False, DECOUPLED=True, STOCHASTIC=sr,
+                         BLOCK=adam.BLOCK, **chunk), adam.NUM_WARPS, [p_bytes, g_bytes, 4, 4, 4], [p_bytes, 4, 4, 4]))
+        out.append((f"norm-2-{p_name}", norm.norm_partial_kernel,
+                    dict(G_DTYPE=g_dtype, ORD=2, ALIGNED=True, CHUNK=table.CHUNK, BLOCK=norm.BLOCK),
+                    norm.NUM_WARPS, [g_bytes], []))
+        if p_name == "fp32-bf16grad":
+            continue  # the other kernels read grads the same way
+        out.append((f"lion-{p_name}", lion.lion_kernel,
+                    dict(WIDTH=6, **dt, STOCHASTIC=sr, BLOCK=lion.BLOCK, **chunk), lion.NUM_WARPS,
+                    [p_bytes, g_bytes, 4], [p_bytes, 4]))
+        out.append((f"lamb-moments-{p_name}", lamb.lamb_moments_kernel,
+                    dict(WIDTH=7, **dt, BIAS_CORRECTION=True, BLOCK=lamb.BLOCK, **chunk), lamb.NUM_WARPS,
+                    [p_bytes, g_bytes, 4, 4], [4, 4]))
+        out.append((f"lamb-apply-{p_name}", lamb.lamb_apply_kernel,
+                    dict(WIDTH=7, P_DTYPE=p_dtype, BIAS_CORRECTION=True, STOCHASTIC=sr, BLOCK=lamb.BLOCK,
+                         **chunk), lamb.NUM_WARPS, [p_bytes, 4, 4], [p_bytes]))
+        for block_size in (256, 2048) if sr else (256,):
+            eight = dict(ALIGNED=True, HYPER_IN_MEMORY=False, **quant.layout(block_size))
+            out.append((f"adam8bit-amsgrad-{block_size}-{p_name}", adam.adam8bit_kernel,
+                        dict(WIDTH=11, **dt, AMSGRAD=True, MAXIMIZE=False, DECOUPLED=True, STOCHASTIC=sr,
+                             **eight), quant.NUM_WARPS, [p_bytes, g_bytes, 1, 1, 1], [p_bytes, 1, 1, 1]))
+            out.append((f"lion8bit-{block_size}-{p_name}", lion.lion8bit_kernel,
+                        dict(WIDTH=7, **dt, STOCHASTIC=sr, **eight), quant.NUM_WARPS,
+                        [p_bytes, g_bytes, 1], [p_bytes, 1]))
+    out.append(("norm-inf", norm.norm_partial_kernel,
+                dict(G_DTYPE=tl.float32, ORD=0, ALIGNED=True, CHUNK=table.CHUNK, BLOCK=norm.BLOCK),
+                norm.NUM_WARPS, [4], []))
+    out.append(("norm-finish", norm.norm_finish_kernel, dict(ORD=2, BLOCK=norm.FINISH_BLOCK), 4, [], []))
+    out.append(("lamb-ratio", lamb.lamb_ratio_kernel, dict(BLOCK=lamb.RATIO_BLOCK), 4, [], []))
+    out.append(("steps", step_kernel, dict(WIDTH=7, STEP_COL=4, BETA1_INDEX=1, BETA2_INDEX=3,
+                                           HYPER_IN_MEMORY=False, BLOCK=table.STEP_BLOCK), 4, [], []))
+    return out
+
+
+def _ptxas() -> str | None:
+    import triton
+
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if bundled.exists():
+        return str(bundled)
+    return shutil.which("ptxas") or (str(Path("/usr/local/cuda/bin/ptxas")) if Path("/usr/local/cuda/bin/ptxas").exists() else None)
+
+
+def _compile_all() -> dict:
+    """Runs in the subprocess: compile every case for every cc; report what the test checks."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    ptxas = _ptxas()
+    report = {}
+    for name, kernel, constexprs, num_warps, loads, stores in _cases():
+        signature, attrs = {}, {}
+        for i, arg in enumerate(kernel.arg_names):
+            if arg in constexprs:
+                signature[arg] = "constexpr"
+            elif arg in _POINTERS:
+                signature[arg] = _POINTERS[arg]
+                attrs[(i,)] = [["tt.divisibility", 16]]
+            elif arg in _INTS:
+                signature[arg] = "i32"
+            else:
+                signature[arg] = "fp32"
+        for cc in CCS:
+            source = triton.compiler.ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
+            compiled = triton.compile(source, target=GPUTarget("cuda", cc, 32),
+                                      options={"num_warps": num_warps, "enable_fp_fusion": False})
+            ptx = compiled.asm["ptx"]
+            arch = re.search(r"\.target\s+(\w+)", ptx).group(1)
+            path = Path(os.environ["FUSEDOPT_PTX_DIR"]) / f"{name}-{cc}.ptx"
+            path.write_text(ptx)
+            result = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", str(path), "-o", os.devnull],
+                                    capture_output=True, text=True)
+            report[f"{name}-sm{cc}"] = dict(
+                threads=32 * num_warps,
+                block=constexprs.get("BLOCK") or constexprs.get("ROWS", 1) * constexprs.get("BLOCK_PAD", 1),
+                loads=loads,
+                stores=stores,
+                ld_v4=len(re.findall(r"\bld\.global(?:\.[\w:]+)*\.v4\.", ptx)),
+                st_v4=len(re.findall(r"\bst\.global(?:\.[\w:]+)*\.v4\.", ptx)),
+                ptxas_rc=result.returncode,
+                ptxas=result.stdout + result.stderr,
+            )
+    return report
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    pytest.importorskip("triton")
+    if _ptxas() is None:
+        pytest.skip("no ptxas (neither Triton's bundled one nor CUDA's)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["FUSEDOPT_PTX_DIR"] = str(tmp_path_factory.mktemp("ptx"))
+    env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton-cache"))
+    result = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
+                            cwd=Path(__file__).parent)
+    assert result.returncode == 0, f"compiling the kernels failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _vectors(streams: list[int], block: int, threads: int) -> int:
+    """16-byte accesses one pass of the main loop needs for these streams (bytes/element)."""
+    return sum(max(1, block * nbytes // (16 * threads)) for nbytes in streams)
+
+
+def test_kernels_compile_vectorized_without_spills(report):
+    problems = []
+    for name, r in sorted(report.items()):
+        if r["ptxas_rc"] != 0:
+            problems.append(f"{name}: ptxas failed: {r['ptxas'][-500:]}")
+            continue
+        spills = re.findall(r"(\d+) bytes spill (?:stores|loads)", r["ptxas"])
+        if any(int(s) for s in spills):
+            problems.append(f"{name}: ptxas reports spills: {r['ptxas'].strip()[-300:]}")
+        need_ld = _vectors(r["loads"], r["block"], r["threads"]) if r["loads"] else 0
+        need_st = _vectors(r["stores"], r["block"], r["threads"]) if r["stores"] else 0
+        if r["ld_v4"] < need_ld:
+            problems.append(f"{name}: {r['ld_v4']} ld.global.v4, the main path needs {need_ld} for streams {r['loads']}")
+        if r["st_v4"] < need_st:
+            problems.append(f"{name}: {r['st_v4']} st.global.v4, the main path needs {need_st} for streams {r['stores']}")
+    assert not problems, "\n".join(problems)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    print(json.dumps(_compile_all()))
