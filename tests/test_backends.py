@@ -21,7 +21,7 @@ import torch
 
 import fusedopt
 from fusedopt import backends, quant
-from tolerances import assert_close
+from fusedopt.testing import assert_close
 
 BACKENDS = ("triton", "cuda")
 DEVICES = ("cpu", pytest.param("cuda", marks=pytest.mark.gpu))

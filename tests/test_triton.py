@@ -14,7 +14,7 @@ import torch
 
 import fusedopt
 from fusedopt import backends
-from tolerances import assert_close
+from fusedopt.testing import assert_close
 
 triton_backend = pytest.importorskip("fusedopt.kernels.backend")
 from fusedopt.kernels import adam as triton_adam  # noqa: E402
