@@ -34,7 +34,7 @@ struct Lion {
     s.lr = get(h.lr);
     get(h.beta1, s.beta1, s.one_minus_beta1);
     get(h.beta2, s.beta2, s.one_minus_beta2);
-    s.decay = 1.f - s.lr * get(h.weight_decay);
+    s.decay = h.decay.on_device ? 1.f - s.lr * get(h.weight_decay) : h.decay.value;
     return s;
   }
 

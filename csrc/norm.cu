@@ -15,7 +15,7 @@ cudaError_t launch_norm(const MultiTensor& mt, const NormArgs& args, cudaStream_
   switch (args.kind) {
     case kNormInf: return norm_passes<kNormInf>(mt, args, stream);
     case kNorm2: return norm_passes<kNorm2>(mt, args, stream);
-    case kNormP: return norm_passes<kNormP>(mt, args, stream);
+    case kNorm1: return norm_passes<kNorm1>(mt, args, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -7,11 +7,11 @@
 
 namespace fusedopt {
 
-// acc ⊕ |x|: the sum of x^2, the sum of |x|^p, or the max of |x| (NaN propagates).
+// acc ⊕ |x|: the sum of x^2, the sum of |x|, or the max of |x| (NaN propagates).
 template <NormKind K>
-__device__ __forceinline__ float norm_accumulate(float acc, float x, float p) {
+__device__ __forceinline__ float norm_accumulate(float acc, float x) {
   if constexpr (K == kNorm2) return acc + x * x;
-  if constexpr (K == kNormP) return acc + powf(fabsf(x), p);
+  if constexpr (K == kNorm1) return acc + fabsf(x);
   return MaxNan{}(acc, fabsf(x));
 }
 
@@ -22,7 +22,7 @@ __device__ __forceinline__ float norm_combine(float a, float b) {
 }
 
 template <NormKind K, typename T>
-__device__ __forceinline__ float norm_chunk(const T* x, int64_t begin, int64_t end, bool aligned, float p) {
+__device__ __forceinline__ float norm_chunk(const T* x, int64_t begin, int64_t end, bool aligned) {
   float acc = 0.f;
   for_each_segment<kVec>(begin, end, aligned, [&](auto vec, int64_t i, int n) {
     constexpr bool V = decltype(vec)::value;
@@ -30,7 +30,7 @@ __device__ __forceinline__ float norm_chunk(const T* x, int64_t begin, int64_t e
     load<V>(x_, x + i, n);
 #pragma unroll
     for (int j = 0; j < kVec; ++j)
-      if (j < n) acc = norm_accumulate<K>(acc, x_[j], p);
+      if (j < n) acc = norm_accumulate<K>(acc, x_[j]);
   });
   return acc;
 }
@@ -46,9 +46,9 @@ __global__ void __launch_bounds__(kThreads) norm_partials_kernel(MultiTensor mt,
     const bool aligned = row[kAligned] != 0;
     float acc;
     switch (row[kDtype]) {
-      case kBFloat16: acc = norm_chunk<K>(address<const __nv_bfloat16>(row[kParam]), begin, end, aligned, a.p); break;
-      case kFloat16: acc = norm_chunk<K>(address<const __half>(row[kParam]), begin, end, aligned, a.p); break;
-      default: acc = norm_chunk<K>(address<const float>(row[kParam]), begin, end, aligned, a.p); break;
+      case kBFloat16: acc = norm_chunk<K>(address<const __nv_bfloat16>(row[kParam]), begin, end, aligned); break;
+      case kFloat16: acc = norm_chunk<K>(address<const __half>(row[kParam]), begin, end, aligned); break;
+      default: acc = norm_chunk<K>(address<const float>(row[kParam]), begin, end, aligned); break;
     }
     acc = block_reduce(acc, [](float x, float y) { return norm_combine<K>(x, y); });
     if (threadIdx.x == 0) a.partials[w] = acc;
@@ -62,7 +62,6 @@ __global__ void __launch_bounds__(kThreads) norm_finish_kernel(int64_t n_partial
   acc = block_reduce(acc, [](float x, float y) { return norm_combine<K>(x, y); });
   if (threadIdx.x == 0) {
     if constexpr (K == kNorm2) acc = sqrtf(acc);
-    if constexpr (K == kNormP) acc = powf(acc, 1.f / a.p);
     *a.out = acc;
   }
 }

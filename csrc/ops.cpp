@@ -18,6 +18,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <optional>
 #include <string>
 #include <vector>
@@ -204,6 +205,10 @@ struct Hyper {
   std::vector<double> values;
   std::vector<const float*> ptrs;
   Scalar scalar(int i) const { return Scalar{float(values[i]), ptrs[i]}; }
+  // 1 - lr * weight_decay (entries i and j).
+  Decay decay(int lr, int weight_decay) const {
+    return Decay{float(1.0 - values[lr] * values[weight_decay]), ptrs[lr] != nullptr || ptrs[weight_decay] != nullptr};
+  }
   Beta beta(int i) const { return Beta{float(values[i]), float(1.0 - values[i]), ptrs[i]}; }
 };
 
@@ -312,7 +317,8 @@ void adam_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList 
   const Quant quant{int(block_size), check_codebook(codebook, block_size, device, op)};
   const Hyper h = check_hyper(hyper, hyper_tensors, {"lr", "beta1", "beta2", "eps", "weight_decay"}, device, op);
   const c10::cuda::CUDAGuard guard(device);
-  const AdamHyper args{h.scalar(0), h.beta(1), h.beta(2), h.scalar(3), h.scalar(4), maximize, decoupled_weight_decay};
+  const AdamHyper args{h.scalar(0), h.beta(1),   h.beta(2), h.scalar(3), h.scalar(4),
+                       h.decay(0, 4), maximize, decoupled_weight_decay};
   C10_CUDA_CHECK(launch_adam(multi_tensor(table, work, scalars, counters, chunk_elements(block_size)), args,
                              kind_of(params[0], "params[0]", op), kind_of(grads[0], "grads[0]", op), amsgrad, quant,
                              stream_of(device)));
@@ -332,7 +338,7 @@ void lion_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList 
   const Quant quant{int(block_size), check_codebook(codebook, block_size, device, op)};
   const Hyper h = check_hyper(hyper, hyper_tensors, {"lr", "beta1", "beta2", "weight_decay"}, device, op);
   const c10::cuda::CUDAGuard guard(device);
-  const LionHyper args{h.scalar(0), h.beta(1), h.beta(2), h.scalar(3)};
+  const LionHyper args{h.scalar(0), h.beta(1), h.beta(2), h.scalar(3), h.decay(0, 3)};
   C10_CUDA_CHECK(launch_lion(multi_tensor(table, work, scalars, counters, chunk_elements(block_size)), args,
                              kind_of(params[0], "params[0]", op), kind_of(grads[0], "grads[0]", op), quant,
                              stream_of(device)));
@@ -363,7 +369,8 @@ void lamb_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList 
 Tensor global_norm(TensorList tensors, const Tensor& table, const Tensor& work, double norm_type) {
   const char* op = "global_norm";
   TORCH_CHECK(!tensors.empty(), "fusedopt.", op, ": tensors must hold at least one tensor");
-  TORCH_CHECK(norm_type > 0, "fusedopt.", op, ": norm_type must be positive or inf, got ", norm_type);
+  TORCH_CHECK(norm_type == 1.0 || norm_type == 2.0 || std::isinf(norm_type), "fusedopt.", op,
+              ": norm_type must be 1, 2 or inf, got ", norm_type);
   for (size_t i = 0; i < tensors.size(); ++i) {
     kind_of(tensors[i], item("tensors", i), op);
     check_dense(tensors[i], item("tensors", i), op);
@@ -386,8 +393,8 @@ Tensor global_norm(TensorList tensors, const Tensor& table, const Tensor& work, 
   const auto options = at::TensorOptions().dtype(at::kFloat).device(device);
   Tensor out = at::empty({}, options);
   Tensor partials = at::empty({work.size(0)}, options);
-  const NormKind kind = std::isinf(norm_type) ? kNormInf : norm_type == 2.0 ? kNorm2 : kNormP;
-  const NormArgs args{kind, float(norm_type), partials.data_ptr<float>(), out.data_ptr<float>()};
+  const NormKind kind = std::isinf(norm_type) ? kNormInf : norm_type == 2.0 ? kNorm2 : kNorm1;
+  const NormArgs args{kind, partials.data_ptr<float>(), out.data_ptr<float>()};
   C10_CUDA_CHECK(launch_norm(multi_tensor(table, work, Tensor(), Tensor(), kChunk), args, stream_of(device)));
   return out;
 }

@@ -76,10 +76,18 @@ struct Beta {
   const float* ptr;
 };
 
+// Decoupled weight decay's factor 1 - lr * weight_decay: computed in double on the host when
+// both are numbers (as the reference computes it), else on the device in fp32.
+struct Decay {
+  float value;
+  bool on_device;
+};
+
 struct AdamHyper {
   Scalar lr;
   Beta beta1, beta2;
   Scalar eps, weight_decay;
+  Decay decay;
   bool maximize, decoupled;
 };
 
@@ -87,6 +95,7 @@ struct LionHyper {
   Scalar lr;
   Beta beta1, beta2;
   Scalar weight_decay;
+  Decay decay;
 };
 
 struct LambHyper {
@@ -105,11 +114,10 @@ struct Quant {
                           // unsigned midpoints (255 each, padded)
 };
 
-enum NormKind : int { kNormInf = 0, kNorm2 = 1, kNormP = 2 };
+enum NormKind : int { kNormInf = 0, kNorm1 = 1, kNorm2 = 2 };
 
 struct NormArgs {
   NormKind kind;
-  float p;          // kNormP only
   float* partials;  // [n_work]
   float* out;       // 0-d result
 };
