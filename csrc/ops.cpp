@@ -31,9 +31,22 @@ namespace {
 using at::Tensor;
 using at::TensorList;
 
-std::string item(const char* list, size_t i) { return std::string(list) + "[" + std::to_string(i) + "]"; }
+// An argument's name for messages, formatted only when a check fails (a step checks every
+// tensor of a batch: no string is built on the way). index < 0: not a list item.
+struct Name {
+  const char* list;
+  int64_t index = -1;
+  const char* note = nullptr;
+};
 
-ScalarKind kind_of(const Tensor& t, const std::string& name, const char* op) {
+std::ostream& operator<<(std::ostream& os, const Name& n) {
+  os << n.list;
+  if (n.index >= 0) os << "[" << n.index << "]";
+  if (n.note) os << " (" << n.note << ")";
+  return os;
+}
+
+ScalarKind kind_of(const Tensor& t, const Name& name, const char* op) {
   switch (t.scalar_type()) {
     case at::kFloat: return kFloat32;
     case at::kBFloat16: return kBFloat16;
@@ -48,31 +61,26 @@ const char* kind_name(ScalarKind k) {
   return k == kFloat32 ? "float32" : k == kBFloat16 ? "bfloat16" : "float16";
 }
 
-void check_length(TensorList list, const char* name, size_t n, const char* op) {
-  TORCH_CHECK(list.size() == n, "fusedopt.", op, ": ", name, " has ", list.size(), " tensors but params has ", n);
+void check_length(TensorList list, const char* name, size_t expected, const char* op) {
+  TORCH_CHECK(list.size() == expected, "fusedopt.", op, ": ", name, " has ", list.size(), " tensors; expected ",
+              expected, expected ? " (one per param)" : " (the stream is not used)");
 }
 
-void check_dtype(const Tensor& t, const std::string& name, at::ScalarType dtype, const char* op) {
+void check_dtype(const Tensor& t, const Name& name, at::ScalarType dtype, const char* op) {
   TORCH_CHECK(t.scalar_type() == dtype, "fusedopt.", op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
 }
 
-void check_dense(const Tensor& t, const std::string& name, const char* op) {
+void check_dense(const Tensor& t, const Name& name, const char* op) {
   TORCH_CHECK(t.layout() == at::kStrided, "fusedopt.", op, ": ", name, " must be a dense tensor, got ", t.layout());
   TORCH_CHECK(t.is_contiguous(), "fusedopt.", op, ": ", name,
-              " must be contiguous (it is updated in place through its address)");
+              " must be contiguous (it is read and written through its address)");
 }
 
-void check_numel(const Tensor& t, const std::string& name, int64_t numel, const char* what, const char* op) {
-  TORCH_CHECK(t.numel() == numel, "fusedopt.", op, ": ", name, " has ", t.numel(), " elements; ", what, " has ",
-              numel);
+void check_numel(const Tensor& t, const Name& name, int64_t numel, const Name& of, const char* op) {
+  TORCH_CHECK(t.numel() == numel, "fusedopt.", op, ": ", name, " has ", t.numel(), " elements; ", of, " has ", numel);
 }
 
-void check_device(const Tensor& t, const std::string& name, const at::Device& device, const char* op) {
-  TORCH_CHECK(t.device() == device, "fusedopt.", op, ": ", name, " is on ", t.device(), " but ", device,
-              " was expected");
-}
-
-void check_cuda(const Tensor& t, const std::string& name, const char* op) {
+void check_cuda(const Tensor& t, const Name& name, const char* op) {
   TORCH_CHECK(t.is_cuda(), "fusedopt.", op, ": ", name, " must be a CUDA tensor, got a ", t.device().type(),
               " tensor");
 }
@@ -85,6 +93,30 @@ void check_block_size(int64_t block_size, const char* op) {
               kMaxBlockSize, ", got ", block_size);
 }
 
+// The tensors that must share one CUDA device, checked last: every other check runs first, so
+// that a machine without a GPU can test them with CPU tensors.
+struct OnDevice {
+  std::vector<std::pair<TensorList, const char*>> lists;
+  std::vector<std::pair<Tensor, Name>> tensors;
+
+  void add(TensorList list, const char* name) { lists.emplace_back(list, name); }
+  void add(const Tensor& t, const Name& name) { tensors.emplace_back(t, name); }
+
+  at::Device check(const char* op) const {
+    const Tensor& first = lists.empty() ? tensors.front().first : lists.front().first[0];
+    check_cuda(first, lists.empty() ? tensors.front().second : Name{lists.front().second, 0}, op);
+    const at::Device device = first.device();
+    auto same = [&](const Tensor& t, const Name& name) {
+      TORCH_CHECK(t.device() == device, "fusedopt.", op, ": ", name, " is on ", t.device(), " but ",
+                  lists.empty() ? tensors.front().second : Name{lists.front().second, 0}, " is on ", device);
+    };
+    for (const auto& [list, name] : lists)
+      for (size_t i = 0; i < list.size(); ++i) same(list[i], Name{name, int64_t(i)});
+    for (const auto& [t, name] : tensors) same(t, name);
+    return device;
+  }
+};
+
 // The tensors of a batch, stream by stream, as the table lays them out.
 struct Streams {
   TensorList params, grads, states[3], absmaxes[3], steps;
@@ -93,10 +125,10 @@ struct Streams {
 const char* const kStateNames[3] = {"exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"};
 const char* const kAbsmaxNames[3] = {"exp_avg_absmaxes", "exp_avg_sq_absmaxes", "max_exp_avg_sq_absmaxes"};
 
-// Everything about a batch except devices: lengths, dtypes, layouts, sizes. `num_states`
-// state lists must hold one tensor per param, the others be empty; with block_size > 0 the
-// states are uint8 codes with fp32 absmaxes, else fp32.
-void check_streams(const Streams& s, int num_states, int64_t block_size, const char* op) {
+// Lengths, dtypes, layouts and sizes of a batch. `num_states` state lists hold one tensor per
+// param, the others are empty; with block_size > 0 the states are uint8 codes with fp32
+// absmaxes, else fp32. Adds every tensor to `on_device`.
+void check_streams(const Streams& s, int num_states, int64_t block_size, OnDevice& on_device, const char* op) {
   check_block_size(block_size, op);
   const size_t n = s.params.size();
   check_length(s.grads, "grads", n, op);
@@ -106,30 +138,29 @@ void check_streams(const Streams& s, int num_states, int64_t block_size, const c
     check_length(s.absmaxes[k], kAbsmaxNames[k], k < num_states && block_size > 0 ? n : 0, op);
   }
   if (n == 0) return;
-  const ScalarKind param_kind = kind_of(s.params[0], item("params", 0), op);
-  const ScalarKind grad_kind = kind_of(s.grads[0], item("grads", 0), op);
+  const ScalarKind param_kind = kind_of(s.params[0], Name{"params", 0}, op);
+  const ScalarKind grad_kind = kind_of(s.grads[0], Name{"grads", 0}, op);
   TORCH_CHECK(grad_kind == param_kind || param_kind == kFloat32, "fusedopt.", op, ": grads[0] is ",
               kind_name(grad_kind), " but params[0] is ", kind_name(param_kind),
               "; the cuda backend takes grads of the param's dtype, or bfloat16/float16 grads of float32 params");
   for (size_t i = 0; i < n; ++i) {
     const Tensor& p = s.params[i];
     const int64_t numel = p.numel();
-    const std::string pname = item("params", i);
+    const Name pname{"params", int64_t(i)}, gname{"grads", int64_t(i)}, sname{"steps", int64_t(i)};
     TORCH_CHECK(kind_of(p, pname, op) == param_kind, "fusedopt.", op, ": ", pname, " is ", p.scalar_type(),
                 " but params[0] is ", kind_name(param_kind), "; a batch has one param dtype");
     check_dense(p, pname, op);
-    const std::string gname = item("grads", i);
     TORCH_CHECK(kind_of(s.grads[i], gname, op) == grad_kind, "fusedopt.", op, ": ", gname, " is ",
                 s.grads[i].scalar_type(), " but grads[0] is ", kind_name(grad_kind), "; a batch has one grad dtype");
     check_dense(s.grads[i], gname, op);
-    check_numel(s.grads[i], gname, numel, pname.c_str(), op);
+    check_numel(s.grads[i], gname, numel, pname, op);
     for (int k = 0; k < num_states; ++k) {
-      const std::string name = item(kStateNames[k], i);
+      const Name name{kStateNames[k], int64_t(i)};
       check_dtype(s.states[k][i], name, block_size > 0 ? at::kByte : at::kFloat, op);
       check_dense(s.states[k][i], name, op);
-      check_numel(s.states[k][i], name, numel, pname.c_str(), op);
+      check_numel(s.states[k][i], name, numel, pname, op);
       if (block_size > 0) {
-        const std::string aname = item(kAbsmaxNames[k], i);
+        const Name aname{kAbsmaxNames[k], int64_t(i)};
         check_dtype(s.absmaxes[k][i], aname, at::kFloat, op);
         check_dense(s.absmaxes[k][i], aname, op);
         TORCH_CHECK(s.absmaxes[k][i].numel() == num_blocks(numel, block_size), "fusedopt.", op, ": ", aname, " has ",
@@ -137,66 +168,56 @@ void check_streams(const Streams& s, int num_states, int64_t block_size, const c
                     block_size, " needs ", num_blocks(numel, block_size));
       }
     }
-    const std::string sname = item("steps", i);
     check_dtype(s.steps[i], sname, at::kFloat, op);
     TORCH_CHECK(s.steps[i].numel() == 1, "fusedopt.", op, ": ", sname, " must have one element, got ",
                 s.steps[i].numel());
   }
-}
-
-// Every tensor on the device of params[0], which must be a CUDA device.
-at::Device check_devices(const Streams& s, int num_states, const char* op) {
-  check_cuda(s.params[0], "params[0]", op);
-  const at::Device device = s.params[0].device();
-  auto each = [&](TensorList list, const char* name) {
-    for (size_t i = 0; i < list.size(); ++i) check_device(list[i], item(name, i), device, op);
-  };
-  each(s.params, "params");
-  each(s.grads, "grads");
+  on_device.add(s.params, "params");
+  on_device.add(s.grads, "grads");
   for (int k = 0; k < num_states; ++k) {
-    each(s.states[k], kStateNames[k]);
-    each(s.absmaxes[k], kAbsmaxNames[k]);
+    on_device.add(s.states[k], kStateNames[k]);
+    if (block_size > 0) on_device.add(s.absmaxes[k], kAbsmaxNames[k]);
   }
-  each(s.steps, "steps");
-  return device;
+  on_device.add(s.steps, "steps");
 }
 
-void check_plan(const Tensor& table, const Tensor& work, const Tensor& counters, size_t n, const at::Device& device,
+void check_plan(const Tensor& table, const Tensor& work, const Tensor& counters, size_t n, OnDevice& on_device,
                 const char* op) {
-  check_dtype(table, "table", at::kLong, op);
+  check_dtype(table, Name{"table"}, at::kLong, op);
   TORCH_CHECK(table.dim() == 2 && table.size(0) == int64_t(n) && table.size(1) == kRowWidth && table.is_contiguous(),
-              "fusedopt.", op, ": table must be a contiguous [", n, ", ", int(kRowWidth), "] tensor (from make_table), got ",
-              table.sizes());
-  check_dtype(work, "work", at::kInt, op);
+              "fusedopt.", op, ": table must be a contiguous [", n, ", ", int(kRowWidth),
+              "] tensor (from make_table), got ", table.sizes());
+  check_dtype(work, Name{"work"}, at::kInt, op);
   TORCH_CHECK(work.dim() == 2 && work.size(1) == 2 && work.is_contiguous(), "fusedopt.", op,
               ": work must be a contiguous [n_work, 2] tensor (from make_table), got ", work.sizes());
-  check_dtype(counters, "counters", at::kInt, op);
-  TORCH_CHECK(counters.numel() == int64_t(n) && counters.is_contiguous(), "fusedopt.", op,
-              ": counters must be a contiguous zero-filled tensor of ", n, " elements, got ", counters.sizes());
-  check_device(table, "table", device, op);
-  check_device(work, "work", device, op);
-  check_device(counters, "counters", device, op);
+  on_device.add(table, Name{"table"});
+  on_device.add(work, Name{"work"});
+  if (counters.defined()) {
+    check_dtype(counters, Name{"counters"}, at::kInt, op);
+    TORCH_CHECK(counters.numel() == int64_t(n) && counters.is_contiguous(), "fusedopt.", op,
+                ": counters must be a contiguous zero-filled tensor of ", n, " elements, got ", counters.sizes());
+    on_device.add(counters, Name{"counters"});
+  }
 }
 
-void check_scalars(const Tensor& scalars, const at::Device& device, const char* op) {
-  check_dtype(scalars, "scalars", at::kFloat, op);
-  TORCH_CHECK(scalars.numel() == kStepScalars && scalars.is_contiguous(), "fusedopt.", op, ": scalars must be a contiguous tensor of ",
-              int(kStepScalars), " elements (fusedopt.scalars), got ", scalars.sizes());
-  check_device(scalars, "scalars", device, op);
+void check_scalars(const Tensor& scalars, OnDevice& on_device, const char* op) {
+  check_dtype(scalars, Name{"scalars"}, at::kFloat, op);
+  TORCH_CHECK(scalars.numel() == kStepScalars && scalars.is_contiguous(), "fusedopt.", op,
+              ": scalars must be a contiguous tensor of ", int(kStepScalars), " elements (fusedopt.scalars), got ",
+              scalars.sizes());
+  on_device.add(scalars, Name{"scalars"});
 }
 
-const float* check_codebook(const std::optional<Tensor>& codebook, int64_t block_size, const at::Device& device,
-                            const char* op) {
-  if (block_size == 0) return nullptr;
+void check_codebook(const std::optional<Tensor>& codebook, int64_t block_size, OnDevice& on_device, const char* op) {
+  if (block_size == 0) return;
   TORCH_CHECK(codebook.has_value(), "fusedopt.", op, ": codebook is required with 8-bit states (block_size=",
               block_size, ")");
   const Tensor& c = *codebook;
-  check_dtype(c, "codebook", at::kFloat, op);
+  check_dtype(c, Name{"codebook"}, at::kFloat, op);
   TORCH_CHECK(c.dim() == 2 && c.size(0) == 4 && c.size(1) == 256 && c.is_contiguous(), "fusedopt.", op,
               ": codebook must be a contiguous [4, 256] tensor (signed and unsigned values, then midpoints), got ",
               c.sizes());
-  check_device(c, "codebook", device, op);
-  return c.data_ptr<float>();
+  on_device.add(c, Name{"codebook"});
 }
 
 // Hyper-parameters: numbers in `hyper`, or 1-element fp32 device tensors in `hyper_tensors`
@@ -205,15 +226,15 @@ struct Hyper {
   std::vector<double> values;
   std::vector<const float*> ptrs;
   Scalar scalar(int i) const { return Scalar{float(values[i]), ptrs[i]}; }
-  // 1 - lr * weight_decay (entries i and j).
+  Beta beta(int i) const { return Beta{float(values[i]), float(1.0 - values[i]), ptrs[i]}; }
+  // 1 - lr * weight_decay, from entries lr and weight_decay.
   Decay decay(int lr, int weight_decay) const {
     return Decay{float(1.0 - values[lr] * values[weight_decay]), ptrs[lr] != nullptr || ptrs[weight_decay] != nullptr};
   }
-  Beta beta(int i) const { return Beta{float(values[i]), float(1.0 - values[i]), ptrs[i]}; }
 };
 
 Hyper check_hyper(at::ArrayRef<double> hyper, const c10::List<std::optional<Tensor>>& hyper_tensors,
-                  std::initializer_list<const char*> names, const at::Device& device, const char* op) {
+                  std::initializer_list<const char*> names, OnDevice& on_device, const char* op) {
   const size_t n = names.size();
   TORCH_CHECK(hyper.size() == n && hyper_tensors.size() == n, "fusedopt.", op, ": hyper and hyper_tensors must hold ",
               n, " entries each, got ", hyper.size(), " and ", hyper_tensors.size());
@@ -222,10 +243,10 @@ Hyper check_hyper(at::ArrayRef<double> hyper, const c10::List<std::optional<Tens
   for (const char* name : names) {
     const std::optional<Tensor> t = hyper_tensors.get(i);
     if (t.has_value()) {
-      const std::string label = item("hyper_tensors", i) + " (" + name + ")";
+      const Name label{"hyper_tensors", int64_t(i), name};
       check_dtype(*t, label, at::kFloat, op);
       TORCH_CHECK(t->numel() == 1, "fusedopt.", op, ": ", label, " must have one element, got ", t->numel());
-      check_device(*t, label, device, op);
+      on_device.add(*t, label);
       h.ptrs[i] = t->data_ptr<float>();
     }
     ++i;
@@ -273,7 +294,7 @@ std::tuple<Tensor, Tensor> make_table(TensorList params, TensorList grads, Tenso
   };
   for (size_t i = 0; i < n; ++i) {
     const Tensor& p = params[i];
-    const std::string pname = item("params", i);
+    const Name pname{"params", int64_t(i)};
     int64_t* row = rows + i * kRowWidth;
     row[kNumel] = p.numel();
     row[kDtype] = kind_of(p, pname, op);
@@ -308,20 +329,22 @@ void adam_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList 
   const char* op = "adam_";
   const Streams s{params, grads, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs},
                   {exp_avg_absmaxes, exp_avg_sq_absmaxes, max_exp_avg_sq_absmaxes}, steps};
-  const int num_states = amsgrad ? 3 : 2;
-  check_streams(s, num_states, block_size, op);
+  OnDevice on_device;
+  check_streams(s, amsgrad ? 3 : 2, block_size, on_device, op);
   if (params.empty()) return;
-  const at::Device device = check_devices(s, num_states, op);
-  check_scalars(scalars, device, op);
-  check_plan(table, work, counters, params.size(), device, op);
-  const Quant quant{int(block_size), check_codebook(codebook, block_size, device, op)};
-  const Hyper h = check_hyper(hyper, hyper_tensors, {"lr", "beta1", "beta2", "eps", "weight_decay"}, device, op);
+  check_scalars(scalars, on_device, op);
+  check_plan(table, work, counters, params.size(), on_device, op);
+  check_codebook(codebook, block_size, on_device, op);
+  const Hyper h = check_hyper(hyper, hyper_tensors, {"lr", "beta1", "beta2", "eps", "weight_decay"}, on_device, op);
+  const at::Device device = on_device.check(op);
+
   const c10::cuda::CUDAGuard guard(device);
-  const AdamHyper args{h.scalar(0), h.beta(1),   h.beta(2), h.scalar(3), h.scalar(4),
-                       h.decay(0, 4), maximize, decoupled_weight_decay};
+  const AdamHyper args{h.scalar(0),   h.beta(1), h.beta(2), h.scalar(3), h.scalar(4),
+                       h.decay(0, 4), maximize,  decoupled_weight_decay};
+  const Quant quant{int(block_size), block_size > 0 ? codebook->data_ptr<float>() : nullptr};
   C10_CUDA_CHECK(launch_adam(multi_tensor(table, work, scalars, counters, chunk_elements(block_size)), args,
-                             kind_of(params[0], "params[0]", op), kind_of(grads[0], "grads[0]", op), amsgrad, quant,
-                             stream_of(device)));
+                             kind_of(params[0], Name{"params", 0}, op), kind_of(grads[0], Name{"grads", 0}, op),
+                             amsgrad, quant, stream_of(device)));
 }
 
 void lion_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_absmaxes, TensorList steps,
@@ -330,18 +353,21 @@ void lion_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList 
            const c10::List<std::optional<Tensor>>& hyper_tensors, int64_t block_size) {
   const char* op = "lion_";
   const Streams s{params, grads, {exp_avgs, {}, {}}, {exp_avg_absmaxes, {}, {}}, steps};
-  check_streams(s, 1, block_size, op);
+  OnDevice on_device;
+  check_streams(s, 1, block_size, on_device, op);
   if (params.empty()) return;
-  const at::Device device = check_devices(s, 1, op);
-  check_scalars(scalars, device, op);
-  check_plan(table, work, counters, params.size(), device, op);
-  const Quant quant{int(block_size), check_codebook(codebook, block_size, device, op)};
-  const Hyper h = check_hyper(hyper, hyper_tensors, {"lr", "beta1", "beta2", "weight_decay"}, device, op);
+  check_scalars(scalars, on_device, op);
+  check_plan(table, work, counters, params.size(), on_device, op);
+  check_codebook(codebook, block_size, on_device, op);
+  const Hyper h = check_hyper(hyper, hyper_tensors, {"lr", "beta1", "beta2", "weight_decay"}, on_device, op);
+  const at::Device device = on_device.check(op);
+
   const c10::cuda::CUDAGuard guard(device);
   const LionHyper args{h.scalar(0), h.beta(1), h.beta(2), h.scalar(3), h.decay(0, 3)};
+  const Quant quant{int(block_size), block_size > 0 ? codebook->data_ptr<float>() : nullptr};
   C10_CUDA_CHECK(launch_lion(multi_tensor(table, work, scalars, counters, chunk_elements(block_size)), args,
-                             kind_of(params[0], "params[0]", op), kind_of(grads[0], "grads[0]", op), quant,
-                             stream_of(device)));
+                             kind_of(params[0], Name{"params", 0}, op), kind_of(grads[0], Name{"grads", 0}, op),
+                             quant, stream_of(device)));
 }
 
 void lamb_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList steps,
@@ -349,20 +375,24 @@ void lamb_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList 
            at::ArrayRef<double> hyper, const c10::List<std::optional<Tensor>>& hyper_tensors, bool bias_correction) {
   const char* op = "lamb_";
   const Streams s{params, grads, {exp_avgs, exp_avg_sqs, {}}, {{}, {}, {}}, steps};
-  check_streams(s, 2, 0, op);
+  OnDevice on_device;
+  check_streams(s, 2, 0, on_device, op);
   if (params.empty()) return;
-  const at::Device device = check_devices(s, 2, op);
-  check_scalars(scalars, device, op);
-  check_plan(table, work, counters, params.size(), device, op);
-  const Hyper h = check_hyper(hyper, hyper_tensors, {"lr", "beta1", "beta2", "eps", "weight_decay"}, device, op);
+  check_scalars(scalars, on_device, op);
+  check_plan(table, work, counters, params.size(), on_device, op);
+  const Hyper h = check_hyper(hyper, hyper_tensors, {"lr", "beta1", "beta2", "eps", "weight_decay"}, on_device, op);
+  const at::Device device = on_device.check(op);
+
   const c10::cuda::CUDAGuard guard(device);
-  // Partials of the moments pass: every slot is written before it is read.
+  // Partials of the moments pass and per-tensor sums: every slot is written before it is read.
   Tensor partials = at::empty({work.size(0), 2}, scalars.options());
   Tensor norms = at::empty({int64_t(params.size()), 2}, scalars.options());
-  const LambHyper args{h.scalar(0), h.beta(1), h.beta(2), h.scalar(3), h.scalar(4), bias_correction,
+  const LambHyper args{h.scalar(0),     h.beta(1),
+                       h.beta(2),       h.scalar(3),
+                       h.scalar(4),     bias_correction,
                        partials.data_ptr<float>(), norms.data_ptr<float>()};
   C10_CUDA_CHECK(launch_lamb(multi_tensor(table, work, scalars, counters, kChunk), args,
-                             kind_of(params[0], "params[0]", op), kind_of(grads[0], "grads[0]", op),
+                             kind_of(params[0], Name{"params", 0}, op), kind_of(grads[0], Name{"grads", 0}, op),
                              stream_of(device)));
 }
 
@@ -372,22 +402,13 @@ Tensor global_norm(TensorList tensors, const Tensor& table, const Tensor& work, 
   TORCH_CHECK(norm_type == 1.0 || norm_type == 2.0 || std::isinf(norm_type), "fusedopt.", op,
               ": norm_type must be 1, 2 or inf, got ", norm_type);
   for (size_t i = 0; i < tensors.size(); ++i) {
-    kind_of(tensors[i], item("tensors", i), op);
-    check_dense(tensors[i], item("tensors", i), op);
+    kind_of(tensors[i], Name{"tensors", int64_t(i)}, op);
+    check_dense(tensors[i], Name{"tensors", int64_t(i)}, op);
   }
-  check_cuda(tensors[0], "tensors[0]", op);
-  const at::Device device = tensors[0].device();
-  for (size_t i = 0; i < tensors.size(); ++i) check_device(tensors[i], item("tensors", i), device, op);
-  check_dtype(table, "table", at::kLong, op);
-  TORCH_CHECK(table.dim() == 2 && table.size(0) == int64_t(tensors.size()) && table.size(1) == kRowWidth &&
-                  table.is_contiguous(),
-              "fusedopt.", op, ": table must be a contiguous [", tensors.size(), ", ", int(kRowWidth),
-              "] tensor (from make_table), got ", table.sizes());
-  check_dtype(work, "work", at::kInt, op);
-  TORCH_CHECK(work.dim() == 2 && work.size(1) == 2 && work.is_contiguous(), "fusedopt.", op,
-              ": work must be a contiguous [n_work, 2] tensor (from make_table), got ", work.sizes());
-  check_device(table, "table", device, op);
-  check_device(work, "work", device, op);
+  OnDevice on_device;
+  on_device.add(tensors, "tensors");
+  check_plan(table, work, Tensor(), tensors.size(), on_device, op);
+  const at::Device device = on_device.check(op);
 
   const c10::cuda::CUDAGuard guard(device);
   const auto options = at::TensorOptions().dtype(at::kFloat).device(device);
@@ -402,17 +423,21 @@ Tensor global_norm(TensorList tensors, const Tensor& table, const Tensor& work, 
 std::tuple<Tensor, Tensor> quantize_blockwise(const Tensor& x, const Tensor& codebook, bool is_signed,
                                               int64_t block_size) {
   const char* op = "quantize_blockwise";
-  check_dtype(x, "x", at::kFloat, op);
-  check_dense(x, "x", op);
+  check_dtype(x, Name{"x"}, at::kFloat, op);
+  check_dense(x, Name{"x"}, op);
   TORCH_CHECK(block_size > 0, "fusedopt.", op, ": block_size must be positive, got ", block_size);
   check_block_size(block_size, op);
-  check_cuda(x, "x", op);
-  const float* book = check_codebook(codebook, block_size, x.device(), op);
-  const c10::cuda::CUDAGuard guard(x.device());
+  OnDevice on_device;
+  on_device.add(x, Name{"x"});
+  check_codebook(codebook, block_size, on_device, op);
+  const at::Device device = on_device.check(op);
+
+  const c10::cuda::CUDAGuard guard(device);
   Tensor codes = at::empty(x.sizes(), x.options().dtype(at::kByte));
   Tensor absmax = at::empty({num_blocks(x.numel(), block_size)}, x.options());
-  C10_CUDA_CHECK(launch_quantize(x.data_ptr<float>(), x.numel(), is_signed, Quant{int(block_size), book},
-                                 codes.data_ptr<uint8_t>(), absmax.data_ptr<float>(), stream_of(x.device())));
+  C10_CUDA_CHECK(launch_quantize(x.data_ptr<float>(), x.numel(), is_signed,
+                                 Quant{int(block_size), codebook.data_ptr<float>()}, codes.data_ptr<uint8_t>(),
+                                 absmax.data_ptr<float>(), stream_of(device)));
   return {codes, absmax};
 }
 

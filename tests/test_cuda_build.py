@@ -85,6 +85,32 @@ def kernel_kind(mangled: str) -> str | None:
     return next((k for k in (*KERNELS, *HELPERS) if k in mangled), None)
 
 
+def spills(reports: dict[tuple[str, str], str]) -> dict[str, str]:
+    """The kernels whose ptxas report shows a spill (or a stack frame used for one)."""
+    return {
+        f"{name} ({arch})": line
+        for (name, arch), line in reports.items()
+        if not re.search(r"\b0 bytes spill stores, 0 bytes spill loads", line)
+    }
+
+
+def vector_access_problems(functions: dict[tuple[str, str], str]) -> list[str]:
+    """Main-loop kernels without a 128-bit global load (or store, for writers), or with generic
+    loads and stores."""
+    problems = []
+    for (name, arch), body in functions.items():
+        kind = kernel_kind(name)
+        if kind not in KERNELS:
+            continue
+        if not re.search(r"\bLDG\.E(\.\w+)*\.128\b", body):
+            problems.append(f"{name} ({arch}): no LDG.E.128")
+        if KERNELS[kind] and not re.search(r"\bSTG\.E(\.\w+)*\.128\b", body):
+            problems.append(f"{name} ({arch}): no STG.E.128")
+        if re.search(r"\b(LD|ST)\.E", body):
+            problems.append(f"{name} ({arch}): generic LD/ST (an address the compiler did not know was global)")
+    return problems
+
+
 def test_compiles_for_both_architectures(library):
     log = (library.parent / "build.log").read_text()
     reports = ptxas_reports(log)
@@ -96,12 +122,8 @@ def test_compiles_for_both_architectures(library):
 def test_no_register_spills(library):
     reports = ptxas_reports((library.parent / "build.log").read_text())
     assert reports, "no ptxas report in the build log (is -Xptxas -v in the flags?)"
-    spills = {
-        f"{name} ({arch})": line
-        for (name, arch), line in reports.items()
-        if not re.search(r"\b0 bytes spill stores, 0 bytes spill loads", line)
-    }
-    assert not spills, "register spills:\n" + "\n".join(f"  {k}: {v}" for k, v in spills.items())
+    found = spills(reports)
+    assert not found, "register spills:\n" + "\n".join(f"  {k}: {v}" for k, v in found.items())
 
 
 def test_main_loops_use_128_bit_accesses(library):
@@ -111,18 +133,42 @@ def test_main_loops_use_128_bit_accesses(library):
     sass = subprocess.run([cuobjdump, "-sass", str(library)], check=True, capture_output=True, text=True).stdout
     functions = sass_functions(sass)
     assert functions, "cuobjdump found no SASS in the extension"
-    missing = []
     for arch in ARCHS:
         found = {kernel_kind(n) for n, a in functions if a == f"sm_{arch}"}
         assert set(KERNELS) <= found, f"sm_{arch}: kernels missing from the SASS: {set(KERNELS) - found}"
-    for (name, arch), body in functions.items():
-        kind = kernel_kind(name)
-        if kind not in KERNELS:
-            continue
-        if not re.search(r"\bLDG\.E(\.\w+)*\.128\b", body):
-            missing.append(f"{name} ({arch}): no LDG.E.128")
-        if KERNELS[kind] and not re.search(r"\bSTG\.E(\.\w+)*\.128\b", body):
-            missing.append(f"{name} ({arch}): no STG.E.128")
-        if re.search(r"\b(LD|ST)\.E", body):
-            missing.append(f"{name} ({arch}): generic LD/ST (an address the compiler did not know was global)")
-    assert not missing, "\n".join(missing)
+    problems = vector_access_problems(functions)
+    assert not problems, "\n".join(problems)
+
+
+# The checks themselves, on made-up compiler output: they must see what they look for.
+
+_LOG = """ptxas info    : Compiling entry function '_ZN8fusedopt18elementwise_kernelIfE' for 'sm_90'
+ptxas info    : Function properties for _ZN8fusedopt18elementwise_kernelIfE
+    24 bytes stack frame, 20 bytes spill stores, 24 bytes spill loads
+ptxas info    : Used 128 registers
+ptxas info    : Compiling entry function '_ZN8fusedopt13quant8_kernelIfE' for 'sm_80'
+ptxas info    : Function properties for _ZN8fusedopt13quant8_kernelIfE
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+"""
+
+_SASS = """
+	code for sm_90
+		Function : _ZN8fusedopt18elementwise_kernelIfE
+        /*0100*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0110*/                   STG.E.64 desc[UR4][R2.64], R4 ;
+		Function : _ZN8fusedopt20norm_partials_kernelIfE
+        /*0100*/                   LD.E.128 R4, [R2.64] ;
+"""
+
+
+def test_the_checks_see_spills_and_scalar_accesses():
+    reports = ptxas_reports(_LOG)
+    assert set(reports) == {("_ZN8fusedopt18elementwise_kernelIfE", "sm_90"), ("_ZN8fusedopt13quant8_kernelIfE", "sm_80")}
+    assert list(spills(reports)) == ["_ZN8fusedopt18elementwise_kernelIfE (sm_90)"]
+    functions = sass_functions("arch = sm_90" + _SASS)
+    assert set(functions) == {("_ZN8fusedopt18elementwise_kernelIfE", "sm_90"), ("_ZN8fusedopt20norm_partials_kernelIfE", "sm_90")}
+    problems = vector_access_problems(functions)
+    assert any("elementwise_kernel" in p and "no STG.E.128" in p for p in problems)
+    assert any("norm_partials_kernel" in p and "no LDG.E.128" in p for p in problems)
+    assert any("norm_partials_kernel" in p and "generic" in p for p in problems)
+    assert not any("elementwise_kernel" in p and "LDG" in p for p in problems)
