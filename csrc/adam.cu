@@ -4,14 +4,13 @@
 
 namespace fusedopt {
 
-cudaError_t launch_adam(const MultiTensor& mt, const AdamHyper& h, ScalarKind param, ScalarKind grad,
-                        bool amsgrad, const Quant& quant, cudaStream_t stream) {
-  if (quant.block_size > 0) return launch_adam8(mt, h, param, grad, amsgrad, quant, stream);
-  return dispatch_types(param, grad, [&](auto p, auto g) {
+cudaError_t launch_adam(const MultiTensor& mt, const AdamHyper& h, ScalarKind param, bool amsgrad,
+                        const Quant& quant, cudaStream_t stream) {
+  if (quant.block_size > 0) return launch_adam8(mt, h, param, amsgrad, quant, stream);
+  return dispatch_param(param, [&](auto p) {
     using P = typename decltype(p)::type;
-    using G = typename decltype(g)::type;
-    if (amsgrad) return launch(elementwise_kernel<Adam<true>, P, G>, mt.n_work, stream, mt, Adam<true>{h});
-    return launch(elementwise_kernel<Adam<false>, P, G>, mt.n_work, stream, mt, Adam<false>{h});
+    if (amsgrad) return launch(elementwise_kernel<Adam<true>, P>, mt.n_work, stream, mt, Adam<true>{h});
+    return launch(elementwise_kernel<Adam<false>, P>, mt.n_work, stream, mt, Adam<false>{h});
   });
 }
 

@@ -69,7 +69,7 @@ struct Adam {
 };
 
 // The 8-bit launcher (adam8.cu); launch_adam hands 8-bit batches to it.
-cudaError_t launch_adam8(const MultiTensor& mt, const AdamHyper& h, ScalarKind param, ScalarKind grad,
-                         bool amsgrad, const Quant& quant, cudaStream_t stream);
+cudaError_t launch_adam8(const MultiTensor& mt, const AdamHyper& h, ScalarKind param, bool amsgrad,
+                         const Quant& quant, cudaStream_t stream);
 
 }  // namespace fusedopt

@@ -3,14 +3,12 @@
 
 namespace fusedopt {
 
-cudaError_t launch_lamb(const MultiTensor& mt, const LambHyper& h, ScalarKind param, ScalarKind grad,
-                        cudaStream_t stream) {
-  return dispatch_types(param, grad, [&](auto p, auto g) {
+cudaError_t launch_lamb(const MultiTensor& mt, const LambHyper& h, ScalarKind param, cudaStream_t stream) {
+  return dispatch_param(param, [&](auto p) {
     using P = typename decltype(p)::type;
-    using G = typename decltype(g)::type;
-    const cudaError_t err = launch(lamb_moments_kernel<P, G>, mt.n_work, stream, mt, h);
+    const cudaError_t err = launch(lamb_moments_kernel<P>, mt.n_work, stream, mt, h);
     if (err != cudaSuccess) return err;
-    return launch(lamb_apply_kernel<P, G>, mt.n_work, stream, mt, h);
+    return launch(lamb_apply_kernel<P>, mt.n_work, stream, mt, h);
   });
 }
 

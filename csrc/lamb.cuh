@@ -48,8 +48,8 @@ __device__ __forceinline__ float trust_ratio(float p_norm_sq, float u_norm_sq) {
   return (p_norm > 0.f && u_norm > 0.f) ? p_norm / u_norm : 1.f;
 }
 
-template <typename P, typename G>
-__global__ void __launch_bounds__(kThreads) lamb_moments_kernel(MultiTensor mt, LambHyper h) {
+template <typename P>
+__global__ void __launch_bounds__(kThreads, kMinBlocks) lamb_moments_kernel(MultiTensor mt, LambHyper h) {
   if (mt.scalars[kSkip] != 0.f) return;
   const float grad_mult = mt.scalars[kGradMult];
   for (int64_t w = blockIdx.x; w < mt.n_work; w += gridDim.x) {
@@ -58,7 +58,6 @@ __global__ void __launch_bounds__(kThreads) lamb_moments_kernel(MultiTensor mt, 
     const int64_t numel = row[kNumel];
     const LambStep step = lamb_step(h, global(address<const float>(row[kStep])) + 1.f);
     const P* p = address<const P>(row[kParam]);
-    const G* g = address<const G>(row[kGrad]);
     float* m = address<float>(row[kState0]);
     float* v = address<float>(row[kState1]);
     const int64_t begin = int64_t(item.y) * mt.chunk;
@@ -69,7 +68,7 @@ __global__ void __launch_bounds__(kThreads) lamb_moments_kernel(MultiTensor mt, 
       constexpr bool V = decltype(vec)::value;
       float p_[kVec], g_[kVec], m_[kVec], v_[kVec];
       load<V>(p_, p + i, n);
-      load<V>(g_, g + i, n);
+      load_grad<V>(g_, mt.grad, row[kGrad], i, n);
       load<V>(m_, m + i, n);
       load<V>(v_, v + i, n);
 #pragma unroll
@@ -108,8 +107,8 @@ __global__ void __launch_bounds__(kThreads) lamb_moments_kernel(MultiTensor mt, 
   }
 }
 
-template <typename P, typename G>
-__global__ void __launch_bounds__(kThreads) lamb_apply_kernel(MultiTensor mt, LambHyper h) {
+template <typename P>
+__global__ void __launch_bounds__(kThreads, kMinBlocks) lamb_apply_kernel(MultiTensor mt, LambHyper h) {
   if (mt.scalars[kSkip] != 0.f) return;
   for (int64_t w = blockIdx.x; w < mt.n_work; w += gridDim.x) {
     const int2 item = reinterpret_cast<const int2*>(mt.work)[w];

@@ -113,6 +113,18 @@ __device__ __forceinline__ void store(T* dst, const float (&src)[N], int n) {
   }
 }
 
+// The grads of a batch may be fp32, bf16 or fp16 whatever the params are (fp32 grads of bf16
+// params, bf16 grads of fp32 params): their type is a runtime switch, uniform over the launch,
+// rather than a template parameter that would triple the kernels to compile.
+template <bool VEC, int N>
+__device__ __forceinline__ void load_grad(float (&dst)[N], ScalarKind kind, int64_t base, int64_t i, int n) {
+  switch (kind) {
+    case kBFloat16: load<VEC>(dst, address<const __nv_bfloat16>(base) + i, n); break;
+    case kFloat16: load<VEC>(dst, address<const __half>(base) + i, n); break;
+    default: load<VEC>(dst, address<const float>(base) + i, n); break;
+  }
+}
+
 // Calls body(vec, i, n) for each of this thread's segments of [begin, end): n elements at i,
 // vec (a std::integral_constant-like tag) true when the segment is full and aligned.
 template <bool B> struct Tag { static constexpr bool value = B; };
@@ -213,8 +225,12 @@ inline int grid_size(Kernel kernel, int64_t n_work, int smem_bytes = 0) {
 // Elements per thread: 8 (two 16-byte words of an fp32 stream, one of a 16-bit stream).
 constexpr int kVec = 8;
 
-template <typename Family, typename P, typename G>
-__global__ void __launch_bounds__(kThreads) elementwise_kernel(MultiTensor mt, Family family) {
+// Two blocks per SM at least: ptxas may use up to 128 registers. Without a minimum it picked 48
+// for Lion on sm_90 and spilled (CUDA 13.0); the kernels need 50-100.
+constexpr int kMinBlocks = 2;
+
+template <typename Family, typename P>
+__global__ void __launch_bounds__(kThreads, kMinBlocks) elementwise_kernel(MultiTensor mt, Family family) {
   constexpr int S = Family::kStates;
   if (mt.scalars[kSkip] != 0.f) return;
   const float grad_mult = mt.scalars[kGradMult];
@@ -225,7 +241,6 @@ __global__ void __launch_bounds__(kThreads) elementwise_kernel(MultiTensor mt, F
     const float t = global(address<const float>(row[kStep])) + 1.f;
     const typename Family::Step step = family.step(t);
     P* p = address<P>(row[kParam]);
-    const G* g = address<const G>(row[kGrad]);
     float* s[S];
 #pragma unroll
     for (int k = 0; k < S; ++k) s[k] = address<float>(row[kState0 + k]);
@@ -236,7 +251,7 @@ __global__ void __launch_bounds__(kThreads) elementwise_kernel(MultiTensor mt, F
       constexpr bool V = decltype(vec)::value;
       float p_[kVec], g_[kVec], s_[S][kVec];
       load<V>(p_, p + i, n);
-      load<V>(g_, g + i, n);
+      load_grad<V>(g_, mt.grad, row[kGrad], i, n);
 #pragma unroll
       for (int k = 0; k < S; ++k) load<V>(s_[k], s[k] + i, n);
 #pragma unroll
@@ -260,15 +275,14 @@ __global__ void __launch_bounds__(kThreads) elementwise_kernel(MultiTensor mt, F
 
 template <typename T> struct Type { using type = T; };
 
-// Calls f(Type<P>{}, Type<G>{}) for the runtime param and grad element types: grads of the
-// param's dtype, or 16-bit grads of fp32 params (supported_types in ops.cpp is the same list).
+// Calls f(Type<P>{}) for the runtime param element type.
 template <typename F>
-cudaError_t dispatch_types(ScalarKind param, ScalarKind grad, F&& f) {
-  if (param == kFloat32 && grad == kFloat32) return f(Type<float>{}, Type<float>{});
-  if (param == kFloat32 && grad == kBFloat16) return f(Type<float>{}, Type<__nv_bfloat16>{});
-  if (param == kFloat32 && grad == kFloat16) return f(Type<float>{}, Type<__half>{});
-  if (param == kBFloat16 && grad == kBFloat16) return f(Type<__nv_bfloat16>{}, Type<__nv_bfloat16>{});
-  if (param == kFloat16 && grad == kFloat16) return f(Type<__half>{}, Type<__half>{});
+cudaError_t dispatch_param(ScalarKind param, F&& f) {
+  switch (param) {
+    case kFloat32: return f(Type<float>{});
+    case kBFloat16: return f(Type<__nv_bfloat16>{});
+    case kFloat16: return f(Type<__half>{});
+  }
   return cudaErrorInvalidValue;
 }
 

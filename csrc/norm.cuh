@@ -36,7 +36,7 @@ __device__ __forceinline__ float norm_chunk(const T* x, int64_t begin, int64_t e
 }
 
 template <NormKind K>
-__global__ void __launch_bounds__(kThreads) norm_partials_kernel(MultiTensor mt, NormArgs a) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks) norm_partials_kernel(MultiTensor mt, NormArgs a) {
   for (int64_t w = blockIdx.x; w < mt.n_work; w += gridDim.x) {
     const int2 item = reinterpret_cast<const int2*>(mt.work)[w];
     const int64_t* row = mt.table + int64_t(item.x) * kRowWidth;

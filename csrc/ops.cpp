@@ -140,9 +140,6 @@ void check_streams(const Streams& s, int num_states, int64_t block_size, OnDevic
   if (n == 0) return;
   const ScalarKind param_kind = kind_of(s.params[0], Name{"params", 0}, op);
   const ScalarKind grad_kind = kind_of(s.grads[0], Name{"grads", 0}, op);
-  TORCH_CHECK(grad_kind == param_kind || param_kind == kFloat32, "fusedopt.", op, ": grads[0] is ",
-              kind_name(grad_kind), " but params[0] is ", kind_name(param_kind),
-              "; the cuda backend takes grads of the param's dtype, or bfloat16/float16 grads of float32 params");
   for (size_t i = 0; i < n; ++i) {
     const Tensor& p = s.params[i];
     const int64_t numel = p.numel();
@@ -255,10 +252,14 @@ Hyper check_hyper(at::ArrayRef<double> hyper, const c10::List<std::optional<Tens
 }
 
 MultiTensor multi_tensor(const Tensor& table, const Tensor& work, const Tensor& scalars, const Tensor& counters,
-                         int64_t chunk) {
-  return MultiTensor{table.data_ptr<int64_t>(), work.data_ptr<int>(), work.size(0), chunk,
+                         int64_t chunk, ScalarKind grad = kFloat32) {
+  return MultiTensor{table.data_ptr<int64_t>(),
+                     work.data_ptr<int>(),
+                     work.size(0),
+                     chunk,
                      scalars.defined() ? scalars.data_ptr<float>() : nullptr,
-                     counters.defined() ? counters.data_ptr<int>() : nullptr};
+                     counters.defined() ? counters.data_ptr<int>() : nullptr,
+                     grad};
 }
 
 cudaStream_t stream_of(const at::Device& device) { return c10::cuda::getCurrentCUDAStream(device.index()).stream(); }
@@ -342,9 +343,9 @@ void adam_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList 
   const AdamHyper args{h.scalar(0),   h.beta(1), h.beta(2), h.scalar(3), h.scalar(4),
                        h.decay(0, 4), maximize,  decoupled_weight_decay};
   const Quant quant{int(block_size), block_size > 0 ? codebook->data_ptr<float>() : nullptr};
-  C10_CUDA_CHECK(launch_adam(multi_tensor(table, work, scalars, counters, chunk_elements(block_size)), args,
-                             kind_of(params[0], Name{"params", 0}, op), kind_of(grads[0], Name{"grads", 0}, op),
-                             amsgrad, quant, stream_of(device)));
+  const MultiTensor mt = multi_tensor(table, work, scalars, counters, chunk_elements(block_size),
+                                      kind_of(grads[0], Name{"grads", 0}, op));
+  C10_CUDA_CHECK(launch_adam(mt, args, kind_of(params[0], Name{"params", 0}, op), amsgrad, quant, stream_of(device)));
 }
 
 void lion_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_absmaxes, TensorList steps,
@@ -365,9 +366,9 @@ void lion_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList 
   const c10::cuda::CUDAGuard guard(device);
   const LionHyper args{h.scalar(0), h.beta(1), h.beta(2), h.scalar(3), h.decay(0, 3)};
   const Quant quant{int(block_size), block_size > 0 ? codebook->data_ptr<float>() : nullptr};
-  C10_CUDA_CHECK(launch_lion(multi_tensor(table, work, scalars, counters, chunk_elements(block_size)), args,
-                             kind_of(params[0], Name{"params", 0}, op), kind_of(grads[0], Name{"grads", 0}, op),
-                             quant, stream_of(device)));
+  const MultiTensor mt = multi_tensor(table, work, scalars, counters, chunk_elements(block_size),
+                                      kind_of(grads[0], Name{"grads", 0}, op));
+  C10_CUDA_CHECK(launch_lion(mt, args, kind_of(params[0], Name{"params", 0}, op), quant, stream_of(device)));
 }
 
 void lamb_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList steps,
@@ -391,9 +392,8 @@ void lamb_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList 
                        h.beta(2),       h.scalar(3),
                        h.scalar(4),     bias_correction,
                        partials.data_ptr<float>(), norms.data_ptr<float>()};
-  C10_CUDA_CHECK(launch_lamb(multi_tensor(table, work, scalars, counters, kChunk), args,
-                             kind_of(params[0], Name{"params", 0}, op), kind_of(grads[0], Name{"grads", 0}, op),
-                             stream_of(device)));
+  const MultiTensor mt = multi_tensor(table, work, scalars, counters, kChunk, kind_of(grads[0], Name{"grads", 0}, op));
+  C10_CUDA_CHECK(launch_lamb(mt, args, kind_of(params[0], Name{"params", 0}, op), stream_of(device)));
 }
 
 Tensor global_norm(TensorList tensors, const Tensor& table, const Tensor& work, double norm_type) {

@@ -59,6 +59,7 @@ struct MultiTensor {
   int64_t chunk;         // elements per work item
   const float* scalars;  // [kStepScalars]
   int* counters;         // [tensors] finished chunks; zero between launches
+  ScalarKind grad;       // element type of every grad (a runtime switch: see load_grad)
 };
 
 // A hyper-parameter: a value fixed at launch, or read on the device from a 1-element fp32
@@ -122,12 +123,11 @@ struct NormArgs {
   float* out;       // 0-d result
 };
 
-cudaError_t launch_adam(const MultiTensor& mt, const AdamHyper& h, ScalarKind param, ScalarKind grad,
-                        bool amsgrad, const Quant& quant, cudaStream_t stream);
-cudaError_t launch_lion(const MultiTensor& mt, const LionHyper& h, ScalarKind param, ScalarKind grad,
+cudaError_t launch_adam(const MultiTensor& mt, const AdamHyper& h, ScalarKind param, bool amsgrad,
                         const Quant& quant, cudaStream_t stream);
-cudaError_t launch_lamb(const MultiTensor& mt, const LambHyper& h, ScalarKind param, ScalarKind grad,
+cudaError_t launch_lion(const MultiTensor& mt, const LionHyper& h, ScalarKind param, const Quant& quant,
                         cudaStream_t stream);
+cudaError_t launch_lamb(const MultiTensor& mt, const LambHyper& h, ScalarKind param, cudaStream_t stream);
 cudaError_t launch_norm(const MultiTensor& mt, const NormArgs& args, cudaStream_t stream);
 // Quantize one fp32 tensor with the kernels' own quantizer (tests compare it with
 // fusedopt.quant.quantize_blockwise).

@@ -95,7 +95,7 @@ __device__ __forceinline__ float qblock_max(float x, const QuantGeometry& geo, f
 
 // A thread keeps kStates x 16 fp32 states across the absmax reduction: at 128 registers (two
 // blocks per SM) ptxas spills them, so one block per SM lets it use the registers it needs.
-template <typename Family, typename P, typename G>
+template <typename Family, typename P>
 __global__ void __launch_bounds__(kThreads, 1)
     quant8_kernel(MultiTensor mt, Family family, Quant q) {
   constexpr int S = Family::kStates, N = kQuantVec;
@@ -114,7 +114,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     const float t = global(address<const float>(row[kStep])) + 1.f;
     const typename Family::Step step = family.step(t);
     P* p = address<P>(row[kParam]);
-    const G* g = address<const G>(row[kGrad]);
     uint8_t* codes[S];
     float* absmax[S];
 #pragma unroll
@@ -137,7 +136,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         float p_[N], g_[N];
         int c_[N];
         load<V>(p_, p + i, n);
-        load<V>(g_, g + i, n);
+        load_grad<V>(g_, mt.grad, row[kGrad], i, n);
 #pragma unroll
         for (int k = 0; k < S; ++k) {
           load_codes<V>(c_, codes[k] + i, n);
