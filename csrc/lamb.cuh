@@ -90,15 +90,19 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) lamb_moments_kernel(Mult
       h.partials[2 * w + 1] = u_sq;
     }
     if (finished_tensor(mt, item.x, numel)) {
-      // This tensor's chunks are the work items w - item.y .. in order.
+      // This tensor's chunks are the work items w - item.y .. in order; a tensor of one chunk
+      // has its sums already.
       const int64_t first = w - item.y, chunks = num_chunks(numel, mt.chunk);
-      float p_total = 0.f, u_total = 0.f;
-      for (int64_t c = threadIdx.x; c < chunks; c += kThreads) {
-        p_total += __ldcg(h.partials + 2 * (first + c));
-        u_total += __ldcg(h.partials + 2 * (first + c) + 1);
+      float p_total = p_sq, u_total = u_sq;
+      if (chunks > 1) {
+        p_total = u_total = 0.f;
+        for (int64_t c = threadIdx.x; c < chunks; c += kThreads) {
+          p_total += __ldcg(h.partials + 2 * (first + c));
+          u_total += __ldcg(h.partials + 2 * (first + c) + 1);
+        }
+        p_total = block_reduce(p_total, Sum{});
+        u_total = block_reduce(u_total, Sum{});
       }
-      p_total = block_reduce(p_total, Sum{});
-      u_total = block_reduce(u_total, Sum{});
       if (threadIdx.x == 0) {
         h.norms[2 * item.x] = p_total;
         h.norms[2 * item.x + 1] = u_total;

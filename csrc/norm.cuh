@@ -21,18 +21,26 @@ __device__ __forceinline__ float norm_combine(float a, float b) {
   return a + b;
 }
 
+// One accumulator per element of a segment (each adds a thread's every 8th element), combined
+// pairwise at the end: short sequential sums keep the fp32 error near torch's own reduction's.
 template <NormKind K, typename T>
 __device__ __forceinline__ float norm_chunk(const T* x, int64_t begin, int64_t end, bool aligned) {
-  float acc = 0.f;
+  float acc[kVec];
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) acc[j] = 0.f;
   for_each_segment<kVec>(begin, end, aligned, [&](auto vec, int64_t i, int n) {
     constexpr bool V = decltype(vec)::value;
     float x_[kVec];
     load<V>(x_, x + i, n);
 #pragma unroll
     for (int j = 0; j < kVec; ++j)
-      if (j < n) acc = norm_accumulate<K>(acc, x_[j]);
+      if (j < n) acc[j] = norm_accumulate<K>(acc[j], x_[j]);
   });
-  return acc;
+#pragma unroll
+  for (int width = kVec / 2; width > 0; width /= 2)
+#pragma unroll
+    for (int j = 0; j < width; ++j) acc[j] = norm_combine<K>(acc[j], acc[j + width]);
+  return acc[0];
 }
 
 template <NormKind K>
