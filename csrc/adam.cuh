@@ -1,0 +1,75 @@
+// Adam / AdamW (torch semantics), with amsgrad and maximize: the per-element math and the
+// family the elementwise and 8-bit kernels instantiate.
+#pragma once
+
+#include "multi_tensor.cuh"
+
+namespace fusedopt {
+
+// Everything the math needs that is the same for a whole tensor this step.
+struct AdamStep {
+  float beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay;
+  float decay;                  // AdamW: 1 - lr * weight_decay
+  float step_size;              // lr / (1 - beta1^t)
+  float bias_correction2_sqrt;  // sqrt(1 - beta2^t)
+  bool maximize, decoupled;
+};
+
+// DESIGN.md "The math": g = -g if maximize; Adam: g += wd*p; AdamW: p *= 1 - lr*wd;
+// m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g^2; amsgrad: v_max = max(v_max, v), used as v;
+// p -= (lr / (1-b1^t)) * m / (sqrt(v) / sqrt(1-b2^t) + eps).
+template <bool AMSGRAD>
+__device__ __forceinline__ void adam_math(float& p, float g, float& m, float& v, float& v_max, const AdamStep& s) {
+  if (s.maximize) g = -g;
+  if (s.decoupled) {
+    p = p * s.decay;
+  } else if (s.weight_decay != 0.f) {
+    g = g + s.weight_decay * p;
+  }
+  m = s.beta1 * m + s.one_minus_beta1 * g;
+  v = s.beta2 * v + s.one_minus_beta2 * g * g;
+  float v_hat = v;
+  if (AMSGRAD) {
+    v_max = fmaxf(v_max, v);
+    v_hat = v_max;
+  }
+  const float denom = sqrtf(v_hat) / s.bias_correction2_sqrt + s.eps;
+  p = p - s.step_size * m / denom;
+}
+
+template <bool AMSGRAD>
+struct Adam {
+  static constexpr int kStates = AMSGRAD ? 3 : 2;  // exp_avg, exp_avg_sq[, max_exp_avg_sq]
+  // exp_avg uses the signed codebook, the second moments the unsigned one.
+  __host__ __device__ static constexpr bool is_signed(int k) { return k == 0; }
+  using Step = AdamStep;
+
+  AdamHyper h;
+
+  __device__ __forceinline__ Step step(float t) const {
+    Step s;
+    const float lr = get(h.lr);
+    get(h.beta1, s.beta1, s.one_minus_beta1);
+    get(h.beta2, s.beta2, s.one_minus_beta2);
+    s.eps = get(h.eps);
+    s.weight_decay = get(h.weight_decay);
+    s.decay = h.decay.on_device ? 1.f - lr * s.weight_decay : h.decay.value;
+    // As the reference rounds it: a number lr divided by a tensor is reciprocal() * lr in torch.
+    const float bias_correction1 = 1.f - powf(s.beta1, t);
+    s.step_size = h.lr.ptr ? lr / bias_correction1 : (1.f / bias_correction1) * lr;
+    s.bias_correction2_sqrt = sqrtf(1.f - powf(s.beta2, t));
+    s.maximize = h.maximize;
+    s.decoupled = h.decoupled;
+    return s;
+  }
+
+  __device__ __forceinline__ static void math(float& p, float g, float (&s)[kStates], const Step& step) {
+    adam_math<AMSGRAD>(p, g, s[0], s[1], s[kStates - 1], step);
+  }
+};
+
+// The 8-bit launcher (adam8.cu); launch_adam hands 8-bit batches to it.
+cudaError_t launch_adam8(const MultiTensor& mt, const AdamHyper& h, ScalarKind param, bool amsgrad,
+                         const Quant& quant, cudaStream_t stream);
+
+}  // namespace fusedopt

@@ -1,0 +1,16 @@
+// Adam / AdamW with block-wise 8-bit states.
+#include "adam.cuh"
+#include "quant8.cuh"
+
+namespace fusedopt {
+
+cudaError_t launch_adam8(const MultiTensor& mt, const AdamHyper& h, ScalarKind param, bool amsgrad,
+                         const Quant& quant, cudaStream_t stream) {
+  return dispatch_param(param, [&](auto p) {
+    using P = typename decltype(p)::type;
+    if (amsgrad) return launch(quant8_kernel<Adam<true>, P>, mt.n_work, stream, mt, Adam<true>{h}, quant);
+    return launch(quant8_kernel<Adam<false>, P>, mt.n_work, stream, mt, Adam<false>{h}, quant);
+  });
+}
+
+}  // namespace fusedopt

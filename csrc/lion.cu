@@ -1,0 +1,16 @@
+// Lion launcher: fp32 or 8-bit state, every param dtype.
+#include "lion.cuh"
+#include "quant8.cuh"
+
+namespace fusedopt {
+
+cudaError_t launch_lion(const MultiTensor& mt, const LionHyper& h, ScalarKind param, const Quant& quant,
+                        cudaStream_t stream) {
+  return dispatch_param(param, [&](auto p) {
+    using P = typename decltype(p)::type;
+    if (quant.block_size > 0) return launch(quant8_kernel<Lion, P>, mt.n_work, stream, mt, Lion{h}, quant);
+    return launch(elementwise_kernel<Lion, P>, mt.n_work, stream, mt, Lion{h});
+  });
+}
+
+}  // namespace fusedopt

@@ -1,0 +1,46 @@
+// Lion (Chen et al., 2023): the per-element math and the family the elementwise and 8-bit
+// kernels instantiate.
+#pragma once
+
+#include "multi_tensor.cuh"
+
+namespace fusedopt {
+
+struct LionStep {
+  float lr, beta1, one_minus_beta1, beta2, one_minus_beta2;
+  float decay;  // 1 - lr * weight_decay
+};
+
+// torch.sign: -1, 0 or 1, and NaN stays NaN.
+__device__ __forceinline__ float sign(float x) { return x > 0.f ? 1.f : (x < 0.f ? -1.f : x); }
+
+// DESIGN.md "The math": p *= 1 - lr*wd; c = b1*m + (1-b1)*g; p -= lr*sign(c); m = b2*m + (1-b2)*g.
+__device__ __forceinline__ void lion_math(float& p, float g, float& m, const LionStep& s) {
+  p = p * s.decay;
+  const float c = s.beta1 * m + s.one_minus_beta1 * g;
+  p = p - s.lr * sign(c);
+  m = s.beta2 * m + s.one_minus_beta2 * g;
+}
+
+struct Lion {
+  static constexpr int kStates = 1;  // exp_avg
+  __host__ __device__ static constexpr bool is_signed(int) { return true; }
+  using Step = LionStep;
+
+  LionHyper h;
+
+  __device__ __forceinline__ Step step(float) const {
+    Step s;
+    s.lr = get(h.lr);
+    get(h.beta1, s.beta1, s.one_minus_beta1);
+    get(h.beta2, s.beta2, s.one_minus_beta2);
+    s.decay = h.decay.on_device ? 1.f - s.lr * get(h.weight_decay) : h.decay.value;
+    return s;
+  }
+
+  __device__ __forceinline__ static void math(float& p, float g, float (&s)[kStates], const Step& step) {
+    lion_math(p, g, s[0], step);
+  }
+};
+
+}  // namespace fusedopt

@@ -1,0 +1,498 @@
+// The torch side of the CUDA backend: every input is checked here (each message names the
+// argument), the device tables are built here, and the ops are registered as torch.ops.fusedopt.*.
+// The kernels (*.cu) see only the plain structs of params.h.
+//
+// Ops (schemas in TORCH_LIBRARY below; fake implementations in fusedopt/cuda_backend.py):
+//   make_table   (host) the [tensors, kRowWidth] int64 address table and the (tensor, chunk) work
+//                list of a batch, as CPU tensors; the backend caches them on the device.
+//   adam_, lamb_, lion_   one optimizer step over a batch, in place.
+//   global_norm  the norm of many tensors (mixed dtypes), deterministic.
+//   quantize_blockwise   the kernels' 8-bit quantizer, for tests.
+//
+// Checks come in an order that lets a machine without a GPU test them: list lengths, then
+// dtypes, shapes and layouts, then devices.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "params.h"
+
+namespace fusedopt {
+namespace {
+
+using at::Tensor;
+using at::TensorList;
+
+// An argument's name for messages, formatted only when a check fails (a step checks every
+// tensor of a batch: no string is built on the way). index < 0: not a list item.
+struct Name {
+  const char* list;
+  int64_t index = -1;
+  const char* note = nullptr;
+};
+
+std::ostream& operator<<(std::ostream& os, const Name& n) {
+  os << n.list;
+  if (n.index >= 0) os << "[" << n.index << "]";
+  if (n.note) os << " (" << n.note << ")";
+  return os;
+}
+
+ScalarKind kind_of(const Tensor& t, const Name& name, const char* op) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return kFloat32;
+    case at::kBFloat16: return kBFloat16;
+    case at::kHalf: return kFloat16;
+    default:
+      TORCH_CHECK(false, "fusedopt.", op, ": ", name, " has dtype ", t.scalar_type(),
+                  "; the cuda backend takes float32, bfloat16 and float16 tensors");
+  }
+}
+
+const char* kind_name(ScalarKind k) {
+  return k == kFloat32 ? "float32" : k == kBFloat16 ? "bfloat16" : "float16";
+}
+
+void check_length(TensorList list, const char* name, size_t expected, const char* op) {
+  TORCH_CHECK(list.size() == expected, "fusedopt.", op, ": ", name, " has ", list.size(), " tensors; expected ",
+              expected, expected ? " (one per param)" : " (the stream is not used)");
+}
+
+void check_dtype(const Tensor& t, const Name& name, at::ScalarType dtype, const char* op) {
+  TORCH_CHECK(t.scalar_type() == dtype, "fusedopt.", op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
+}
+
+void check_dense(const Tensor& t, const Name& name, const char* op) {
+  TORCH_CHECK(t.layout() == at::kStrided, "fusedopt.", op, ": ", name, " must be a dense tensor, got ", t.layout());
+  TORCH_CHECK(t.is_contiguous(), "fusedopt.", op, ": ", name,
+              " must be contiguous (it is read and written through its address)");
+}
+
+void check_numel(const Tensor& t, const Name& name, int64_t numel, const Name& of, const char* op) {
+  TORCH_CHECK(t.numel() == numel, "fusedopt.", op, ": ", name, " has ", t.numel(), " elements; ", of, " has ", numel);
+}
+
+void check_cuda(const Tensor& t, const Name& name, const char* op) {
+  TORCH_CHECK(t.is_cuda(), "fusedopt.", op, ": ", name, " must be a CUDA tensor, got a ", t.device().type(),
+              " tensor");
+}
+
+int64_t num_blocks(int64_t numel, int64_t block_size) { return (numel + block_size - 1) / block_size; }
+
+void check_block_size(int64_t block_size, const char* op) {
+  TORCH_CHECK(block_size == 0 || (block_size > 0 && block_size % 32 == 0 && block_size <= kMaxBlockSize),
+              "fusedopt.", op, ": block_size must be 0 (fp32 states) or a multiple of 32 no larger than ",
+              kMaxBlockSize, ", got ", block_size);
+}
+
+// The tensors that must share one CUDA device, checked last: every other check runs first, so
+// that a machine without a GPU can test them with CPU tensors.
+struct OnDevice {
+  std::vector<std::pair<TensorList, const char*>> lists;
+  std::vector<std::pair<Tensor, Name>> tensors;
+
+  void add(TensorList list, const char* name) { lists.emplace_back(list, name); }
+  void add(const Tensor& t, const Name& name) { tensors.emplace_back(t, name); }
+
+  at::Device check(const char* op) const {
+    const Tensor& first = lists.empty() ? tensors.front().first : lists.front().first[0];
+    check_cuda(first, lists.empty() ? tensors.front().second : Name{lists.front().second, 0}, op);
+    const at::Device device = first.device();
+    auto same = [&](const Tensor& t, const Name& name) {
+      TORCH_CHECK(t.device() == device, "fusedopt.", op, ": ", name, " is on ", t.device(), " but ",
+                  lists.empty() ? tensors.front().second : Name{lists.front().second, 0}, " is on ", device);
+    };
+    for (const auto& [list, name] : lists)
+      for (size_t i = 0; i < list.size(); ++i) same(list[i], Name{name, int64_t(i)});
+    for (const auto& [t, name] : tensors) same(t, name);
+    return device;
+  }
+};
+
+// The tensors of a batch, stream by stream, as the table lays them out.
+struct Streams {
+  TensorList params, grads, states[3], absmaxes[3], steps;
+};
+
+const char* const kStateNames[3] = {"exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"};
+const char* const kAbsmaxNames[3] = {"exp_avg_absmaxes", "exp_avg_sq_absmaxes", "max_exp_avg_sq_absmaxes"};
+
+// Lengths, dtypes, layouts and sizes of a batch. `num_states` state lists hold one tensor per
+// param, the others are empty; with block_size > 0 the states are uint8 codes with fp32
+// absmaxes, else fp32. Adds every tensor to `on_device`.
+void check_streams(const Streams& s, int num_states, int64_t block_size, OnDevice& on_device, const char* op) {
+  check_block_size(block_size, op);
+  const size_t n = s.params.size();
+  check_length(s.grads, "grads", n, op);
+  check_length(s.steps, "steps", n, op);
+  for (int k = 0; k < 3; ++k) {
+    check_length(s.states[k], kStateNames[k], k < num_states ? n : 0, op);
+    check_length(s.absmaxes[k], kAbsmaxNames[k], k < num_states && block_size > 0 ? n : 0, op);
+  }
+  if (n == 0) return;
+  const ScalarKind param_kind = kind_of(s.params[0], Name{"params", 0}, op);
+  const ScalarKind grad_kind = kind_of(s.grads[0], Name{"grads", 0}, op);
+  for (size_t i = 0; i < n; ++i) {
+    const Tensor& p = s.params[i];
+    const int64_t numel = p.numel();
+    const Name pname{"params", int64_t(i)}, gname{"grads", int64_t(i)}, sname{"steps", int64_t(i)};
+    TORCH_CHECK(kind_of(p, pname, op) == param_kind, "fusedopt.", op, ": ", pname, " is ", p.scalar_type(),
+                " but params[0] is ", kind_name(param_kind), "; a batch has one param dtype");
+    check_dense(p, pname, op);
+    TORCH_CHECK(kind_of(s.grads[i], gname, op) == grad_kind, "fusedopt.", op, ": ", gname, " is ",
+                s.grads[i].scalar_type(), " but grads[0] is ", kind_name(grad_kind), "; a batch has one grad dtype");
+    check_dense(s.grads[i], gname, op);
+    check_numel(s.grads[i], gname, numel, pname, op);
+    for (int k = 0; k < num_states; ++k) {
+      const Name name{kStateNames[k], int64_t(i)};
+      check_dtype(s.states[k][i], name, block_size > 0 ? at::kByte : at::kFloat, op);
+      check_dense(s.states[k][i], name, op);
+      check_numel(s.states[k][i], name, numel, pname, op);
+      if (block_size > 0) {
+        const Name aname{kAbsmaxNames[k], int64_t(i)};
+        check_dtype(s.absmaxes[k][i], aname, at::kFloat, op);
+        check_dense(s.absmaxes[k][i], aname, op);
+        TORCH_CHECK(s.absmaxes[k][i].numel() == num_blocks(numel, block_size), "fusedopt.", op, ": ", aname, " has ",
+                    s.absmaxes[k][i].numel(), " elements; ", pname, " has ", numel, " elements, so block_size=",
+                    block_size, " needs ", num_blocks(numel, block_size));
+      }
+    }
+    check_dtype(s.steps[i], sname, at::kFloat, op);
+    TORCH_CHECK(s.steps[i].numel() == 1, "fusedopt.", op, ": ", sname, " must have one element, got ",
+                s.steps[i].numel());
+  }
+  on_device.add(s.params, "params");
+  on_device.add(s.grads, "grads");
+  for (int k = 0; k < num_states; ++k) {
+    on_device.add(s.states[k], kStateNames[k]);
+    if (block_size > 0) on_device.add(s.absmaxes[k], kAbsmaxNames[k]);
+  }
+  on_device.add(s.steps, "steps");
+}
+
+void check_plan(const Tensor& table, const Tensor& work, const Tensor& counters, size_t n, OnDevice& on_device,
+                const char* op) {
+  check_dtype(table, Name{"table"}, at::kLong, op);
+  TORCH_CHECK(table.dim() == 2 && table.size(0) == int64_t(n) && table.size(1) == kRowWidth && table.is_contiguous(),
+              "fusedopt.", op, ": table must be a contiguous [", n, ", ", int(kRowWidth),
+              "] tensor (from make_table), got ", table.sizes());
+  check_dtype(work, Name{"work"}, at::kInt, op);
+  TORCH_CHECK(work.dim() == 2 && work.size(1) == 2 && work.is_contiguous(), "fusedopt.", op,
+              ": work must be a contiguous [n_work, 2] tensor (from make_table), got ", work.sizes());
+  on_device.add(table, Name{"table"});
+  on_device.add(work, Name{"work"});
+  if (counters.defined()) {
+    check_dtype(counters, Name{"counters"}, at::kInt, op);
+    TORCH_CHECK(counters.numel() == int64_t(n) && counters.is_contiguous(), "fusedopt.", op,
+                ": counters must be a contiguous zero-filled tensor of ", n, " elements, got ", counters.sizes());
+    on_device.add(counters, Name{"counters"});
+  }
+}
+
+void check_scalars(const Tensor& scalars, OnDevice& on_device, const char* op) {
+  check_dtype(scalars, Name{"scalars"}, at::kFloat, op);
+  TORCH_CHECK(scalars.numel() == kStepScalars && scalars.is_contiguous(), "fusedopt.", op,
+              ": scalars must be a contiguous tensor of ", int(kStepScalars), " elements (fusedopt.scalars), got ",
+              scalars.sizes());
+  on_device.add(scalars, Name{"scalars"});
+}
+
+void check_codebook(const std::optional<Tensor>& codebook, int64_t block_size, OnDevice& on_device, const char* op) {
+  if (block_size == 0) return;
+  TORCH_CHECK(codebook.has_value(), "fusedopt.", op, ": codebook is required with 8-bit states (block_size=",
+              block_size, ")");
+  const Tensor& c = *codebook;
+  check_dtype(c, Name{"codebook"}, at::kFloat, op);
+  TORCH_CHECK(c.dim() == 2 && c.size(0) == 4 && c.size(1) == 256 && c.is_contiguous(), "fusedopt.", op,
+              ": codebook must be a contiguous [4, 256] tensor (signed and unsigned values, then midpoints), got ",
+              c.sizes());
+  on_device.add(c, Name{"codebook"});
+}
+
+// Hyper-parameters: numbers in `hyper`, or 1-element fp32 device tensors in `hyper_tensors`
+// (None where the number is used), both in the order of `names`.
+struct Hyper {
+  std::vector<double> values;
+  std::vector<const float*> ptrs;
+  Scalar scalar(int i) const { return Scalar{float(values[i]), ptrs[i]}; }
+  Beta beta(int i) const { return Beta{float(values[i]), float(1.0 - values[i]), ptrs[i]}; }
+  // 1 - lr * weight_decay, from entries lr and weight_decay.
+  Decay decay(int lr, int weight_decay) const {
+    return Decay{float(1.0 - values[lr] * values[weight_decay]), ptrs[lr] != nullptr || ptrs[weight_decay] != nullptr};
+  }
+};
+
+Hyper check_hyper(at::ArrayRef<double> hyper, const c10::List<std::optional<Tensor>>& hyper_tensors,
+                  std::initializer_list<const char*> names, OnDevice& on_device, const char* op) {
+  const size_t n = names.size();
+  TORCH_CHECK(hyper.size() == n && hyper_tensors.size() == n, "fusedopt.", op, ": hyper and hyper_tensors must hold ",
+              n, " entries each, got ", hyper.size(), " and ", hyper_tensors.size());
+  Hyper h{std::vector<double>(hyper.begin(), hyper.end()), std::vector<const float*>(n, nullptr)};
+  size_t i = 0;
+  for (const char* name : names) {
+    const std::optional<Tensor> t = hyper_tensors.get(i);
+    if (t.has_value()) {
+      const Name label{"hyper_tensors", int64_t(i), name};
+      check_dtype(*t, label, at::kFloat, op);
+      TORCH_CHECK(t->numel() == 1, "fusedopt.", op, ": ", label, " must have one element, got ", t->numel());
+      on_device.add(*t, label);
+      h.ptrs[i] = t->data_ptr<float>();
+    }
+    ++i;
+  }
+  return h;
+}
+
+MultiTensor multi_tensor(const Tensor& table, const Tensor& work, const Tensor& scalars, const Tensor& counters,
+                         int64_t chunk, ScalarKind grad = kFloat32) {
+  return MultiTensor{table.data_ptr<int64_t>(),
+                     work.data_ptr<int>(),
+                     work.size(0),
+                     chunk,
+                     scalars.defined() ? scalars.data_ptr<float>() : nullptr,
+                     counters.defined() ? counters.data_ptr<int>() : nullptr,
+                     grad};
+}
+
+cudaStream_t stream_of(const at::Device& device) { return c10::cuda::getCurrentCUDAStream(device.index()).stream(); }
+
+// ---- the ops ----------------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor> make_table(TensorList params, TensorList grads, TensorList exp_avgs,
+                                      TensorList exp_avg_sqs, TensorList max_exp_avg_sqs,
+                                      TensorList exp_avg_absmaxes, TensorList exp_avg_sq_absmaxes,
+                                      TensorList max_exp_avg_sq_absmaxes, TensorList steps, int64_t block_size) {
+  const char* op = "make_table";
+  check_block_size(block_size, op);
+  const size_t n = params.size();
+  const Streams s{params, grads, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs},
+                  {exp_avg_absmaxes, exp_avg_sq_absmaxes, max_exp_avg_sq_absmaxes}, steps};
+  // Each list is empty (the stream is not used) or holds one tensor per param.
+  auto optional_list = [&](TensorList list, const char* name) {
+    TORCH_CHECK(list.empty() || list.size() == n, "fusedopt.", op, ": ", name, " has ", list.size(),
+                " tensors; expected none or one per param (", n, ")");
+  };
+  optional_list(grads, "grads");
+  optional_list(steps, "steps");
+  for (int k = 0; k < 3; ++k) {
+    optional_list(s.states[k], kStateNames[k]);
+    optional_list(s.absmaxes[k], kAbsmaxNames[k]);
+  }
+  const int64_t chunk = chunk_elements(block_size);
+  Tensor table = at::empty({int64_t(n), kRowWidth}, at::TensorOptions().dtype(at::kLong));
+  int64_t* rows = table.data_ptr<int64_t>();
+  std::vector<int> work;
+  auto address = [](TensorList list, size_t i) -> int64_t {
+    return list.empty() ? 0 : reinterpret_cast<int64_t>(list[i].data_ptr());
+  };
+  for (size_t i = 0; i < n; ++i) {
+    const Tensor& p = params[i];
+    const Name pname{"params", int64_t(i)};
+    int64_t* row = rows + i * kRowWidth;
+    row[kNumel] = p.numel();
+    row[kDtype] = kind_of(p, pname, op);
+    row[kParam] = address(params, i);
+    row[kGrad] = address(grads, i);
+    for (int k = 0; k < 3; ++k) {
+      row[kState0 + k] = address(s.states[k], i);
+      row[kAbsmax0 + k] = address(s.absmaxes[k], i);
+    }
+    row[kStep] = address(steps, i);
+    bool aligned = true;
+    for (int c : {kParam, kGrad, kState0, kState1, kState2}) aligned = aligned && row[c] % 16 == 0;
+    row[kAligned] = aligned;
+    const int64_t chunks = p.numel() == 0 ? 1 : (p.numel() + chunk - 1) / chunk;
+    TORCH_CHECK(chunks <= INT32_MAX, "fusedopt.", op, ": ", pname, " is too large (", p.numel(), " elements)");
+    for (int64_t c = 0; c < chunks; ++c) {
+      work.push_back(int(i));
+      work.push_back(int(c));
+    }
+  }
+  Tensor work_list = at::empty({int64_t(work.size() / 2), 2}, at::TensorOptions().dtype(at::kInt));
+  std::copy(work.begin(), work.end(), work_list.data_ptr<int>());
+  return {table, work_list};
+}
+
+void adam_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+           TensorList max_exp_avg_sqs, TensorList exp_avg_absmaxes, TensorList exp_avg_sq_absmaxes,
+           TensorList max_exp_avg_sq_absmaxes, TensorList steps, const Tensor& scalars, const Tensor& table,
+           const Tensor& work, const Tensor& counters, const std::optional<Tensor>& codebook,
+           at::ArrayRef<double> hyper, const c10::List<std::optional<Tensor>>& hyper_tensors, bool amsgrad,
+           bool maximize, bool decoupled_weight_decay, int64_t block_size) {
+  const char* op = "adam_";
+  const Streams s{params, grads, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs},
+                  {exp_avg_absmaxes, exp_avg_sq_absmaxes, max_exp_avg_sq_absmaxes}, steps};
+  OnDevice on_device;
+  check_streams(s, amsgrad ? 3 : 2, block_size, on_device, op);
+  if (params.empty()) return;
+  check_scalars(scalars, on_device, op);
+  check_plan(table, work, counters, params.size(), on_device, op);
+  check_codebook(codebook, block_size, on_device, op);
+  const Hyper h = check_hyper(hyper, hyper_tensors, {"lr", "beta1", "beta2", "eps", "weight_decay"}, on_device, op);
+  const at::Device device = on_device.check(op);
+
+  const c10::cuda::CUDAGuard guard(device);
+  const AdamHyper args{h.scalar(0),   h.beta(1), h.beta(2), h.scalar(3), h.scalar(4),
+                       h.decay(0, 4), maximize,  decoupled_weight_decay};
+  const Quant quant{int(block_size), block_size > 0 ? codebook->data_ptr<float>() : nullptr};
+  const MultiTensor mt = multi_tensor(table, work, scalars, counters, chunk_elements(block_size),
+                                      kind_of(grads[0], Name{"grads", 0}, op));
+  C10_CUDA_CHECK(launch_adam(mt, args, kind_of(params[0], Name{"params", 0}, op), amsgrad, quant, stream_of(device)));
+}
+
+void lion_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_absmaxes, TensorList steps,
+           const Tensor& scalars, const Tensor& table, const Tensor& work, const Tensor& counters,
+           const std::optional<Tensor>& codebook, at::ArrayRef<double> hyper,
+           const c10::List<std::optional<Tensor>>& hyper_tensors, int64_t block_size) {
+  const char* op = "lion_";
+  const Streams s{params, grads, {exp_avgs, {}, {}}, {exp_avg_absmaxes, {}, {}}, steps};
+  OnDevice on_device;
+  check_streams(s, 1, block_size, on_device, op);
+  if (params.empty()) return;
+  check_scalars(scalars, on_device, op);
+  check_plan(table, work, counters, params.size(), on_device, op);
+  check_codebook(codebook, block_size, on_device, op);
+  const Hyper h = check_hyper(hyper, hyper_tensors, {"lr", "beta1", "beta2", "weight_decay"}, on_device, op);
+  const at::Device device = on_device.check(op);
+
+  const c10::cuda::CUDAGuard guard(device);
+  const LionHyper args{h.scalar(0), h.beta(1), h.beta(2), h.scalar(3), h.decay(0, 3)};
+  const Quant quant{int(block_size), block_size > 0 ? codebook->data_ptr<float>() : nullptr};
+  const MultiTensor mt = multi_tensor(table, work, scalars, counters, chunk_elements(block_size),
+                                      kind_of(grads[0], Name{"grads", 0}, op));
+  C10_CUDA_CHECK(launch_lion(mt, args, kind_of(params[0], Name{"params", 0}, op), quant, stream_of(device)));
+}
+
+void lamb_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList steps,
+           const Tensor& scalars, const Tensor& table, const Tensor& work, const Tensor& counters,
+           at::ArrayRef<double> hyper, const c10::List<std::optional<Tensor>>& hyper_tensors, bool bias_correction) {
+  const char* op = "lamb_";
+  const Streams s{params, grads, {exp_avgs, exp_avg_sqs, {}}, {{}, {}, {}}, steps};
+  OnDevice on_device;
+  check_streams(s, 2, 0, on_device, op);
+  if (params.empty()) return;
+  check_scalars(scalars, on_device, op);
+  check_plan(table, work, counters, params.size(), on_device, op);
+  const Hyper h = check_hyper(hyper, hyper_tensors, {"lr", "beta1", "beta2", "eps", "weight_decay"}, on_device, op);
+  const at::Device device = on_device.check(op);
+
+  const c10::cuda::CUDAGuard guard(device);
+  // Partials of the moments pass and per-tensor sums: every slot is written before it is read.
+  Tensor partials = at::empty({work.size(0), 2}, scalars.options());
+  Tensor norms = at::empty({int64_t(params.size()), 2}, scalars.options());
+  const LambHyper args{h.scalar(0),     h.beta(1),
+                       h.beta(2),       h.scalar(3),
+                       h.scalar(4),     bias_correction,
+                       partials.data_ptr<float>(), norms.data_ptr<float>()};
+  const MultiTensor mt = multi_tensor(table, work, scalars, counters, kChunk, kind_of(grads[0], Name{"grads", 0}, op));
+  C10_CUDA_CHECK(launch_lamb(mt, args, kind_of(params[0], Name{"params", 0}, op), stream_of(device)));
+}
+
+Tensor global_norm(TensorList tensors, const Tensor& table, const Tensor& work, double norm_type) {
+  const char* op = "global_norm";
+  TORCH_CHECK(!tensors.empty(), "fusedopt.", op, ": tensors must hold at least one tensor");
+  TORCH_CHECK(norm_type == 1.0 || norm_type == 2.0 || std::isinf(norm_type), "fusedopt.", op,
+              ": norm_type must be 1, 2 or inf, got ", norm_type);
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    kind_of(tensors[i], Name{"tensors", int64_t(i)}, op);
+    check_dense(tensors[i], Name{"tensors", int64_t(i)}, op);
+  }
+  OnDevice on_device;
+  on_device.add(tensors, "tensors");
+  check_plan(table, work, Tensor(), tensors.size(), on_device, op);
+  const at::Device device = on_device.check(op);
+
+  const c10::cuda::CUDAGuard guard(device);
+  const auto options = at::TensorOptions().dtype(at::kFloat).device(device);
+  Tensor out = at::empty({}, options);
+  Tensor partials = at::empty({work.size(0)}, options);
+  const NormKind kind = std::isinf(norm_type) ? kNormInf : norm_type == 2.0 ? kNorm2 : kNorm1;
+  const NormArgs args{kind, partials.data_ptr<float>(), out.data_ptr<float>()};
+  C10_CUDA_CHECK(launch_norm(multi_tensor(table, work, Tensor(), Tensor(), kChunk), args, stream_of(device)));
+  return out;
+}
+
+std::tuple<Tensor, Tensor> quantize_blockwise(const Tensor& x, const Tensor& codebook, bool is_signed,
+                                              int64_t block_size) {
+  const char* op = "quantize_blockwise";
+  check_dtype(x, Name{"x"}, at::kFloat, op);
+  check_dense(x, Name{"x"}, op);
+  TORCH_CHECK(block_size > 0, "fusedopt.", op, ": block_size must be positive, got ", block_size);
+  check_block_size(block_size, op);
+  OnDevice on_device;
+  on_device.add(x, Name{"x"});
+  check_codebook(codebook, block_size, on_device, op);
+  const at::Device device = on_device.check(op);
+
+  const c10::cuda::CUDAGuard guard(device);
+  Tensor codes = at::empty(x.sizes(), x.options().dtype(at::kByte));
+  Tensor absmax = at::empty({num_blocks(x.numel(), block_size)}, x.options());
+  C10_CUDA_CHECK(launch_quantize(x.data_ptr<float>(), x.numel(), is_signed,
+                                 Quant{int(block_size), codebook.data_ptr<float>()}, codes.data_ptr<uint8_t>(),
+                                 absmax.data_ptr<float>(), stream_of(device)));
+  return {codes, absmax};
+}
+
+int64_t table_width() { return kRowWidth; }
+int64_t chunk_size(int64_t block_size) {
+  check_block_size(block_size, "chunk_size");
+  return chunk_elements(block_size);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(fusedopt, m) {
+  m.def(
+      "make_table(Tensor[] params, Tensor[] grads, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, "
+      "Tensor[] max_exp_avg_sqs, Tensor[] exp_avg_absmaxes, Tensor[] exp_avg_sq_absmaxes, "
+      "Tensor[] max_exp_avg_sq_absmaxes, Tensor[] steps, int block_size) -> (Tensor, Tensor)");
+  m.def(
+      "adam_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] exp_avg_absmaxes, Tensor(f!)[] exp_avg_sq_absmaxes, "
+      "Tensor(g!)[] max_exp_avg_sq_absmaxes, Tensor(h!)[] steps, Tensor scalars, Tensor table, Tensor work, "
+      "Tensor(i!) counters, Tensor? codebook, float[] hyper, Tensor?[] hyper_tensors, bool amsgrad, "
+      "bool maximize, bool decoupled_weight_decay, int block_size) -> ()");
+  m.def(
+      "lion_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_absmaxes, "
+      "Tensor(d!)[] steps, Tensor scalars, Tensor table, Tensor work, Tensor(e!) counters, Tensor? codebook, "
+      "float[] hyper, Tensor?[] hyper_tensors, int block_size) -> ()");
+  m.def(
+      "lamb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] steps, Tensor scalars, Tensor table, Tensor work, Tensor(e!) counters, float[] hyper, "
+      "Tensor?[] hyper_tensors, bool bias_correction) -> ()");
+  m.def("global_norm(Tensor[] tensors, Tensor table, Tensor work, float norm_type) -> Tensor");
+  m.def("quantize_blockwise(Tensor x, Tensor codebook, bool signed, int block_size) -> (Tensor, Tensor)");
+  m.def("table_width() -> int", &table_width);
+  m.def("chunk_size(int block_size) -> int", &chunk_size);
+}
+
+// make_table reads addresses on the host; the step ops run on CUDA tensors, and are registered
+// for CPU tensors too so that a CPU tensor gets their argument checks ("params[0] must be a CUDA
+// tensor") rather than the dispatcher's "no kernel" error.
+TORCH_LIBRARY_IMPL(fusedopt, CPU, m) {
+  m.impl("make_table", &make_table);
+  m.impl("adam_", &adam_);
+  m.impl("lion_", &lion_);
+  m.impl("lamb_", &lamb_);
+  m.impl("global_norm", &global_norm);
+  m.impl("quantize_blockwise", &quantize_blockwise);
+}
+
+TORCH_LIBRARY_IMPL(fusedopt, CUDA, m) {
+  m.impl("make_table", &make_table);
+  m.impl("adam_", &adam_);
+  m.impl("lion_", &lion_);
+  m.impl("lamb_", &lamb_);
+  m.impl("global_norm", &global_norm);
+  m.impl("quantize_blockwise", &quantize_blockwise);
+}
+
+}  // namespace fusedopt

@@ -1,0 +1,137 @@
+// Parameter structs shared by the host (ops.cpp, compiled by the C++ compiler with torch's
+// headers) and the kernels (*.cu, compiled by nvcc without them), and the launchers' signatures.
+// Plain data only: no torch, no device code.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace fusedopt {
+
+constexpr int kThreads = 256;
+
+// Columns of a table row. The table is [tensors, kRowWidth] int64.
+enum Column : int {
+  kNumel = 0,  // elements of the tensor
+  kAligned,    // 1 when every address of the row is 16-byte aligned
+  kDtype,      // ScalarKind of the tensor at kParam (the global norm's tensors differ)
+  kParam,      // address of the param (or of the tensor whose norm is taken)
+  kGrad,
+  kState0,     // exp_avg
+  kState1,     // exp_avg_sq
+  kState2,     // max_exp_avg_sq
+  kAbsmax0,    // 8-bit states: fp32 absmax of each state
+  kAbsmax1,
+  kAbsmax2,
+  kStep,       // 0-d fp32 step count
+  kRowWidth
+};
+
+// Element type of a param, grad or normed tensor.
+enum ScalarKind : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+// Mirror of fusedopt/scalars.py: the per-step device scalars every kernel reads.
+enum StepScalar : int { kGradMult = 0, kSkip = 1, kNorm = 2, kStepScalars = 3 };
+
+// Elements per work item of the 32-bit kernels and the norm (a multiple of kThreads * 8).
+constexpr int64_t kChunk = 64 * 1024;
+
+// 8-bit states: elements a block covers per iteration, before rounding down to whole
+// quantization blocks, and iterations per work item.
+constexpr int kQuantVec = 16;
+constexpr int64_t kQuantSpan = int64_t(kThreads) * kQuantVec;
+constexpr int64_t kQuantSpansPerChunk = 8;
+constexpr int64_t kMaxBlockSize = kQuantSpan;
+
+// Elements per work item: kChunk, or for 8-bit states (block_size > 0) whole quantization
+// blocks. The table builder and the launchers both use this.
+inline int64_t chunk_elements(int64_t block_size) {
+  if (block_size <= 0) return kChunk;
+  return (kQuantSpan / block_size) * block_size * kQuantSpansPerChunk;
+}
+
+// What every multi-tensor launch shares.
+struct MultiTensor {
+  const int64_t* table;  // [tensors, kRowWidth]
+  const int* work;       // [n_work, 2] of (tensor, chunk)
+  int64_t n_work;
+  int64_t chunk;         // elements per work item
+  const float* scalars;  // [kStepScalars]
+  int* counters;         // [tensors] finished chunks; zero between launches
+  ScalarKind grad;       // element type of every grad (a runtime switch: see load_grad)
+};
+
+// A hyper-parameter: a value fixed at launch, or read on the device from a 1-element fp32
+// tensor (a tensor lr changes between steps without the host reading it).
+struct Scalar {
+  float value;
+  const float* ptr;
+};
+
+// A beta, with 1 - beta computed in double on the host when beta is a number (as the
+// reference computes it), in fp32 on the device when it is a tensor.
+struct Beta {
+  float value;
+  float one_minus;
+  const float* ptr;
+};
+
+// Decoupled weight decay's factor 1 - lr * weight_decay: computed in double on the host when
+// both are numbers (as the reference computes it), else on the device in fp32.
+struct Decay {
+  float value;
+  bool on_device;
+};
+
+struct AdamHyper {
+  Scalar lr;
+  Beta beta1, beta2;
+  Scalar eps, weight_decay;
+  Decay decay;
+  bool maximize, decoupled;
+};
+
+struct LionHyper {
+  Scalar lr;
+  Beta beta1, beta2;
+  Scalar weight_decay;
+  Decay decay;
+};
+
+struct LambHyper {
+  Scalar lr;
+  Beta beta1, beta2;
+  Scalar eps, weight_decay;
+  bool bias_correction;
+  float* partials;  // [n_work, 2]: per chunk sum of p^2 and u^2
+  float* norms;     // [tensors, 2]: per tensor sum of p^2 and u^2
+};
+
+// 8-bit block-wise states.
+struct Quant {
+  int block_size;         // elements per absmax; 0: fp32 states
+  const float* codebook;  // [4, 256]: signed values, unsigned values, signed midpoints,
+                          // unsigned midpoints (255 each, padded)
+};
+
+enum NormKind : int { kNormInf = 0, kNorm1 = 1, kNorm2 = 2 };
+
+struct NormArgs {
+  NormKind kind;
+  float* partials;  // [n_work]
+  float* out;       // 0-d result
+};
+
+cudaError_t launch_adam(const MultiTensor& mt, const AdamHyper& h, ScalarKind param, bool amsgrad,
+                        const Quant& quant, cudaStream_t stream);
+cudaError_t launch_lion(const MultiTensor& mt, const LionHyper& h, ScalarKind param, const Quant& quant,
+                        cudaStream_t stream);
+cudaError_t launch_lamb(const MultiTensor& mt, const LambHyper& h, ScalarKind param, cudaStream_t stream);
+cudaError_t launch_norm(const MultiTensor& mt, const NormArgs& args, cudaStream_t stream);
+// Quantize one fp32 tensor with the kernels' own quantizer (tests compare it with
+// fusedopt.quant.quantize_blockwise).
+cudaError_t launch_quantize(const float* x, int64_t numel, bool is_signed, const Quant& quant, uint8_t* codes,
+                            float* absmax, cudaStream_t stream);
+
+}  // namespace fusedopt

@@ -1,0 +1,200 @@
+// Block-wise 8-bit states (Dettmers et al., ICLR 2022): the kernel that dequantizes, runs a
+// family's per-element math in fp32 and requantizes, for Adam/AdamW and Lion alike.
+//
+// A state is uint8 codes of the dynamic map plus one fp32 absmax per block_size elements.
+// Requantization writes, for x = state / new_absmax, the number of codebook midpoints strictly
+// below x: the nearest code, a tie going to the lower one. The midpoints are the fp32 table of
+// fusedopt.quant.midpoints, so the codes are those of fusedopt.quant.quantize_blockwise given
+// the same fp32 state. An all-zero block keeps absmax 0 and gets the zero code.
+//
+// Layout: each thread owns kQuantVec = 16 consecutive elements (16 bytes of codes, whole
+// 16-byte words of every other stream), a block covers whole quantization blocks per iteration
+// (block_size / 16 threads each), and the new absmax of a quantization block is a max over its
+// threads: warp shuffles when they are a power of two within a warp, shared memory otherwise.
+#pragma once
+
+#include "multi_tensor.cuh"
+
+namespace fusedopt {
+
+// Rows of the [4, 256] codebook tensor.
+enum CodebookRow : int { kSignedValues = 0, kUnsignedValues = 1, kSignedMidpoints = 2, kUnsignedMidpoints = 3 };
+
+// code[j] = #{midpoints < x[j]} over 255 sorted midpoints: a branchless binary search, 8 steps,
+// each step a lookup for all N elements (N independent shared-memory loads in flight). The
+// steps stay a loop: unrolling them too multiplies the code of every 8-bit kernel by 8 (and its
+// compile time by 2.5) for no fewer loads.
+template <int N>
+__device__ __forceinline__ void quantize(const float (&x)[N], int (&code)[N], const float* midpoints) {
+#pragma unroll
+  for (int j = 0; j < N; ++j) code[j] = 0;
+#pragma unroll 1
+  for (int s = 128; s > 0; s >>= 1) {
+#pragma unroll
+    for (int j = 0; j < N; ++j) code[j] += midpoints[code[j] + s - 1] < x[j] ? s : 0;
+  }
+}
+
+template <bool VEC, int N>
+__device__ __forceinline__ void load_codes(int (&dst)[N], const uint8_t* src, int n) {
+  if constexpr (VEC) {
+    const Pack<uint8_t, N> v = load_pack<uint8_t, N>(src);
+#pragma unroll
+    for (int j = 0; j < N; ++j) dst[j] = v.x[j];
+  } else {
+#pragma unroll
+    for (int j = 0; j < N; ++j) dst[j] = j < n ? global(src + j) : 0;
+  }
+}
+
+template <bool VEC, int N>
+__device__ __forceinline__ void store_codes(uint8_t* dst, const int (&src)[N], int n) {
+  if constexpr (VEC) {
+    Pack<uint8_t, N> v;
+#pragma unroll
+    for (int j = 0; j < N; ++j) v.x[j] = uint8_t(src[j]);
+    store_pack<uint8_t, N>(dst, v);
+  } else {
+#pragma unroll
+    for (int j = 0; j < N; ++j)
+      if (j < n) global(dst + j) = uint8_t(src[j]);
+  }
+}
+
+// Quantization geometry of a launch: a block handles `span` elements per iteration, whole
+// quantization blocks of `threads_per_qblock` threads each.
+struct QuantGeometry {
+  int block_size;
+  int threads_per_qblock;
+  int64_t span;
+  bool shuffle;  // groups are a power of two no wider than a warp
+  __device__ __forceinline__ explicit QuantGeometry(int block_size_)
+      : block_size(block_size_),
+        threads_per_qblock(block_size_ / kQuantVec),
+        span((kQuantSpan / block_size_) * block_size_),
+        shuffle(threads_per_qblock <= 32 && (threads_per_qblock & (threads_per_qblock - 1)) == 0) {}
+};
+
+// Max of x over the threads of this thread's quantization block (they are consecutive and the
+// first is a multiple of threads_per_qblock). Called by every thread of the block.
+__device__ __forceinline__ float qblock_max(float x, const QuantGeometry& geo, float* scratch) {
+  if (geo.shuffle) {
+    for (int offset = geo.threads_per_qblock / 2; offset > 0; offset >>= 1)
+      x = MaxNan{}(x, __shfl_xor_sync(0xffffffffu, x, offset));
+    return x;
+  }
+  scratch[threadIdx.x] = x;
+  __syncthreads();
+  const int first = threadIdx.x - threadIdx.x % geo.threads_per_qblock;
+  float m = 0.f;
+  if (first + geo.threads_per_qblock <= kThreads)
+    for (int j = 0; j < geo.threads_per_qblock; ++j) m = MaxNan{}(m, scratch[first + j]);
+  __syncthreads();  // scratch is reused by the next call
+  return m;
+}
+
+// A thread keeps kStates x 16 fp32 states across the absmax reduction: at 128 registers (two
+// blocks per SM) ptxas spills them, so one block per SM lets it use the registers it needs.
+template <typename Family, typename P>
+__global__ void __launch_bounds__(kThreads, 1)
+    quant8_kernel(MultiTensor mt, Family family, Quant q) {
+  constexpr int S = Family::kStates, N = kQuantVec;
+  __shared__ float book[4][256];
+  __shared__ float scratch[kThreads];
+  if (mt.scalars[kSkip] != 0.f) return;
+  for (int i = threadIdx.x; i < 4 * 256; i += kThreads) (&book[0][0])[i] = q.codebook[i];
+  __syncthreads();
+
+  const float grad_mult = mt.scalars[kGradMult];
+  const QuantGeometry geo(q.block_size);
+  for (int64_t w = blockIdx.x; w < mt.n_work; w += gridDim.x) {
+    const int2 item = reinterpret_cast<const int2*>(mt.work)[w];
+    const int64_t* row = mt.table + int64_t(item.x) * kRowWidth;
+    const int64_t numel = row[kNumel];
+    const float t = global(address<const float>(row[kStep])) + 1.f;
+    const typename Family::Step step = family.step(t);
+    P* p = address<P>(row[kParam]);
+    uint8_t* codes[S];
+    float* absmax[S];
+#pragma unroll
+    for (int k = 0; k < S; ++k) {
+      codes[k] = address<uint8_t>(row[kState0 + k]);
+      absmax[k] = address<float>(row[kAbsmax0 + k]);
+    }
+    const bool aligned = row[kAligned] != 0;
+    const int64_t begin = int64_t(item.y) * mt.chunk;
+    const int64_t end = numel < begin + mt.chunk ? numel : begin + mt.chunk;
+
+    // Block-uniform loop: every thread reaches the reductions.
+    for (int64_t base = begin; base < end; base += geo.span) {
+      const int64_t i = base + int64_t(threadIdx.x) * N;
+      const int n = (threadIdx.x * N >= geo.span || i >= end) ? 0 : (end - i < N ? int(end - i) : N);
+      const int64_t qblock = i / geo.block_size;
+      float s_[S][N];
+      auto update = [&](auto vec) {
+        constexpr bool V = decltype(vec)::value;
+        float p_[N], g_[N];
+        int c_[N];
+        load<V>(p_, p + i, n);
+        load_grad<V>(g_, mt.grad, row[kGrad], i, n);
+#pragma unroll
+        for (int k = 0; k < S; ++k) {
+          load_codes<V>(c_, codes[k] + i, n);
+          const float* values = book[Family::is_signed(k) ? kSignedValues : kUnsignedValues];
+          const float scale = global(absmax[k] + qblock);
+#pragma unroll
+          for (int j = 0; j < N; ++j) s_[k][j] = values[c_[j]] * scale;
+        }
+#pragma unroll
+        for (int j = 0; j < N; ++j) {
+          float e[S];
+#pragma unroll
+          for (int k = 0; k < S; ++k) e[k] = s_[k][j];
+          Family::math(p_[j], g_[j] * grad_mult, e, step);
+#pragma unroll
+          for (int k = 0; k < S; ++k) s_[k][j] = e[k];
+        }
+        store<V>(p + i, p_, n);  // the param needs no absmax: written now, its registers freed
+      };
+      if (n == N && aligned) {
+        update(Tag<true>{});
+      } else if (n > 0) {
+        update(Tag<false>{});
+      }
+
+      float new_absmax[S];
+#pragma unroll
+      for (int k = 0; k < S; ++k) {
+        float local = 0.f;
+#pragma unroll
+        for (int j = 0; j < N; ++j)
+          if (j < n) local = MaxNan{}(local, fabsf(s_[k][j]));
+        new_absmax[k] = qblock_max(local, geo, scratch);
+      }
+
+      auto commit = [&](auto vec) {
+        constexpr bool V = decltype(vec)::value;
+#pragma unroll
+        for (int k = 0; k < S; ++k) {
+          const float* midpoints = book[Family::is_signed(k) ? kSignedMidpoints : kUnsignedMidpoints];
+          const float scale = new_absmax[k] > 0.f ? new_absmax[k] : 1.f;
+          float x_[N];
+          int c_[N];
+#pragma unroll
+          for (int j = 0; j < N; ++j) x_[j] = s_[k][j] / scale;
+          quantize(x_, c_, midpoints);
+          store_codes<V>(codes[k] + i, c_, n);
+          if (threadIdx.x % geo.threads_per_qblock == 0) global(absmax[k] + qblock) = new_absmax[k];
+        }
+      };
+      if (n == N && aligned) {
+        commit(Tag<true>{});
+      } else if (n > 0) {
+        commit(Tag<false>{});
+      }
+    }
+    advance_step(mt, row, item.x, t);
+  }
+}
+
+}  // namespace fusedopt

@@ -1,0 +1,275 @@
+"""The ``cuda`` backend: CUDA C++ multi-tensor kernels (``csrc/``) registered as torch ops.
+
+Each family function builds (once per change of addresses) a device table of the batch's
+tensor addresses and a list of (tensor, chunk) work items, keeps them in ``batch.cache``, and
+calls one op: ``torch.ops.fusedopt.adam_``, ``lion_`` or ``lamb_`` (two kernels). The step
+scalars (``fusedopt.scalars``) and tensor-valued hyper-parameters are read on the device, so a
+step never waits for the GPU. ``global_norm`` is two kernels (partials in fixed slots, then one
+block), deterministic.
+
+The extension is loaded on first use: the ahead-of-time build (``FUSEDOPT_BUILD_CUDA=1 pip
+install .``), else the user's cache, else compiled there now (see :mod:`fusedopt.build`).
+
+Example (on a machine with a GPU and nvcc)::
+
+    >>> import torch, fusedopt
+    >>> model = torch.nn.Linear(1024, 1024).cuda()
+    >>> opt = fusedopt.AdamW(model.parameters(), lr=1e-3, backend="cuda")
+    >>> model(torch.randn(8, 1024, device="cuda")).square().mean().backward()
+    >>> opt.step()
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import threading
+from itertools import chain
+
+import torch
+
+from . import build, quant, reference
+
+NAME = "cuda"
+DESCRIPTION = "CUDA C++ multi-tensor kernels (csrc/), compiled with nvcc on first use or by `python -m fusedopt build`"
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_lock = threading.Lock()
+_loaded: dict = {"path": None, "error": None}
+
+
+def _ops():
+    """``torch.ops.fusedopt``, loading (or building) the extension on first use."""
+    if _loaded["path"] is None:
+        with _lock:
+            if _loaded["path"] is None:
+                if _loaded["error"] is not None:
+                    raise RuntimeError(_loaded["error"])
+                try:
+                    path = build.prebuilt() or build.cached() or build.build()
+                    torch.ops.load_library(str(path))
+                except (build.BuildError, OSError, RuntimeError) as e:
+                    _loaded["error"] = f"the fusedopt CUDA extension could not be loaded: {e}"
+                    raise RuntimeError(_loaded["error"]) from e
+                _register_fakes()
+                _loaded["path"] = path
+    return torch.ops.fusedopt
+
+
+def library_path():
+    """Path of the loaded extension (loading it if needed)."""
+    _ops()
+    return _loaded["path"]
+
+
+def available(device) -> str | None:
+    """None when this backend can run on ``device``, else the reason it cannot."""
+    device = torch.device(device)
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU build"
+    if device.type != "cuda":
+        return f"it runs on CUDA tensors, not {device.type} tensors"
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible"
+    if _loaded["error"] is not None:
+        return _loaded["error"]
+    if _loaded["path"] is not None or build.prebuilt() or build.cached():
+        return None
+    reason = build.cannot_build()
+    return None if reason is None else f"the extension is not built, and cannot be built here: {reason}"
+
+
+def unsupported(tensor: torch.Tensor) -> str | None:
+    """Why this backend cannot take ``tensor`` (a param or a grad), or None."""
+    if not tensor.is_cuda:
+        return f"it takes CUDA tensors, got a {tensor.device.type} tensor"
+    if tensor.dtype not in _DTYPES:
+        return f"it takes float32, bfloat16 and float16 tensors, got {tensor.dtype}"
+    if not tensor.is_contiguous():
+        return "it takes contiguous tensors (it updates storage in place through addresses)"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Tables, codebooks and hyper-parameters.
+# --------------------------------------------------------------------------------------------
+
+_STATE_NAMES = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+class _Plan:
+    """A batch's device tables: addresses (``table``), work items (``work``) and the per-tensor
+    counters the kernels use to find the block that finishes a tensor (zero between launches)."""
+
+    def __init__(self, ops, lists: dict, block_size: int, device: torch.device):
+        table, work = ops.make_table(*(lists[k] for k in _TABLE_LISTS), block_size)
+        self.table = _to_device(table, device)
+        self.work = _to_device(work, device)
+        self.counters = torch.zeros(len(lists["params"]), dtype=torch.int32, device=device)
+
+
+_TABLE_LISTS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "exp_avg_absmaxes",
+                "exp_avg_sq_absmaxes", "max_exp_avg_sq_absmaxes", "steps")
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # Pinned, so the copy is asynchronous: building a table never waits for the GPU.
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def _lists(batch, num_states: int) -> dict:
+    names = _STATE_NAMES[:num_states]
+    absmax = batch.quantized
+    lists = {"params": batch.params, "grads": batch.grads, "steps": batch.steps}
+    for i, name in enumerate(_STATE_NAMES):
+        lists[_TABLE_LISTS[2 + i]] = batch.state[name] if name in names else []
+        lists[_TABLE_LISTS[5 + i]] = batch.state[name + "_absmax"] if absmax and name in names else []
+    return lists
+
+
+def _plan(batch, lists: dict) -> _Plan:
+    """The batch's tables from ``batch.cache``, rebuilt when any address or size changed (a
+    param re-bound with ``p.data = ...``, a new grad tensor, a grad that became None)."""
+    block_size = batch.block_size if batch.quantized else 0
+    tensors = list(chain.from_iterable(lists[k] for k in _TABLE_LISTS))
+    key = (block_size, tuple(t.data_ptr() for t in tensors), tuple(p.numel() for p in batch.params))
+    cache = batch.cache
+    if cache.get("key") != key:
+        cache["plan"] = _Plan(_ops(), lists, block_size, batch.params[0].device)
+        cache["key"] = key
+    return cache["plan"]
+
+
+_codebooks: dict = {}
+
+
+def codebook(device: torch.device) -> torch.Tensor:
+    """[4, 256] fp32 on ``device``: signed and unsigned dynamic-map values, then their 255
+    midpoints (padded with +inf), exactly :mod:`fusedopt.quant`'s tables."""
+    device = torch.device(device)
+    book = _codebooks.get(device)
+    if book is None:
+        pad = torch.tensor([math.inf])
+        book = torch.stack([
+            quant.dynamic_map(True), quant.dynamic_map(False),
+            torch.cat([quant.midpoints(True), pad]), torch.cat([quant.midpoints(False), pad]),
+        ]).to(device)
+        _codebooks[device] = book
+    return book
+
+
+def _hyper(values, device: torch.device) -> tuple[list[float], list]:
+    """Numbers for the op's ``hyper`` and, for hyper-parameters given as tensors on the GPU,
+    1-element fp32 device tensors read by the kernels (a CPU tensor is read here: no sync)."""
+    numbers, tensors = [], []
+    for v in values:
+        if isinstance(v, torch.Tensor) and v.device.type != "cpu":
+            numbers.append(0.0)
+            tensors.append(v.detach().to(device=device, dtype=torch.float32).reshape(1))
+        else:
+            numbers.append(float(v))
+            tensors.append(None)
+    return numbers, tensors
+
+
+# --------------------------------------------------------------------------------------------
+# The backend entry points.
+# --------------------------------------------------------------------------------------------
+
+
+def adam(batch) -> None:
+    group = batch.group
+    amsgrad = group["amsgrad"]
+    lists = _lists(batch, 3 if amsgrad else 2)
+    plan = _plan(batch, lists)
+    device = batch.params[0].device
+    hyper, hyper_tensors = _hyper((group["lr"], *group["betas"], group["eps"], group["weight_decay"]), device)
+    _ops().adam_(
+        *(lists[k] for k in _TABLE_LISTS), batch.scalars, plan.table, plan.work, plan.counters,
+        codebook(device) if batch.quantized else None, hyper, hyper_tensors, amsgrad, group["maximize"],
+        group["decoupled_weight_decay"], batch.block_size if batch.quantized else 0,
+    )
+
+
+def lion(batch) -> None:
+    group = batch.group
+    lists = _lists(batch, 1)
+    plan = _plan(batch, lists)
+    device = batch.params[0].device
+    hyper, hyper_tensors = _hyper((group["lr"], *group["betas"], group["weight_decay"]), device)
+    _ops().lion_(
+        lists["params"], lists["grads"], lists["exp_avgs"], lists["exp_avg_absmaxes"], lists["steps"],
+        batch.scalars, plan.table, plan.work, plan.counters, codebook(device) if batch.quantized else None,
+        hyper, hyper_tensors, batch.block_size if batch.quantized else 0,
+    )
+
+
+def lamb(batch) -> None:
+    group = batch.group
+    lists = _lists(batch, 2)
+    plan = _plan(batch, lists)
+    device = batch.params[0].device
+    hyper, hyper_tensors = _hyper((group["lr"], *group["betas"], group["eps"], group["weight_decay"]), device)
+    _ops().lamb_(
+        lists["params"], lists["grads"], lists["exp_avgs"], lists["exp_avg_sqs"], lists["steps"], batch.scalars,
+        plan.table, plan.work, plan.counters, hyper, hyper_tensors, group["bias_correction"],
+    )
+
+
+_norm_plans: collections.OrderedDict = collections.OrderedDict()
+_NORM_PLANS_KEPT = 8
+
+
+def global_norm(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor:
+    """The ``norm_type``-norm of all ``tensors`` together (fp32 accumulation), as a 0-d fp32
+    tensor on their device; ``inf`` is ``max |x|``. The 1-, 2- and inf-norms are two kernels,
+    deterministic (partials in fixed slots, reduced in a fixed order); other orders, rare in
+    clipping, are the reference's torch ops (no host sync either)."""
+    if not tensors:
+        raise ValueError("global_norm needs at least one tensor")
+    norm_type = float(norm_type)
+    tensors = list(tensors)
+    if norm_type not in (1.0, 2.0, math.inf):
+        return reference.global_norm(tensors, norm_type)
+    key = tuple((t.data_ptr(), t.numel(), t.dtype) for t in tensors)
+    plan = _norm_plans.get(key)
+    if plan is None:
+        ops = _ops()
+        table, work = ops.make_table(tensors, [], [], [], [], [], [], [], [], 0)
+        plan = (_to_device(table, tensors[0].device), _to_device(work, tensors[0].device))
+        _norm_plans[key] = plan
+        while len(_norm_plans) > _NORM_PLANS_KEPT:
+            _norm_plans.popitem(last=False)
+    else:
+        _norm_plans.move_to_end(key)
+    return _ops().global_norm(tensors, plan[0], plan[1], norm_type)
+
+
+# --------------------------------------------------------------------------------------------
+# Fake implementations, so that torch.compile can trace the ops (registered once, on load).
+# --------------------------------------------------------------------------------------------
+
+
+def _register_fakes() -> None:
+    lib = "fusedopt::"
+
+    @torch.library.register_fake(lib + "make_table")
+    def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, exp_avg_absmaxes, exp_avg_sq_absmaxes,
+          max_exp_avg_sq_absmaxes, steps, block_size):
+        chunk = torch.ops.fusedopt.chunk_size(block_size)
+        n_work = sum(max(1, -(-p.numel() // chunk)) for p in params)
+        width = torch.ops.fusedopt.table_width()
+        return (torch.empty((len(params), width), dtype=torch.int64, device="cpu"),
+                torch.empty((n_work, 2), dtype=torch.int32, device="cpu"))
+
+    for name in ("adam_", "lion_", "lamb_"):
+        torch.library.register_fake(lib + name)(lambda *args, **kwargs: None)
+
+    @torch.library.register_fake(lib + "global_norm")
+    def _(tensors, table, work, norm_type):
+        return tensors[0].new_empty((), dtype=torch.float32)
+
+    @torch.library.register_fake(lib + "quantize_blockwise")
+    def _(x, codebook, signed, block_size):
+        return (torch.empty_like(x, dtype=torch.uint8),
+                x.new_empty((quant.num_blocks(x.numel(), block_size),), dtype=torch.float32))

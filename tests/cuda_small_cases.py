@@ -1,0 +1,55 @@
+"""Small steps of every cuda kernel, for compute-sanitizer (tests/test_cuda_gpu.py runs this file
+under memcheck and racecheck): odd sizes, every family, 8-bit states with both absmax
+reductions (block_size 256: warp shuffles; 96: shared memory), LAMB over several chunks,
+clipping and a skipped step, the norms and the stand-alone quantizer.
+
+Run directly: ``python tests/cuda_small_cases.py`` (needs a GPU).
+"""
+
+import math
+
+import torch
+
+import fusedopt
+from fusedopt import cuda_backend
+
+SIZES = (0, 1, 255, 257, 4097, 65537)
+
+
+def run() -> None:
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    cases = [
+        (fusedopt.AdamW, torch.float32, {}),
+        (fusedopt.Adam, torch.bfloat16, dict(amsgrad=True, weight_decay=0.1, max_grad_norm=1.0)),
+        (fusedopt.Lion, torch.float16, dict(weight_decay=0.1)),
+        (fusedopt.LAMB, torch.float32, dict(max_grad_norm=1.0)),
+        (fusedopt.AdamW8bit, torch.bfloat16, dict(amsgrad=True, min_8bit_size=256)),
+        (fusedopt.Adam8bit, torch.float32, dict(block_size=96, min_8bit_size=256)),
+        (fusedopt.Lion8bit, torch.float32, dict(block_size=4096, min_8bit_size=256)),
+    ]
+    for cls, dtype, kwargs in cases:
+        params = [torch.randn(n, device=device, dtype=dtype) for n in SIZES]
+        opt = cls(params, backend="cuda", **kwargs)
+        for step in range(3):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            if step == 1:
+                opt.grad_scale = torch.tensor(2.0, device=device)
+                opt.found_inf = torch.tensor(1.0, device=device)  # skipped
+            opt.step()
+            opt.__dict__.pop("grad_scale", None)
+            opt.__dict__.pop("found_inf", None)
+    tensors = [torch.randn(n, device=device, dtype=d) for n, d in zip(SIZES, (torch.float32, torch.bfloat16) * 3)]
+    for norm_type in (1.0, 2.0, math.inf):
+        cuda_backend.global_norm(tensors, norm_type)
+    ops = cuda_backend._ops()
+    book = cuda_backend.codebook(device)
+    for block_size in (32, 96, 256, 4096):
+        ops.quantize_blockwise(torch.randn(5000, device=device), book, True, block_size)
+    torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    run()
+    print("ok")

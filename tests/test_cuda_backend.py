@@ -1,0 +1,453 @@
+"""The cuda backend on the host, without a GPU: why it is unavailable, which tensors it refuses,
+the argument checks of every op (each error names the argument), the tables it builds, and the
+fake implementations that let torch.compile trace the ops.
+
+A CUDA build of torch imports the extension without a GPU; the ops check every input before
+they touch the device, so CPU tensors exercise all checks except "is it on the GPU" itself.
+The kernels run in ``test_cuda_gpu.py`` (and the backend-agnostic grid of ``test_backends.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+
+import fusedopt
+from fusedopt import backends, build, cuda_backend, quant
+
+
+@pytest.fixture(scope="module")
+def ops():
+    """torch.ops.fusedopt, built (or found in the cache) and loaded."""
+    if torch.version.cuda is None:
+        pytest.skip("a CPU build of torch cannot load the extension")
+    if build.prebuilt() is None and build.cached() is None and build.cannot_build() is not None:
+        pytest.skip(f"the extension is not built and cannot be built here: {build.cannot_build()}")
+    return cuda_backend._ops()
+
+
+# --------------------------------------------------------------------------------------------
+# available() and unsupported(), without loading anything
+# --------------------------------------------------------------------------------------------
+
+
+def test_unavailable_on_cpu_tensors():
+    reason = cuda_backend.available(torch.device("cpu"))
+    assert reason is not None and "cpu" in reason
+    with pytest.raises(RuntimeError, match=r"backend 'cuda' cannot run on cpu tensors: .*cpu"):
+        backends.resolve("cuda", torch.device("cpu"))
+    assert backends.resolve("auto", torch.device("cpu")).NAME == "reference"
+
+
+def test_unavailable_with_a_cpu_build_of_torch(monkeypatch):
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert "CPU build" in cuda_backend.available(torch.device("cuda"))
+    assert "CPU build" in build.cannot_build()
+
+
+def test_unavailable_without_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cuda_backend.available(torch.device("cuda")) == "no CUDA device is visible"
+
+
+def test_unavailable_when_not_built_and_no_nvcc(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(build, "prebuilt", lambda: None)
+    monkeypatch.setenv("FUSEDOPT_CACHE_DIR", str(tmp_path))  # an empty cache
+    monkeypatch.setattr(build, "find_cuda_home", lambda: None)
+    monkeypatch.setitem(cuda_backend._loaded, "path", None)
+    reason = cuda_backend.available(torch.device("cuda"))
+    assert reason is not None and "not built" in reason and "nvcc not found" in reason
+    with pytest.raises(build.BuildError, match="nvcc not found"):
+        build.build("8.0", directory=tmp_path / "x")
+
+
+def test_available_when_it_can_build(monkeypatch, tmp_path):
+    if build.cannot_build() is not None:
+        pytest.skip(build.cannot_build())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(build, "prebuilt", lambda: None)
+    monkeypatch.setenv("FUSEDOPT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setitem(cuda_backend._loaded, "path", None)
+    assert cuda_backend.available(torch.device("cuda")) is None  # it would build on first use
+
+
+@pytest.mark.parametrize(
+    "tensor, words",
+    [
+        (torch.zeros(4), "CUDA tensors"),
+        (torch.zeros(4, device="meta", dtype=torch.float64), "float64"),
+        (torch.zeros(4, 4, device="meta").t(), "contiguous"),
+    ],
+    ids=["cpu", "float64", "transposed"],
+)
+def test_unsupported(tensor, words, monkeypatch):
+    # meta tensors stand in for CUDA ones (is_cuda is all that differs)
+    if tensor.device.type == "meta":
+        monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    reason = cuda_backend.unsupported(tensor)
+    assert reason is not None and words in reason
+
+
+def test_supported(monkeypatch):
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert cuda_backend.unsupported(torch.zeros(3, 5, device="meta", dtype=dtype)) is None
+
+
+def test_codebook_layout():
+    book = cuda_backend.codebook(torch.device("cpu"))
+    assert book.shape == (4, 256) and book.dtype == torch.float32
+    assert torch.equal(book[0], quant.dynamic_map(True))
+    assert torch.equal(book[1], quant.dynamic_map(False))
+    assert torch.equal(book[2, :255], quant.midpoints(True)) and book[2, 255] == math.inf
+    assert torch.equal(book[3, :255], quant.midpoints(False)) and book[3, 255] == math.inf
+
+
+# --------------------------------------------------------------------------------------------
+# The build command
+# --------------------------------------------------------------------------------------------
+
+
+def test_build_command_reports_the_library(ops, capsys):
+    archs = build.arch_list()
+    assert build.main(["--arch", archs]) == 0  # found in the cache: nothing is compiled
+    out = capsys.readouterr().out
+    assert str(build.library_path(build.build_dir(archs))) in out and "build.log" in out
+
+
+def test_build_command_fails_cleanly(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(build, "find_cuda_home", lambda: None)
+    assert build.main(["--arch", "8.0", "--dir", str(tmp_path)]) == 1
+    assert "nvcc not found" in capsys.readouterr().err
+
+
+def test_arch_list_default_and_override(monkeypatch):
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert build.arch_list() == "8.0;9.0"
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.6")
+    assert build.arch_list() == "8.6"
+    assert build.build_dir("8.6") != build.build_dir("8.0;9.0")
+
+
+# --------------------------------------------------------------------------------------------
+# make_table
+# --------------------------------------------------------------------------------------------
+
+
+def test_make_table(ops):
+    chunk = ops.chunk_size(0)
+    sizes = [0, 1, 255, chunk, chunk + 1, 3 * chunk + 5]
+    params = [torch.randn(n) for n in sizes]
+    grads = [torch.randn(n, dtype=torch.bfloat16) for n in sizes]
+    m = [torch.zeros(n) for n in sizes]
+    v = [torch.zeros(n) for n in sizes]
+    steps = [torch.zeros(()) for _ in sizes]
+    base = torch.zeros(300)
+    params[2] = base[1:256]  # storage offset of 4 bytes: not 16-byte aligned
+    table, work = ops.make_table(params, grads, m, v, [], [], [], [], steps, 0)
+    assert table.dtype == torch.int64 and table.shape == (len(sizes), ops.table_width())
+    assert work.dtype == torch.int32
+    for i, n in enumerate(sizes):
+        row = table[i].tolist()
+        assert row[0] == n
+        assert row[1] == (0 if i == 2 else 1), f"alignment of tensor {i}"
+        assert row[2] == 0  # float32
+        assert row[3:7] == [params[i].data_ptr(), grads[i].data_ptr(), m[i].data_ptr(), v[i].data_ptr()]
+        assert row[7:11] == [0, 0, 0, 0]  # no max_exp_avg_sq, no absmax
+        assert row[11] == steps[i].data_ptr()
+    expected = [(i, c) for i, n in enumerate(sizes) for c in range(max(1, -(-n // chunk)))]
+    assert [tuple(w) for w in work.tolist()] == expected
+
+
+@pytest.mark.parametrize("block_size", [32, 96, 256, 4096])
+def test_make_table_8bit_chunks_hold_whole_blocks(ops, block_size):
+    chunk = ops.chunk_size(block_size)
+    assert chunk % block_size == 0 and chunk >= 4096
+    n = 2 * chunk + 7
+    p = torch.randn(n)
+    blocks = quant.num_blocks(n, block_size)
+    codes = [torch.zeros(n, dtype=torch.uint8) for _ in range(2)]
+    absmax = [torch.zeros(blocks) for _ in range(2)]
+    table, work = ops.make_table([p], [p.clone()], codes[:1], codes[1:], [], absmax[:1], absmax[1:], [],
+                                 [torch.zeros(())], block_size)
+    assert table[0, 8].item() == absmax[0].data_ptr() and table[0, 9].item() == absmax[1].data_ptr()
+    assert work.tolist() == [[0, 0], [0, 1], [0, 2]]
+
+
+def test_table_is_rebuilt_when_an_address_changes(ops, monkeypatch):
+    built = []
+
+    class FakePlan:
+        def __init__(self, ops_, lists, block_size, device):
+            built.append([t.data_ptr() for t in lists["params"]])
+
+    monkeypatch.setattr(cuda_backend, "_Plan", FakePlan)
+    params = [torch.randn(5), torch.randn(7)]
+    grads = [torch.randn(5), torch.randn(7)]
+    state = {"exp_avg": [torch.zeros(5), torch.zeros(7)], "exp_avg_sq": [torch.zeros(5), torch.zeros(7)]}
+    batch = fusedopt.optimizer.Batch(params, grads, state, [torch.zeros(()), torch.zeros(())],
+                                     {"amsgrad": False}, torch.zeros(3))
+    lists = cuda_backend._lists(batch, 2)
+    first = cuda_backend._plan(batch, lists)
+    assert cuda_backend._plan(batch, lists) is first and len(built) == 1  # same addresses: cached
+    batch.grads[1] = grads[1].clone()  # a new grad tensor
+    lists = cuda_backend._lists(batch, 2)
+    assert cuda_backend._plan(batch, lists) is not first and len(built) == 2
+    batch.params[0].data = torch.randn(5)  # a re-bound param
+    cuda_backend._plan(batch, cuda_backend._lists(batch, 2))
+    assert len(built) == 3
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks: valid CPU arguments for each op, one defect at a time; the error names the
+# argument. With no defect, the op refuses the CPU tensors, naming params[0].
+# --------------------------------------------------------------------------------------------
+
+
+def _batch(n_states, block_size=0, p_dtype=torch.float32, g_dtype=None, sizes=(300, 5)):
+    g_dtype = g_dtype or p_dtype
+    params = [torch.randn(n).to(p_dtype) for n in sizes]
+    grads = [torch.randn(n).to(g_dtype) for n in sizes]
+    if block_size:
+        states = [[torch.zeros(n, dtype=torch.uint8) for n in sizes] for _ in range(n_states)]
+        absmax = [[torch.zeros(quant.num_blocks(n, block_size)) for n in sizes] for _ in range(n_states)]
+    else:
+        states = [[torch.zeros(n) for n in sizes] for _ in range(n_states)]
+        absmax = [[] for _ in range(n_states)]
+    states += [[] for _ in range(3 - n_states)]
+    absmax += [[] for _ in range(3 - n_states)]
+    steps = [torch.zeros(()) for _ in sizes]
+    return params, grads, states, absmax, steps
+
+
+def adam_args(ops, amsgrad=False, block_size=0, **kw):
+    params, grads, states, absmax, steps = _batch(3 if amsgrad else 2, block_size, **kw)
+    table, work = ops.make_table(params, grads, *states, *absmax, steps, block_size)
+    return dict(
+        params=params, grads=grads, exp_avgs=states[0], exp_avg_sqs=states[1], max_exp_avg_sqs=states[2],
+        exp_avg_absmaxes=absmax[0], exp_avg_sq_absmaxes=absmax[1], max_exp_avg_sq_absmaxes=absmax[2], steps=steps,
+        scalars=torch.tensor([1.0, 0.0, 0.0]), table=table, work=work,
+        counters=torch.zeros(len(params), dtype=torch.int32),
+        codebook=cuda_backend.codebook(torch.device("cpu")) if block_size else None,
+        hyper=[1e-3, 0.9, 0.999, 1e-8, 0.01], hyper_tensors=[None] * 5, amsgrad=amsgrad, maximize=False,
+        decoupled_weight_decay=True, block_size=block_size,
+    )
+
+
+def lion_args(ops, block_size=0, **kw):
+    params, grads, states, absmax, steps = _batch(1, block_size, **kw)
+    table, work = ops.make_table(params, grads, *states, *absmax, steps, block_size)
+    return dict(
+        params=params, grads=grads, exp_avgs=states[0], exp_avg_absmaxes=absmax[0], steps=steps,
+        scalars=torch.tensor([1.0, 0.0, 0.0]), table=table, work=work,
+        counters=torch.zeros(len(params), dtype=torch.int32),
+        codebook=cuda_backend.codebook(torch.device("cpu")) if block_size else None,
+        hyper=[1e-4, 0.9, 0.99, 0.0], hyper_tensors=[None] * 4, block_size=block_size,
+    )
+
+
+def lamb_args(ops, **kw):
+    params, grads, states, absmax, steps = _batch(2, **kw)
+    table, work = ops.make_table(params, grads, *states, *absmax, steps, 0)
+    return dict(
+        params=params, grads=grads, exp_avgs=states[0], exp_avg_sqs=states[1], steps=steps,
+        scalars=torch.tensor([1.0, 0.0, 0.0]), table=table, work=work,
+        counters=torch.zeros(len(params), dtype=torch.int32),
+        hyper=[1e-3, 0.9, 0.999, 1e-6, 0.01], hyper_tensors=[None] * 5, bias_correction=True,
+    )
+
+
+def norm_args(ops, dtypes=(torch.float32, torch.bfloat16, torch.float16)):
+    tensors = [torch.randn(n).to(d) for n, d in zip((300, 5, 70000), dtypes)]
+    table, work = ops.make_table(tensors, [], [], [], [], [], [], [], [], 0)
+    return dict(tensors=tensors, table=table, work=work, norm_type=2.0)
+
+
+def _set(args, name, index, value):
+    if index is None:
+        args[name] = value
+    else:
+        args[name] = list(args[name])
+        args[name][index] = value
+
+
+def _noncontiguous(n, dtype=torch.float32):
+    return torch.zeros(2 * n, dtype=dtype)[::2]
+
+
+# (op, argument builder and its options, the defect: argument, list index or None, new value,
+#  the message expected)
+INVALID = [
+    ("adam_", {}, ("grads", None, "drop"), r"grads has 1 tensors; expected 2"),
+    ("adam_", {}, ("max_exp_avg_sqs", None, "zeros"), r"max_exp_avg_sqs has 2 tensors; expected 0 \(the stream is not used\)"),
+    ("adam_", {"amsgrad": True}, ("max_exp_avg_sqs", None, "drop"), r"max_exp_avg_sqs has 1 tensors; expected 2"),
+    ("adam_", {}, ("steps", None, "drop"), r"steps has 1 tensors; expected 2"),
+    ("adam_", {}, ("params", 0, torch.zeros(300, dtype=torch.float64)), r"params\[0\] has dtype Double"),
+    ("adam_", {}, ("grads", 1, torch.zeros(5, dtype=torch.int32)), r"grads\[1\] has dtype Int"),
+    ("adam_", {"p_dtype": torch.bfloat16, "g_dtype": torch.float32}, None, r"params\[0\] must be a CUDA tensor"),
+    ("adam_", {}, ("params", 1, torch.zeros(5, dtype=torch.float16)), r"params\[1\] is Half but params\[0\] is float32"),
+    ("adam_", {}, ("grads", 1, torch.zeros(7)), r"grads\[1\] has 7 elements; params\[1\] has 5"),
+    ("adam_", {}, ("params", 1, _noncontiguous(5)), r"params\[1\] must be contiguous"),
+    ("adam_", {}, ("grads", 0, _noncontiguous(300)), r"grads\[0\] must be contiguous"),
+    ("adam_", {}, ("exp_avgs", 0, torch.zeros(300, dtype=torch.float16)), r"exp_avgs\[0\] must be Float, got Half"),
+    ("adam_", {}, ("exp_avg_sqs", 1, torch.zeros(6)), r"exp_avg_sqs\[1\] has 6 elements; params\[1\] has 5"),
+    ("adam_", {"amsgrad": True}, ("max_exp_avg_sqs", 1, _noncontiguous(5)), r"max_exp_avg_sqs\[1\] must be contiguous"),
+    ("adam_", {}, ("steps", 0, torch.zeros((), dtype=torch.int64)), r"steps\[0\] must be Float, got Long"),
+    ("adam_", {}, ("steps", 1, torch.zeros(2)), r"steps\[1\] must have one element, got 2"),
+    ("adam_", {"block_size": 256}, ("exp_avgs", 1, torch.zeros(5)), r"exp_avgs\[1\] must be Byte, got Float"),
+    ("adam_", {"block_size": 256}, ("exp_avg_sq_absmaxes", 0, torch.zeros(1)), r"exp_avg_sq_absmaxes\[0\] has 1 elements; params\[0\] has 300 elements, so block_size=256 needs 2"),
+    ("adam_", {"block_size": 256}, ("exp_avg_absmaxes", None, "drop"), r"exp_avg_absmaxes has 1 tensors; expected 2"),
+    ("adam_", {"block_size": 256}, ("codebook", None, None), r"codebook is required with 8-bit states"),
+    ("adam_", {"block_size": 256}, ("codebook", None, torch.zeros(3, 256)), r"codebook must be a contiguous \[4, 256\] tensor"),
+    ("adam_", {"block_size": 256}, ("block_size", None, 100), r"block_size must be 0 \(fp32 states\) or a multiple of 32 no larger than 4096, got 100"),
+    ("adam_", {"block_size": 256}, ("block_size", None, 8192), r"block_size must be .*, got 8192"),
+    ("adam_", {}, ("scalars", None, torch.zeros(2)), r"scalars must be a contiguous tensor of 3 elements"),
+    ("adam_", {}, ("scalars", None, torch.zeros(3, dtype=torch.float64)), r"scalars must be Float, got Double"),
+    ("adam_", {}, ("table", None, torch.zeros(2, 5, dtype=torch.int64)), r"table must be a contiguous \[2, 12\] tensor"),
+    ("adam_", {}, ("table", None, torch.zeros(2, 12, dtype=torch.int32)), r"table must be Long, got Int"),
+    ("adam_", {}, ("work", None, torch.zeros(3, 2, dtype=torch.int64)), r"work must be Int, got Long"),
+    ("adam_", {}, ("counters", None, torch.zeros(5, dtype=torch.int32)), r"counters must be a contiguous zero-filled tensor of 2 elements"),
+    ("adam_", {}, ("hyper", None, [1e-3, 0.9]), r"hyper and hyper_tensors must hold 5 entries each, got 2 and 5"),
+    ("adam_", {}, ("hyper_tensors", 0, torch.tensor(1e-3, dtype=torch.float64)), r"hyper_tensors\[0\] \(lr\) must be Float, got Double"),
+    ("adam_", {}, ("hyper_tensors", 1, torch.tensor([0.9, 0.9])), r"hyper_tensors\[1\] \(beta1\) must have one element, got 2"),
+    ("adam_", {}, None, r"params\[0\] must be a CUDA tensor, got a cpu tensor"),
+    ("adam_", {"block_size": 256, "amsgrad": True}, None, r"params\[0\] must be a CUDA tensor"),
+    ("lion_", {}, ("exp_avgs", 1, torch.zeros(5, dtype=torch.float16)), r"exp_avgs\[1\] must be Float, got Half"),
+    ("lion_", {}, ("hyper_tensors", 3, torch.zeros(2)), r"hyper_tensors\[3\] \(weight_decay\) must have one element"),
+    ("lion_", {"block_size": 64}, ("exp_avg_absmaxes", 1, torch.zeros(2)), r"exp_avg_absmaxes\[1\] has 2 elements; params\[1\] has 5 elements, so block_size=64 needs 1"),
+    ("lion_", {}, None, r"params\[0\] must be a CUDA tensor"),
+    ("lamb_", {}, ("exp_avg_sqs", None, "drop"), r"exp_avg_sqs has 1 tensors; expected 2"),
+    ("lamb_", {"p_dtype": torch.float16, "g_dtype": torch.bfloat16}, None, r"params\[0\] must be a CUDA tensor"),
+    ("lamb_", {}, ("grads", 1, torch.zeros(5, dtype=torch.bfloat16)), r"grads\[1\] is BFloat16 but grads\[0\] is float32"),
+    ("lamb_", {}, ("hyper_tensors", 3, torch.tensor(1e-6, dtype=torch.float16)), r"hyper_tensors\[3\] \(eps\) must be Float"),
+    ("lamb_", {}, None, r"params\[0\] must be a CUDA tensor"),
+    ("global_norm", {}, ("tensors", None, []), r"tensors must hold at least one tensor"),
+    ("global_norm", {}, ("norm_type", None, 3.0), r"norm_type must be 1, 2 or inf, got 3"),
+    ("global_norm", {}, ("tensors", 1, torch.zeros(5, dtype=torch.float64)), r"tensors\[1\] has dtype Double"),
+    ("global_norm", {}, ("tensors", 2, _noncontiguous(70000)), r"tensors\[2\] must be contiguous"),
+    ("global_norm", {}, ("table", None, torch.zeros(3, 12, dtype=torch.int32)), r"table must be Long"),
+    ("global_norm", {}, None, r"tensors\[0\] must be a CUDA tensor"),
+]
+
+_BUILDERS = {"adam_": adam_args, "lion_": lion_args, "lamb_": lamb_args, "global_norm": norm_args}
+
+
+def _case_id(case):
+    op, options, defect, _ = case
+    what = "valid-cpu" if defect is None else f"{defect[0]}{'' if defect[1] is None else f'[{defect[1]}]'}"
+    extra = "-".join(f"{k}={getattr(v, '__name__', v)}".replace("torch.", "") for k, v in options.items())
+    return "-".join(filter(None, [op, what, extra]))
+
+
+@pytest.mark.parametrize("case", INVALID, ids=[_case_id(c) for c in INVALID])
+def test_invalid_arguments(ops, case):
+    op, options, defect, message = case
+    args = _BUILDERS[op](ops, **options)
+    if defect is not None:
+        name, index, value = defect
+        if value == "drop":
+            args[name] = args[name][:-1]
+        elif value == "zeros":
+            args[name] = [torch.zeros(p.shape) for p in args["params"]]
+        else:
+            _set(args, name, index, value)
+    with pytest.raises(RuntimeError, match=f"fusedopt.{re.escape(op)}: {message}"):
+        getattr(ops, op)(**args)
+
+
+def test_invalid_make_table(ops):
+    p = [torch.zeros(3), torch.zeros(4)]
+    with pytest.raises(RuntimeError, match=r"fusedopt.make_table: grads has 1 tensors; expected none or one per param \(2\)"):
+        ops.make_table(p, p[:1], [], [], [], [], [], [], [], 0)
+    with pytest.raises(RuntimeError, match=r"fusedopt.make_table: block_size must be .*got 48"):
+        ops.make_table(p, p, [], [], [], [], [], [], [], 48)
+    with pytest.raises(RuntimeError, match=r"fusedopt.make_table: params\[1\] has dtype Long"):
+        ops.make_table([p[0], torch.zeros(3, dtype=torch.long)], [], [], [], [], [], [], [], [], 0)
+
+
+def test_invalid_quantize(ops):
+    book = cuda_backend.codebook(torch.device("cpu"))
+    with pytest.raises(RuntimeError, match=r"quantize_blockwise: x must be Float, got Half"):
+        ops.quantize_blockwise(torch.zeros(8, dtype=torch.float16), book, True, 256)
+    with pytest.raises(RuntimeError, match=r"quantize_blockwise: block_size must be positive, got 0"):
+        ops.quantize_blockwise(torch.zeros(8), book, True, 0)
+    with pytest.raises(RuntimeError, match=r"quantize_blockwise: codebook must be a contiguous \[4, 256\]"):
+        ops.quantize_blockwise(torch.zeros(8), book[:2], True, 256)
+    with pytest.raises(RuntimeError, match=r"quantize_blockwise: x must be a CUDA tensor"):
+        ops.quantize_blockwise(torch.zeros(8), book, True, 256)
+
+
+def test_an_optimizer_step_on_cpu_tensors_raises_naming_the_backend():
+    p = torch.nn.Parameter(torch.randn(4))
+    p.grad = torch.randn(4)
+    opt = fusedopt.AdamW([p], backend="cuda")
+    before = p.detach().clone()
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run on cpu tensors"):
+        opt.step()
+    assert torch.equal(p.detach(), before) and not opt.state[p]
+
+
+# --------------------------------------------------------------------------------------------
+# Fake implementations: the ops trace with fake CUDA tensors (what torch.compile does)
+# --------------------------------------------------------------------------------------------
+
+
+def test_fake_make_table_matches_the_real_one(ops):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    for block_size in (0, 96, 256):
+        args = adam_args(ops, amsgrad=True, block_size=block_size, sizes=(300, 5, 70000, 0))
+        names = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "exp_avg_absmaxes",
+                 "exp_avg_sq_absmaxes", "max_exp_avg_sq_absmaxes", "steps")
+        real = ops.make_table(*(args[n] for n in names), block_size)
+        with FakeTensorMode() as mode:
+            fake = ops.make_table(*([mode.from_tensor(t) for t in args[n]] for n in names), block_size)
+        assert [tuple(t.shape) for t in fake] == [tuple(t.shape) for t in real]
+        assert [t.dtype for t in fake] == [t.dtype for t in real]
+
+
+def _fake_cuda(value):
+    """An empty CUDA tensor (under FakeTensorMode: a fake one) shaped like ``value``; lists
+    element-wise; anything else unchanged."""
+    if isinstance(value, torch.Tensor):
+        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="cuda")
+    if isinstance(value, list):
+        return [_fake_cuda(v) for v in value]
+    return value
+
+
+def test_ops_run_on_fake_cuda_tensors(ops):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    real = {"adam_": adam_args(ops, amsgrad=True, block_size=256), "lion_": lion_args(ops),
+            "lamb_": lamb_args(ops), "global_norm": norm_args(ops)}
+    with FakeTensorMode():
+        for op, args in real.items():
+            out = getattr(ops, op)(**{k: _fake_cuda(v) for k, v in args.items()})
+            if op == "global_norm":
+                assert out.shape == () and out.dtype == torch.float32 and out.device.type == "cuda"
+            else:
+                assert out is None
+        codes, absmax = ops.quantize_blockwise(_fake_cuda(torch.zeros(1000)), _fake_cuda(torch.zeros(4, 256)), True, 256)
+        assert codes.shape == (1000,) and codes.dtype == torch.uint8 and absmax.shape == (4,)
+
+
+def test_a_step_traces_into_one_graph(ops):
+    """make_fx in fake mode (what torch.compile's tracing does) records the ops themselves."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    args = adam_args(ops)
+    names = list(args)
+
+    def step(*values):
+        kw = dict(zip(names, values))
+        ops.adam_(**kw)
+        return ops.global_norm(kw["grads"], kw["table"], kw["work"], 2.0)
+
+    graph = make_fx(step, tracing_mode="fake")(*(args[n] for n in names))
+    assert "fusedopt.adam_" in graph.code and "fusedopt.global_norm" in graph.code

@@ -1,0 +1,281 @@
+"""The cuda backend on a GPU (every test is marked ``gpu`` and skips without one).
+
+The grid against the reference (dtypes x odd sizes x flags x groups, 8 steps, every state) is
+``test_backends.py``, which runs each case for every backend, ``cuda`` included. Here are the
+checks that only this backend needs, most of them exact (bit for bit), so that they need no
+tolerance: the stand-alone quantizer against ``fusedopt.quant``; 8-bit steps in lockstep with the
+reference (codes identical); a step as one launch for 20,000 tensors and equal to the same
+bytes in one tensor; no host sync; CUDA-graph capture and replay; a tensor of more than 2**31
+elements; compute-sanitizer's memcheck and racecheck over small cases.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fusedopt
+from fusedopt import backends, build, cuda_backend, quant
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def device():
+    reason = backends.unavailable_reason("cuda", torch.device("cuda"))
+    if reason is not None:
+        pytest.skip(f"backend 'cuda' on cuda: {reason}")
+    return torch.device("cuda")
+
+
+def _all_state(opt, params):
+    return [(i, k, v) for i, p in enumerate(params) for k, v in sorted(opt.state[p].items())]
+
+
+def assert_identical(opt_a, params_a, opt_b, params_b, what=""):
+    for i, (a, b) in enumerate(zip(params_a, params_b)):
+        assert torch.equal(a, b), f"{what}param {i} differs"
+    for (i, k, a), (_, _, b) in zip(_all_state(opt_a, params_a), _all_state(opt_b, params_b)):
+        assert torch.equal(a, b), f"{what}param {i} {k} differs"
+
+
+# --------------------------------------------------------------------------------------------
+# 8-bit: the quantizer, and steps in lockstep with the reference
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("block_size", [32, 64, 96, 256, 2048, 4096])
+@pytest.mark.parametrize("signed", [True, False])
+def test_quantizer_codes_are_the_reference_codes(device, block_size, signed):
+    gen = torch.Generator().manual_seed(block_size)
+    n = 3 * block_size + 37
+    x = torch.randn(n, generator=gen) * torch.logspace(-6, 0, n).flip(0)
+    if not signed:
+        x = x.abs()
+    x[block_size: 2 * block_size] = 0  # an all-zero block: absmax 0, the zero code
+    # values exactly on the midpoints (absmax 1 in that block): a tie goes to the lower code
+    mids = quant.midpoints(signed)
+    x[2 * block_size] = 1.0
+    x[2 * block_size + 1: 2 * block_size + 1 + min(block_size - 1, 255)] = mids[: min(block_size - 1, 255)]
+    x = x.to(device)
+    codes, absmax = cuda_backend._ops().quantize_blockwise(x, cuda_backend.codebook(device), signed, block_size)
+    ref_codes, ref_absmax = quant.quantize_blockwise(x, signed, block_size)
+    assert torch.equal(absmax, ref_absmax)
+    diff = (codes.long() - ref_codes.long()).nonzero()
+    assert diff.numel() == 0, f"{diff.numel()} codes differ, first at {diff[:5].flatten().tolist()}"
+
+
+EIGHT_BIT = [
+    ("AdamW8bit", torch.float32, dict(block_size=256)),
+    ("AdamW8bit", torch.bfloat16, dict(block_size=256, amsgrad=True)),
+    ("Adam8bit", torch.float16, dict(block_size=96, weight_decay=0.1)),
+    ("Adam8bit", torch.float32, dict(block_size=4096, maximize=True)),
+    ("Lion8bit", torch.bfloat16, dict(block_size=256, weight_decay=0.1)),
+    ("Lion8bit", torch.float32, dict(block_size=32)),
+]
+# (No max_grad_norm here: the clip coefficient comes from each backend's own norm, which may
+# differ in the last bit, and so would every gradient. The grid covers clipping.)
+
+
+@pytest.mark.parametrize("cls, dtype, kwargs", EIGHT_BIT, ids=lambda v: getattr(v, "__name__", str(v)))
+def test_8bit_steps_in_lockstep_with_the_reference(device, cls, dtype, kwargs):
+    """Each of 8 steps starts both backends from the same params and states: the fp32 states,
+    hence the codes and absmaxes, come out bit-identical (-fmad=false, the reference's operation
+    order); the params within the dtype's tolerance; the step counts equal."""
+    tolerances = pytest.importorskip("tolerances", reason="the shared tolerance helper (tests/tolerances.py)")
+    sizes = (0, 1, 255, 257, 4097, 65537, 3 * 4096 + 5)
+    gen = torch.Generator().manual_seed(3)
+    init = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
+    params = {b: [p.clone().to(device) for p in init] for b in ("reference", "cuda")}
+    opts = {b: getattr(fusedopt, cls)(params[b], backend=b, min_8bit_size=256, **kwargs) for b in params}
+    for step in range(8):
+        grads = [torch.randn(n, generator=gen).to(dtype).to(device) for n in sizes]
+        for b in params:
+            for p, g in zip(params[b], grads):
+                p.grad = g.clone()
+            opts[b].step()
+        ref, got = opts["reference"], opts["cuda"]
+        for i, (p, r) in enumerate(zip(params["cuda"], params["reference"])):
+            tolerances.assert_close(p, r, dtype, f"step {step} param {i}")
+            for key, value in ref.state[r].items():
+                assert torch.equal(got.state[p][key], value), f"step {step} param {i} {key} differs"
+        # the next step starts from the same params (states are already equal)
+        for p, r in zip(params["cuda"], params["reference"]):
+            p.data.copy_(r.data)
+
+
+# --------------------------------------------------------------------------------------------
+# Many tensors, one launch; the same result as the same bytes in one tensor
+# --------------------------------------------------------------------------------------------
+
+
+def _kernel_launches(fn) -> dict[str, int]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    counts: dict[str, int] = {}
+    for event in prof.events():
+        if "fusedopt::" in event.name and "_kernel" in event.name:
+            kind = event.name.split("fusedopt::")[1].split("<")[0].split("(")[0]
+            counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
+@pytest.mark.parametrize("cls", ["AdamW", "Lion", "LAMB", "AdamW8bit"])
+def test_20000_tensors_step_in_one_launch_as_one_tensor(device, cls):
+    count, size = 20_000, 4096
+    gen = torch.Generator(device=device).manual_seed(0)
+    flat = torch.randn(count * size, device=device, generator=gen)
+    grad = torch.randn(count * size, device=device, generator=gen)
+    many = [p.clone() for p in flat.view(count, size)]
+    one = [flat.clone()]
+    opts = [getattr(fusedopt, cls)(ps, backend="cuda") for ps in (many, one)]
+    for ps, g in ((many, list(grad.view(count, size))), (one, [grad])):
+        for p, gi in zip(ps, g):
+            p.grad = gi.clone()
+    for _ in range(2):
+        for opt in opts:
+            opt.step()  # the first step builds the tables
+    launches = _kernel_launches(opts[0].step)
+    expected = {"LAMB": {"lamb_moments_kernel": 1, "lamb_apply_kernel": 1}}.get(
+        cls, {"quant8_kernel" if cls.endswith("8bit") else "elementwise_kernel": 1})
+    assert launches == expected, launches
+    opts[1].step()
+    # LAMB's trust ratio is per tensor: there only the moments are the same
+    if cls != "LAMB":
+        assert torch.equal(torch.cat(many), one[0]), "params of 20,000 tensors differ from one tensor's"
+    for key, value in opts[1].state[one[0]].items():
+        if key != "step":  # 4096-element tensors hold whole 256-element blocks: absmaxes agree too
+            assert torch.equal(torch.cat([opts[0].state[p][key] for p in many]), value), key
+    assert all(float(opts[0].state[p]["step"]) == 3 for p in many[::997])
+
+
+# --------------------------------------------------------------------------------------------
+# No host sync; CUDA graphs
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls, kwargs", [
+    ("AdamW", dict(max_grad_norm=1.0)),
+    ("Adam", dict(amsgrad=True, lr=torch.tensor(1e-3))),
+    ("Lion", dict(max_grad_norm=1.0)),
+    ("LAMB", {}),
+    ("AdamW8bit", dict(max_grad_norm=1.0, min_8bit_size=256)),
+], ids=lambda v: v if isinstance(v, str) else "-".join(map(str, v)))
+def test_steps_never_wait_for_the_gpu(device, cls, kwargs):
+    if "lr" in kwargs:
+        kwargs = {**kwargs, "lr": kwargs["lr"].to(device)}
+    params = [torch.randn(n, device=device) for n in (7, 4097, 65537)]
+    opt = getattr(fusedopt, cls)(params, backend="cuda", **kwargs)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()  # builds the tables (a pinned, asynchronous copy)
+    opt.grad_scale = torch.tensor(4.0, device=device)
+    opt.found_inf = torch.tensor(0.0, device=device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("cls, kwargs", [
+    ("AdamW", dict(max_grad_norm=1.0)),
+    ("LAMB", {}),
+    ("Lion8bit", dict(min_8bit_size=256)),
+])
+def test_a_captured_step_replays_as_eager_steps(device, cls, kwargs):
+    gen = torch.Generator(device=device).manual_seed(1)
+    sizes = (5, 4097, 65537)
+    init = [torch.randn(n, device=device, generator=gen) for n in sizes]
+    grads = [[torch.randn(n, device=device, generator=gen) for n in sizes] for _ in range(6)]
+    runs = {}
+    for mode in ("eager", "graph"):
+        params = [p.clone() for p in init]
+        grad_buffers = [torch.zeros_like(p) for p in params]
+        for p, g in zip(params, grad_buffers):
+            p.grad = g
+        opt = getattr(fusedopt, cls)(params, backend="cuda", **kwargs)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for k in range(3):  # warm-up: tables built
+                for b, g in zip(grad_buffers, grads[k]):
+                    b.copy_(g)
+                opt.step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = None
+        if mode == "graph":
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                opt.step()
+        for k in range(3, 6):
+            for b, g in zip(grad_buffers, grads[k]):
+                b.copy_(g)
+            graph.replay() if graph is not None else opt.step()
+        torch.cuda.synchronize()
+        runs[mode] = (opt, params)
+    assert_identical(*runs["graph"], *runs["eager"], what="replayed vs eager: ")
+
+
+# --------------------------------------------------------------------------------------------
+# int64 offsets
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.large
+def test_a_tensor_over_2_31_elements_is_updated_to_its_last_element(device):
+    n = 2**31 + 4096 + 3
+    free, _ = torch.cuda.mem_get_info()
+    if free < 24 * 2**30:
+        pytest.skip("needs 24 GiB of free device memory")
+    big = torch.randn(n, device=device, dtype=torch.bfloat16)
+    big.grad = torch.randn(n, device=device, dtype=torch.bfloat16)
+    tail = 8192 + 3
+    small = big[-tail:].clone()
+    small.grad = big.grad[-tail:].clone()
+    head = big[:tail].clone()
+    head.grad = big.grad[:tail].clone()
+    opts = [fusedopt.Lion(ps, backend="cuda", weight_decay=0.1) for ps in ([big], [small], [head])]
+    for _ in range(2):
+        for opt in opts:
+            opt.step()
+    # elementwise math: each element's result depends on nothing but its own inputs
+    assert torch.equal(big[-tail:], small) and torch.equal(big[:tail], head)
+    assert torch.equal(opts[0].state[big]["exp_avg"][-tail:], opts[1].state[small]["exp_avg"])
+
+
+# --------------------------------------------------------------------------------------------
+# compute-sanitizer
+# --------------------------------------------------------------------------------------------
+
+
+def _sanitizer() -> str | None:
+    home = build.find_cuda_home()
+    candidates = [home / "bin" / "compute-sanitizer", home / "compute-sanitizer" / "compute-sanitizer"] if home else []
+    found = shutil.which("compute-sanitizer")
+    candidates += [Path(found)] if found else []
+    return next((str(c) for c in candidates if c.is_file()), None)
+
+
+@pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
+def test_compute_sanitizer(device, tool):
+    sanitizer = _sanitizer()
+    if sanitizer is None:
+        pytest.skip("compute-sanitizer not found")
+    cuda_backend.library_path()  # built before the sanitized run, which only loads it
+    script = Path(__file__).with_name("cuda_small_cases.py")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sanitizer, "--tool", tool, "--error-exitcode", "1", sys.executable, str(script)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "ERROR SUMMARY: 0 errors" in out, out[-6000:]
