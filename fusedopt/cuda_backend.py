@@ -28,7 +28,7 @@ from itertools import chain
 
 import torch
 
-from . import build, quant, reference
+from . import build, distributed, quant, reference
 
 NAME = "cuda"
 DESCRIPTION = "CUDA C++ multi-tensor kernels (csrc/), compiled with nvcc on first use or by `python -m fusedopt build`"
@@ -83,6 +83,10 @@ def unsupported(tensor: torch.Tensor) -> str | None:
     """Why this backend cannot take ``tensor`` (a param or a grad), or None."""
     if not tensor.is_cuda:
         return f"it takes CUDA tensors, got a {tensor.device.type} tensor"
+    if distributed.is_dtensor(tensor):
+        # LAMB's per-tensor norms would need Batch.all_reduce between its passes, which this
+        # backend does not call yet; the Triton backend does.
+        return "it does not take sharded (DTensor) params yet; the triton backend does"
     if tensor.dtype not in _DTYPES:
         return f"it takes float32, bfloat16 and float16 tensors, got {tensor.dtype}"
     if not tensor.is_contiguous():

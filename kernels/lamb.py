@@ -234,11 +234,31 @@ def step(batch) -> None:
         BIAS_CORRECTION=group["bias_correction"], HYPER_IN_MEMORY=in_memory, ALIGNED=tab.aligned,
         CHUNK=table.CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,
     )
-    lamb_ratio_kernel[(tab.n_tensors,)](tab.first, partials, ratios, BLOCK=RATIO_BLOCK, num_warps=4,
-                                        enable_fp_fusion=False)
+    if batch.all_reduce is None:
+        lamb_ratio_kernel[(tab.n_tensors,)](tab.first, partials, ratios, BLOCK=RATIO_BLOCK, num_warps=4,
+                                            enable_fp_fusion=False)
+    else:
+        _sharded_ratios(tab, partials, ratios, batch.all_reduce)
     lamb_apply_kernel[(tab.n_work,)](
         tab.rows, tab.work, tab.steps, scalars, hyper_tensor, ratios, lr, eps, weight_decay, table.seed(group),
         WIDTH=tab.width, P_DTYPE=p_dtype, BIAS_CORRECTION=group["bias_correction"], STOCHASTIC=stochastic,
         HYPER_IN_MEMORY=in_memory, ALIGNED=tab.aligned, CHUNK=table.CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS,
         enable_fp_fusion=False,
     )
+
+
+def _sharded_ratios(tab, partials, ratios, all_reduce) -> None:
+    """Trust ratios of sharded params (FSDP2): each tensor's ``||p||^2`` and ``||u||^2`` partials
+    are summed on this rank, then over the shards, before ``r = ||p|| / ||u||``."""
+    owner = tab.scratch.get("lamb_owner")
+    if owner is None:
+        first = tab.first.to(torch.int64)
+        counts = first[1:] - first[:-1]
+        owner = torch.repeat_interleave(torch.arange(tab.n_tensors, device=first.device), counts)
+        tab.scratch["lamb_owner"] = owner
+    squares = torch.zeros((tab.n_tensors, 2), dtype=torch.float32, device=partials.device)
+    squares.index_add_(0, owner, partials[: tab.n_work])
+    all_reduce(squares)
+    p_norm, u_norm = torch.sqrt(squares).unbind(1)
+    ones = torch.ones_like(p_norm)
+    ratios.copy_(torch.where((p_norm > 0) & (u_norm > 0), p_norm / torch.where(u_norm > 0, u_norm, ones), ones))

@@ -70,7 +70,7 @@ def test_adam_matches_torch(dtype, variant, amsgrad, maximize, weight_decay):
 @pytest.mark.parametrize("flags", [{}, {"amsgrad": True, "maximize": True}], ids=["", "amsgrad-maximize"])
 def test_adam_16bit_params_fp32_states(dtype, variant, flags):
     """16-bit params with fp32 states against torch on float64 copies. Each step starts torch
-    from our params and states (so the comparison is of one rounding, see tolerances.py):
+    from our params and states (so the comparison is of one rounding, see fusedopt/testing.py):
     params within the 16-bit tolerance, states within fp32's."""
     cls, tcls, extra = VARIANTS[variant]
     kw = dict(lr=1e-2, weight_decay=0.1, **flags, **extra)

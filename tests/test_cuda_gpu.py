@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from fusedopt.testing import assert_close
+
 import fusedopt
 from fusedopt import backends, build, cuda_backend, quant
 
@@ -88,7 +90,6 @@ def test_8bit_steps_in_lockstep_with_the_reference(device, cls, dtype, kwargs):
     """Each of 8 steps starts both backends from the same params and states: the fp32 states,
     hence the codes and absmaxes, come out bit-identical (-fmad=false, the reference's operation
     order); the params within the dtype's tolerance; the step counts equal."""
-    tolerances = pytest.importorskip("tolerances", reason="the shared tolerance helper (tests/tolerances.py)")
     sizes = (0, 1, 255, 257, 4097, 65537, 3 * 4096 + 5)
     gen = torch.Generator().manual_seed(3)
     init = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
@@ -102,7 +103,7 @@ def test_8bit_steps_in_lockstep_with_the_reference(device, cls, dtype, kwargs):
             opts[b].step()
         ref, got = opts["reference"], opts["cuda"]
         for i, (p, r) in enumerate(zip(params["cuda"], params["reference"])):
-            tolerances.assert_close(p, r, dtype, f"step {step} param {i}")
+            assert_close(p, r, dtype, f"step {step} param {i}")
             for key, value in ref.state[r].items():
                 assert torch.equal(got.state[p][key], value), f"step {step} param {i} {key} differs"
         # the next step starts from the same params (states are already equal)

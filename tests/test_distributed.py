@@ -72,6 +72,9 @@ _OPTIMIZERS = {
     "AdamW+clip": lambda ps: fusedopt.AdamW(ps, lr=1e-2, weight_decay=0.1, max_grad_norm=0.5),
     "LAMB": lambda ps: fusedopt.LAMB(ps, lr=1e-2),
     "AdamW8bit": lambda ps: fusedopt.AdamW8bit(ps, lr=1e-2, min_8bit_size=4096),
+    # The Triton kernels under TRITON_INTERPRET=1 (set by tests/conftest.py without a GPU and
+    # inherited by the workers): LAMB sums its per-tensor norms over the shards between passes.
+    "LAMB-triton": lambda ps: fusedopt.LAMB(ps, lr=1e-2, backend="triton"),
     "Lion8bit+clip": lambda ps: fusedopt.Lion8bit(ps, lr=1e-3, weight_decay=0.1, min_8bit_size=4096, max_grad_norm=0.5),
 }
 

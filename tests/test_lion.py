@@ -53,7 +53,7 @@ def test_lion_matches_lion_pytorch(dtype, weight_decay, betas):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_lion_16bit_params_fp32_state(dtype):
     """16-bit params with an fp32 momentum against lion-pytorch on float64 copies, started each
-    step from our params and state (one rounding, see tolerances.py)."""
+    step from our params and state (one rounding, see fusedopt/testing.py)."""
     kw = dict(lr=1e-2, weight_decay=0.1)
     ours = make_params(dtype)
     theirs = [[p.double() for p in group] for group in ours]
