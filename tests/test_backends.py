@@ -35,7 +35,7 @@ DTYPES = {
 
 SIZES = (0, 1, 255, 257, 4097, 65537)
 SIZES_B = (3, (33, 65), 2049)  # the second group: other sizes, a 2-d param
-STEPS = 8
+STEPS = 7
 GRAD_STD = 3.0  # moments of order one: the fp32 tolerance's atol does not hide their errors
 CLIP = 100.0  # below the global norm of the grid's gradients (about 800): clipping is active
 SCALE = 1024.0  # GradScaler's scale in the cases that use one
