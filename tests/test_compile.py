@@ -135,7 +135,7 @@ def _compile_all() -> dict:
                 signature[arg] = "i32"
             else:
                 signature[arg] = "fp32"
-        for cc in CCS:
+        for cc in CCS if "variants" not in name else CCS[:1]:  # the switches compile alike on both
             source = triton.compiler.ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
             compiled = triton.compile(source, target=GPUTarget("cuda", cc, 32),
                                       options={"num_warps": num_warps, "enable_fp_fusion": False})
