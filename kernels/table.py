@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from .. import quant
+from .. import quant, reference
 
 #: Elements per work item of the 32-bit kernels (a multiple of every BLOCK they loop with).
 CHUNK = 16384
@@ -181,8 +181,8 @@ def tl_dtype(dtype: torch.dtype):
 
 def stochastic(batch) -> bool:
     """Whether params of this batch are stored with stochastic rounding (bf16 params only:
-    wider params are stored exactly)."""
-    return bool(batch.group.get("stochastic_rounding", False)) and batch.params[0].dtype == torch.bfloat16
+    wider params are stored exactly); the reference decides."""
+    return reference.stochastic(batch)
 
 
 def seed(group) -> int:

@@ -72,13 +72,38 @@ def _cases():
             out.append((f"lion8bit-{block_size}-{p_name}", lion.lion8bit_kernel,
                         dict(WIDTH=7, **dt, STOCHASTIC=sr, **eight), quant.NUM_WARPS,
                         [p_bytes, g_bytes, 1], [p_bytes, 1]))
+    # the other switches compile too: fp16, tensor hyper-parameters, unaligned tables, Adam's L2
+    # decay and maximize, LAMB without bias correction, a block size that is not a power of two
+    other = dict(CHUNK=table.CHUNK, ALIGNED=False, HYPER_IN_MEMORY=True)
+    fp16 = dict(P_DTYPE=tl.float16, G_DTYPE=tl.float16)
+    out.append(("adam-variants-fp16", adam.adam_kernel,
+                dict(WIDTH=7, **fp16, AMSGRAD=False, MAXIMIZE=True, DECOUPLED=False, STOCHASTIC=False,
+                     BLOCK=adam.BLOCK, **other), adam.NUM_WARPS, [], []))
+    out.append(("lion-variants-fp16", lion.lion_kernel,
+                dict(WIDTH=6, **fp16, STOCHASTIC=False, BLOCK=lion.BLOCK, **other), lion.NUM_WARPS, [], []))
+    out.append(("lamb-moments-variants-fp16", lamb.lamb_moments_kernel,
+                dict(WIDTH=7, **fp16, BIAS_CORRECTION=False, BLOCK=lamb.BLOCK, **other), lamb.NUM_WARPS, [], []))
+    out.append(("lamb-apply-variants-fp16", lamb.lamb_apply_kernel,
+                dict(WIDTH=7, P_DTYPE=tl.float16, BIAS_CORRECTION=False, STOCHASTIC=False, BLOCK=lamb.BLOCK,
+                     **other), lamb.NUM_WARPS, [], []))
+    eight96 = dict(ALIGNED=True, HYPER_IN_MEMORY=True, **quant.layout(96))
+    out.append(("adam8bit-96-variants-fp16", adam.adam8bit_kernel,
+                dict(WIDTH=9, **fp16, AMSGRAD=False, MAXIMIZE=True, DECOUPLED=False, STOCHASTIC=False, **eight96),
+                quant.NUM_WARPS, [2, 2, 1, 1], [2, 1, 1]))
+    out.append(("lion8bit-96-fp16", lion.lion8bit_kernel, dict(WIDTH=7, **fp16, STOCHASTIC=False, **eight96),
+                quant.NUM_WARPS, [2, 2, 1], [2, 1]))
     out.append(("norm-inf", norm.norm_partial_kernel,
                 dict(G_DTYPE=tl.float32, ORD=0, ALIGNED=True, CHUNK=table.CHUNK, BLOCK=norm.BLOCK),
                 norm.NUM_WARPS, [4], []))
     out.append(("norm-finish", norm.norm_finish_kernel, dict(ORD=2, BLOCK=norm.FINISH_BLOCK), 4, [], []))
     out.append(("lamb-ratio", lamb.lamb_ratio_kernel, dict(BLOCK=lamb.RATIO_BLOCK), 4, [], []))
-    out.append(("steps", step_kernel, dict(WIDTH=7, STEP_COL=4, BETA1_INDEX=1, BETA2_INDEX=3,
-                                           HYPER_IN_MEMORY=False, BLOCK=table.STEP_BLOCK), 4, [], []))
+    for in_memory in (False, True):
+        out.append((f"steps-{'in-memory' if in_memory else 'args'}", step_kernel,
+                    dict(WIDTH=7, STEP_COL=4, BETA1_INDEX=1, BETA2_INDEX=3, HYPER_IN_MEMORY=in_memory,
+                         BLOCK=table.STEP_BLOCK), 4, [], []))
+    out.append(("norm-1-fp16", norm.norm_partial_kernel,
+                dict(G_DTYPE=tl.float16, ORD=1, ALIGNED=False, CHUNK=table.CHUNK, BLOCK=norm.BLOCK),
+                norm.NUM_WARPS, [], []))
     return out
 
 
@@ -110,7 +135,7 @@ def _compile_all() -> dict:
                 signature[arg] = "i32"
             else:
                 signature[arg] = "fp32"
-        for cc in CCS:
+        for cc in CCS if "variants" not in name else CCS[:1]:  # the switches compile alike on both
             source = triton.compiler.ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
             compiled = triton.compile(source, target=GPUTarget("cuda", cc, 32),
                                       options={"num_warps": num_warps, "enable_fp_fusion": False})
