@@ -43,6 +43,8 @@ class Batch:
         quantized: whether states are 8-bit block-wise.
         block_size: quantization block size (8-bit only).
         cache: backend-owned storage that lives as long as this batch key (address tables).
+        positions: each param's index in ``group["params"]`` (what salts its stochastic
+            rounding noise; the batch's own tensors may be shards, not the group's objects).
         all_reduce: for sharded (FSDP2 DTensor) params, an in-place sum over the shards of a
             tensor of partial sums (LAMB's per-tensor ``||p||^2``, ``||u||^2``); None otherwise.
             Tensors in a batch are always the local shards.
@@ -58,6 +60,7 @@ class Batch:
     block_size: int = 256
     cache: dict = field(default_factory=dict)
     all_reduce: Callable[[torch.Tensor], None] | None = None
+    positions: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -379,6 +382,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             block_size=group.get("block_size", 256),
             cache=self._caches.setdefault((gi, key), {}),
             all_reduce=distributed.all_reduce_sum(distributed.shard_groups(params[0])),
+            positions=list(idx),
         )
 
     def _step_scalars(self, work) -> dict[torch.device, torch.Tensor]:

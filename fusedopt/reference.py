@@ -188,10 +188,7 @@ def _store(batch, i: int, new: torch.Tensor, keep: torch.Tensor, t: torch.Tensor
 def _salts(batch):
     """Each param's position in its group (salts the rounding noise), when rounding
     stochastically; else None."""
-    if not stochastic(batch):
-        return None
-    position = {id(p): i for i, p in enumerate(batch.group["params"])}
-    return [position[id(p)] for p in batch.params]
+    return batch.positions if stochastic(batch) else None
 
 
 # --------------------------------------------------------------------------------------------

@@ -193,8 +193,7 @@ def seed(group) -> int:
 def salts(batch) -> list[int]:
     """Each param's position in its group: with the seed, the step and the element index, what
     makes its rounding noise (the same in every backend)."""
-    position = {id(p): i for i, p in enumerate(batch.group["params"])}
-    return [position[id(p)] for p in batch.params]
+    return list(batch.positions)
 
 
 def launch_steps(tab: Table, scalars: torch.Tensor, hyper_tensor: torch.Tensor, values, in_memory: bool,
