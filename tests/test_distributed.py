@@ -44,6 +44,10 @@ def _entry(rank, fn, port, args):
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         fn(rank, *args)
+        # Both ranks finish their last collective before either tears its connections down:
+        # without this a rank could abort ("terminate called without an active exception")
+        # while its peer was still completing (seen once in CI's run on 2 busy cores).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
