@@ -16,7 +16,9 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
     ``max_norm``; return the norm before clipping.
 
     ``N = (sum_i ||g_i||_p^p)^(1/p)`` over every gradient (``max |g|`` for ``p = inf``),
-    accumulated in fp32 (float64 for float64 gradients); every gradient is multiplied by
+    accumulated in fp32 (float64 for float64 gradients); an empty gradient adds nothing (torch
+    raises for the inf-norm of a list that holds one; every backend here agrees on 0);
+    every gradient is multiplied by
     ``min(1, max_norm / (N + 1e-6))``. The norm is computed by ``backend`` (the fused
     two-pass reduction on GPUs, torch ops on CPU) and nothing waits for the device unless
     ``error_if_nonfinite`` asks for a check.

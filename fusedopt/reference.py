@@ -285,7 +285,12 @@ def global_norm(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor:
     if not tensors:
         raise ValueError("global_norm needs at least one tensor")
     acc = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-    per_tensor = torch.stack([torch.linalg.vector_norm(t, norm_type, dtype=acc) for t in tensors])
+    # An empty tensor adds nothing to any norm (torch's inf-norm refuses one, having no
+    # identity for max; for |x| >= 0 the identity is 0).
+    nonempty = [t for t in tensors if t.numel()]
+    if not nonempty:
+        return torch.zeros((), dtype=acc, device=tensors[0].device)
+    per_tensor = torch.stack([torch.linalg.vector_norm(t, norm_type, dtype=acc) for t in nonempty])
     return torch.linalg.vector_norm(per_tensor, norm_type)
 
 
