@@ -10,6 +10,7 @@ from .optimizer import (
     check_flag,
     check_lr,
     check_min_8bit_size,
+    check_master_weights,
     check_stochastic_rounding,
     check_weight_decay,
 )
@@ -48,6 +49,11 @@ _ARGS = r"""
             hash of the group's ``"seed"`` (0 unless the group sets one), the param's step,
             its position in the group and the element. float32 params are stored exactly;
             float16 params are refused.
+        master_weights: keep an fp32 copy of every bfloat16/float16 param (state
+            ``"master_param"``, 4 more bytes per param): the update is applied to the copy,
+            and the param is rewritten from it with round-to-nearest, so updates smaller than
+            half a 16-bit ulp accumulate instead of being lost. An alternative to
+            ``stochastic_rounding`` (not both); ignored for float32 and float64 params.
 """
 
 _ARGS_8BIT = r"""        block_size: elements per quantization block, one fp32 absmax each (a multiple of 32).
@@ -74,6 +80,7 @@ class _AdamFamily(FusedOptimizer):
         for flag in ("amsgrad", "maximize", "decoupled_weight_decay"):
             check_flag(flag, group[flag])
         check_stochastic_rounding(group)
+        check_master_weights(group)
         if self._quantized:
             check_block_size(group["block_size"])
             check_min_8bit_size(group["min_8bit_size"])
@@ -101,11 +108,12 @@ class Adam(_AdamFamily):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, *, maximize=False, decoupled_weight_decay=False,
-                 max_grad_norm=None, backend="auto", stochastic_rounding=False):
+                 max_grad_norm=None, backend="auto",
+                 stochastic_rounding=False, master_weights=False):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
                          decoupled_weight_decay=decoupled_weight_decay,
                          max_grad_norm=max_grad_norm, backend=backend,
-                         stochastic_rounding=stochastic_rounding)
+                         stochastic_rounding=stochastic_rounding, master_weights=master_weights)
 
 
 class AdamW(_AdamFamily):
@@ -124,10 +132,11 @@ class AdamW(_AdamFamily):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, maximize=False, max_grad_norm=None, backend="auto",
-                 stochastic_rounding=False):
+                 stochastic_rounding=False, master_weights=False):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
                          decoupled_weight_decay=True, max_grad_norm=max_grad_norm,
-                         backend=backend, stochastic_rounding=stochastic_rounding)
+                         backend=backend, stochastic_rounding=stochastic_rounding,
+                         master_weights=master_weights)
 
 
 _8BIT = r"""
@@ -157,11 +166,11 @@ class Adam8bit(_AdamFamily):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, *, maximize=False, decoupled_weight_decay=False,
                  max_grad_norm=None, backend="auto", block_size=256, min_8bit_size=4096,
-                 stochastic_rounding=False):
+                 stochastic_rounding=False, master_weights=False):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
                          decoupled_weight_decay=decoupled_weight_decay,
                          max_grad_norm=max_grad_norm, backend=backend,
-                         stochastic_rounding=stochastic_rounding,
+                         stochastic_rounding=stochastic_rounding, master_weights=master_weights,
                          block_size=block_size, min_8bit_size=min_8bit_size)
 
 
@@ -181,8 +190,9 @@ class AdamW8bit(_AdamFamily):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, maximize=False, max_grad_norm=None, backend="auto",
-                 block_size=256, min_8bit_size=4096, stochastic_rounding=False):
+                 block_size=256, min_8bit_size=4096, stochastic_rounding=False, master_weights=False):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
                          decoupled_weight_decay=True, max_grad_norm=max_grad_norm,
                          backend=backend, stochastic_rounding=stochastic_rounding,
+                         master_weights=master_weights,
                          block_size=block_size, min_8bit_size=min_8bit_size)

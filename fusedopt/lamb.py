@@ -9,6 +9,7 @@ from .optimizer import (
     check_eps,
     check_flag,
     check_lr,
+    check_master_weights,
     check_stochastic_rounding,
     check_weight_decay,
 )
@@ -44,6 +45,11 @@ class LAMB(FusedOptimizer):
             hash of the group's ``"seed"`` (0 unless the group sets one), the param's step,
             its position in the group and the element. float32 params are stored exactly;
             float16 params are refused.
+        master_weights: keep an fp32 copy of every bfloat16/float16 param (state
+            ``"master_param"``, 4 more bytes per param): the update is applied to the copy,
+            and the param is rewritten from it with round-to-nearest, so updates smaller than
+            half a 16-bit ulp accumulate instead of being lost. An alternative to
+            ``stochastic_rounding`` (not both); ignored for float32 and float64 params.
 
     Example:
         >>> import torch, fusedopt
@@ -56,10 +62,11 @@ class LAMB(FusedOptimizer):
     _family = "lamb"
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=1e-2, *,
-                 bias_correction=True, max_grad_norm=None, backend="auto", stochastic_rounding=False):
+                 bias_correction=True, max_grad_norm=None, backend="auto",
+                 stochastic_rounding=False, master_weights=False):
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
                         weight_decay=weight_decay, bias_correction=bias_correction,
-                        stochastic_rounding=stochastic_rounding)
+                        stochastic_rounding=stochastic_rounding, master_weights=master_weights)
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, backend=backend)
 
     def _check_group(self, group: dict) -> None:
@@ -69,6 +76,7 @@ class LAMB(FusedOptimizer):
         check_weight_decay(group["weight_decay"])
         check_flag("bias_correction", group["bias_correction"])
         check_stochastic_rounding(group)
+        check_master_weights(group)
 
     def _state_names(self, group: dict) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq")

@@ -9,6 +9,7 @@ from .optimizer import (
     check_block_size,
     check_lr,
     check_min_8bit_size,
+    check_master_weights,
     check_stochastic_rounding,
     check_weight_decay,
 )
@@ -39,6 +40,11 @@ _DOC = r"""
             hash of the group's ``"seed"`` (0 unless the group sets one), the param's step,
             its position in the group and the element. float32 params are stored exactly;
             float16 params are refused.
+        master_weights: keep an fp32 copy of every bfloat16/float16 param (state
+            ``"master_param"``, 4 more bytes per param): the update is applied to the copy,
+            and the param is rewritten from it with round-to-nearest, so updates smaller than
+            half a 16-bit ulp accumulate instead of being lost. An alternative to
+            ``stochastic_rounding`` (not both); ignored for float32 and float64 params.
 """
 
 
@@ -56,6 +62,7 @@ class _LionFamily(FusedOptimizer):
         check_betas(group["betas"])
         check_weight_decay(group["weight_decay"])
         check_stochastic_rounding(group)
+        check_master_weights(group)
         if self._quantized:
             check_block_size(group["block_size"])
             check_min_8bit_size(group["min_8bit_size"])
@@ -75,9 +82,11 @@ class Lion(_LionFamily):
 """
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *,
-                 max_grad_norm=None, backend="auto", stochastic_rounding=False):
+                 max_grad_norm=None, backend="auto",
+                 stochastic_rounding=False, master_weights=False):
         super().__init__(params, lr, betas, weight_decay, max_grad_norm=max_grad_norm,
-                         backend=backend, stochastic_rounding=stochastic_rounding)
+                         backend=backend, stochastic_rounding=stochastic_rounding,
+                         master_weights=master_weights)
 
 
 class Lion8bit(_LionFamily):
@@ -96,7 +105,8 @@ class Lion8bit(_LionFamily):
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *,
                  max_grad_norm=None, backend="auto", block_size=256, min_8bit_size=4096,
-                 stochastic_rounding=False):
+                 stochastic_rounding=False, master_weights=False):
         super().__init__(params, lr, betas, weight_decay, max_grad_norm=max_grad_norm,
                          backend=backend, stochastic_rounding=stochastic_rounding,
+                         master_weights=master_weights,
                          block_size=block_size, min_8bit_size=min_8bit_size)

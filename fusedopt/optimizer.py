@@ -48,6 +48,8 @@ class Batch:
         all_reduce: for sharded (FSDP2 DTensor) params, an in-place sum over the shards of a
             tensor of partial sums (LAMB's per-tensor ``||p||^2``, ``||u||^2``); None otherwise.
             Tensors in a batch are always the local shards.
+        outputs: with ``master_weights``, the 16-bit params, rewritten from ``params`` (then
+            their fp32 master copies) after the backend's update; None otherwise.
     """
 
     params: list[torch.Tensor]
@@ -61,6 +63,7 @@ class Batch:
     cache: dict = field(default_factory=dict)
     all_reduce: Callable[[torch.Tensor], None] | None = None
     positions: list[int] = field(default_factory=list)
+    outputs: list[torch.Tensor] | None = None
 
 
 @dataclass
@@ -161,6 +164,25 @@ def check_stochastic_rounding(group: dict) -> None:
                 raise ValueError(
                     f"stochastic_rounding=True rounds bfloat16 params, but param {i} of the group is float16"
                 )
+
+
+def check_master_weights(group: dict) -> None:
+    """``master_weights`` is a flag, and an alternative to ``stochastic_rounding``."""
+    value = group.get("master_weights", False)
+    check_flag("master_weights", value)
+    if value and group.get("stochastic_rounding", False):
+        raise ValueError(
+            "master_weights=True and stochastic_rounding=True are alternatives: an fp32 master "
+            "copy already keeps the updates that rounding a 16-bit param would lose; choose one"
+        )
+
+
+def has_master(p: torch.Tensor, group: dict) -> bool:
+    """Whether param ``p`` of ``group`` is stepped through an fp32 master copy."""
+    return bool(group.get("master_weights", False)) and p.dtype in (torch.bfloat16, torch.float16)
+
+
+MASTER = "master_param"
 
 
 def check_min_8bit_size(min_8bit_size) -> None:
@@ -278,6 +300,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         for key, batch, backend in work:
             batch.scalars = scalars[key[0]]
             getattr(backend, self._family)(batch)
+            if batch.outputs is not None:
+                # Round to nearest from the fp32 masters (a skipped step rewrites the same bits).
+                torch._foreach_copy_(batch.outputs, batch.params)
         return loss
 
     def _plan_group(self, gi: int, group: dict) -> "_GroupPlan":
@@ -305,13 +330,15 @@ class FusedOptimizer(torch.optim.Optimizer):
             ):
                 self._check_grad(gi, pi, p, g)
         present = tuple(i for i, g in enumerate(grads) if g is not None)
-        signature = (names, present, tuple(grads[i].dtype for i in present), backends.requested(self.backend))
+        signature = (names, present, tuple(grads[i].dtype for i in present), backends.requested(self.backend),
+                     bool(group.get("master_weights", False)))
         if old is not None and old.signature == signature:
             return _GroupPlan(group, grads, names, signature, old.entries, old.batches)
         buckets: dict[tuple, list[int]] = {}
         for i in present:
             p = params[i]
-            key = (p.device, p.dtype, grads[i].dtype, self._is_quantized(p, group), distributed.shard_key(p))
+            key = (p.device, p.dtype, grads[i].dtype, self._is_quantized(p, group), distributed.shard_key(p),
+                   has_master(p, group))
             buckets.setdefault(key, []).append(i)
         entries = []
         for key in sorted(buckets, key=str):
@@ -344,6 +371,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         state = self.state[p]
         if "step" not in state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        if has_master(p, group) and MASTER not in state:
+            state[MASTER] = p.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
         quantized = self._is_quantized(p, group)
         for name in names:
             if name in state:
@@ -371,8 +400,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         if quantized:
             names = tuple(chain(names, (n + "_absmax" for n in names)))
         local = distributed.local
+        master = key[5]
         return Batch(
-            params=[local(p) for p in params],
+            params=[local(s[MASTER]) for s in states] if master else [local(p) for p in params],
             grads=[local(grads[i]) for i in idx],
             state={n: [local(s[n]) for s in states] for n in names},
             steps=[s["step"] for s in states],
@@ -383,6 +413,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             cache=self._caches.setdefault((gi, key), {}),
             all_reduce=distributed.all_reduce_sum(distributed.shard_groups(params[0])),
             positions=list(idx),
+            outputs=[local(p) for p in params] if master else None,
         )
 
     def _step_scalars(self, work) -> dict[torch.device, torch.Tensor]:
@@ -483,6 +514,15 @@ class FusedOptimizer(torch.optim.Optimizer):
         quantized = self._quantized and p.numel() >= group["min_8bit_size"]
         block_size = group.get("block_size", 256)
         for key, value in saved.items():
+            if key == MASTER:
+                # An fp32 master copy loads as one (copied); a group without master weights
+                # drops it (the param itself is the weight then).
+                if has_master(p, group) and isinstance(value, torch.Tensor):
+                    if value.numel() != p.numel():
+                        raise ValueError(f"state {key!r} has {value.numel()} elements but its param has {p.numel()}")
+                    out[key] = value.to(p.device, torch.float32).reshape(p.shape).clone(
+                        memory_format=torch.contiguous_format)
+                continue
             if key == "step":
                 out["step"] = torch.as_tensor(value, dtype=torch.float32).reshape(()).to(p.device).clone()
             elif key.endswith("_absmax") or not isinstance(value, torch.Tensor):

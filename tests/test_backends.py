@@ -148,6 +148,17 @@ def _stochastic_rounding_cases():
     ]
 
 
+def _master_weights_cases():
+    mw = dict(master_weights=True)
+    return [  # the update runs on fp32 masters (fp32 params, 16-bit grads); params are rounded copies
+        Case("AdamW", "bf16", mw, group_b=dict(lr=3e-3, weight_decay=0.0)),
+        Case("Adam", "fp16", dict(mw, weight_decay=0.1, max_grad_norm=CLIP), dict(amsgrad=True), nonfinite=True),
+        Case("LAMB", "bf16", dict(mw, max_grad_norm=CLIP), dict(master_weights=False), scaler=True),
+        Case("Lion8bit", "bf16", dict(mw, min_8bit_size=256), dict(block_size=96)),
+        Case("Lion", "fp32", mw),  # float32 params have no master copy
+    ]
+
+
 def _many_tensor_cases():
     """A model-like list of 300+ tensors of mixed sizes in one group (one launch a pass): the
     table and work list of each kernel kind (a 32-bit update with the norm, LAMB's per-tensor
@@ -161,7 +172,7 @@ def _many_tensor_cases():
 
 
 CASES = (_adam_cases() + _lion_cases() + _lamb_cases() + _8bit_cases() + _stochastic_rounding_cases()
-         + _many_tensor_cases())
+         + _master_weights_cases() + _many_tensor_cases())
 
 
 # ---------------------------------------------------------------------------------------------

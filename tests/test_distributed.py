@@ -65,8 +65,9 @@ def _batches(steps=STEPS):
 
 
 def _train(model, opt, batches):
+    dtype = next(model.parameters()).dtype
     for x, y in batches:
-        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss = torch.nn.functional.mse_loss(model(x.to(dtype)), y.to(dtype))
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -79,6 +80,9 @@ _OPTIMIZERS = {
     # The Triton kernels under TRITON_INTERPRET=1 (set by tests/conftest.py without a GPU and
     # inherited by the workers): LAMB sums its per-tensor norms over the shards between passes.
     "LAMB-triton": lambda ps: fusedopt.LAMB(ps, lr=1e-2, backend="triton"),
+    # bf16 params with sharded fp32 master copies (DTensors, like the states).
+    "AdamW8bit+master-bf16": lambda ps: fusedopt.AdamW8bit(ps, lr=1e-2, min_8bit_size=4096, master_weights=True,
+                                                           max_grad_norm=0.5),
     "Lion8bit+clip": lambda ps: fusedopt.Lion8bit(ps, lr=1e-3, weight_decay=0.1, min_8bit_size=4096, max_grad_norm=0.5),
 }
 
@@ -87,14 +91,19 @@ def _fsdp_matches_unsharded(rank, name):
     from torch.distributed.fsdp import fully_shard
 
     make = _OPTIMIZERS[name]
-    sharded, plain = _model(), _model()
+    dtype = torch.bfloat16 if name.endswith("bf16") else torch.float32
+    sharded, plain = _model().to(dtype), _model().to(dtype)
     fully_shard(sharded)
     opt_s, opt_p = make(sharded.parameters()), make(plain.parameters())
     _train(sharded, opt_s, _batches())
     _train(plain, opt_p, _batches())
     for (pname, ps), pp in zip(sharded.named_parameters(), plain.parameters()):
-        assert_close(ps.full_tensor(), pp, torch.float32, f"rank {rank} {name} {pname}")
+        assert_close(ps.full_tensor(), pp, dtype, f"rank {rank} {name} {pname}")
         state = opt_s.state[ps]
+        if "master" in name:
+            master = state["master_param"]
+            assert master.dtype == torch.float32 and master.shape == ps.shape, f"{pname}: master {master}"
+            assert_close(master.full_tensor(), opt_p.state[pp]["master_param"], torch.float32, f"{pname} master")
         if "8bit" in name and "weight" in pname:
             # Eligibility is decided on the full size, not the shard.
             assert state["exp_avg"].dtype == torch.uint8, f"{pname}: {state['exp_avg'].dtype}"
