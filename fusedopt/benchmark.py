@@ -100,6 +100,8 @@ MODELS: dict[str, Model] = {
               llama_shapes(n_layer=2, d=64, ff=256, vocab=2048, n_head=4, n_kv_head=2)),
         Model("many-4k", "20,000 tensors of 4,096 elements", many_shapes(),
               many_shapes(n=64)),
+        Model("one-82m", "the bytes of many-4k in one tensor (what its tensor count costs)",
+              ((20000 * 4096,),), ((64 * 4096,),)),
     )
 }
 
@@ -367,6 +369,40 @@ def _lion_pytorch_make(use_triton):
     return make
 
 
+class _Graphed:
+    """A step replayed from a CUDA graph: the first call runs it eagerly on a side stream
+    (states, launch tables), the second captures it and replays the capture, every later call
+    replays. Each call is one step (so the correctness check sees the graph's steps too); the
+    host time left is one graph launch."""
+
+    def __init__(self, step: Callable[[], Any]):
+        self.eager, self.graph, self.calls = step, None, 0
+
+    def __call__(self) -> None:
+        if self.graph is None:
+            if self.calls == 0:
+                self.calls = 1
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    self.eager()
+                torch.cuda.current_stream().wait_stream(side)
+                return
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.eager()
+            self.graph = graph
+        self.graph.replay()
+
+
+def _graphed(make):
+    def graphed(params, spec, hp):
+        runner = make(params, spec, hp)
+        return Runner(runner.optimizer, _Graphed(runner.step))
+    return graphed
+
+
 def _fusedopt_make(backend):
     def make(params, spec, hp):
         import fusedopt
@@ -399,6 +435,9 @@ PROVIDERS: dict[str, Provider] = {
                  _ADAMS, _torch_adamw(foreach=True), state_in_param_dtype=True, separate_clip=True),
         Provider("torch-fused", "torch.optim.AdamW(fused=True): torch's fused kernel",
                  _ADAMS, _torch_adamw(fused=True), state_in_param_dtype=True, separate_clip=True),
+        Provider("torch-fused-graph", "torch.optim.AdamW(fused=True, capturable=True) replayed from a CUDA graph",
+                 _ADAMS, _graphed(_torch_adamw(fused=True, capturable=True)), _needs_cuda("CUDA-graph replay"),
+                 state_in_param_dtype=True, separate_clip=True),
         Provider("torch-compile", "torch.compile of the torch step (AdamW foreach; Lion: lion-pytorch's)",
                  _ADAMS + ("lion",), _torch_compile_make, _torch_compile_reason,
                  state_in_param_dtype=True, separate_clip=True),
@@ -422,6 +461,12 @@ PROVIDERS: dict[str, Provider] = {
                  _ALL, _fusedopt_make("triton"), _fusedopt_reason("triton")),
         Provider("fusedopt-cuda", "fusedopt backend='cuda'",
                  _ALL, _fusedopt_make("cuda"), _fusedopt_reason("cuda")),
+        Provider("fusedopt-triton-graph", "fusedopt backend='triton' replayed from a CUDA graph (no host time)",
+                 _ALL, _graphed(_fusedopt_make("triton")),
+                 _all(_needs_cuda("CUDA-graph replay"), _fusedopt_reason("triton"))),
+        Provider("fusedopt-cuda-graph", "fusedopt backend='cuda' replayed from a CUDA graph (no host time)",
+                 _ALL, _graphed(_fusedopt_make("cuda")),
+                 _all(_needs_cuda("CUDA-graph replay"), _fusedopt_reason("cuda"))),
     )
 }
 

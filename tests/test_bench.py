@@ -208,15 +208,18 @@ def test_bytes_with_states_in_the_param_dtype_and_small_tensors():
 
 def test_model_shapes_have_the_advertised_sizes():
     sizes = {name: sum(torch.Size(s).numel() for s in m.full) for name, m in benchmark.MODELS.items()}
-    assert sizes == {"gpt2-124m": 124_439_808, "llama-1b": 1_235_814_400, "many-4k": 20_000 * 4096}
+    assert sizes == {"gpt2-124m": 124_439_808, "llama-1b": 1_235_814_400, "many-4k": 20_000 * 4096,
+                     "one-82m": 20_000 * 4096}
     assert len(benchmark.MODELS["many-4k"].full) == 20_000
+    assert len(benchmark.MODELS["one-82m"].full) == 1
 
 
 def test_case_and_provider_patterns():
     names = [c.name for c in benchmark.select_cases(["lion", "*/llama-1b/bf16"], quick=True)]
     assert "lion/gpt2-124m/fp32" in names and "lion8bit/gpt2-124m/fp32" not in names
     assert "adamw/llama-1b/bf16" in names and "adamw/llama-1b/fp32" not in names
-    assert [p.name for p in benchmark.select_providers(["torch-f*"])] == ["torch-forloop", "torch-foreach", "torch-fused"]
+    assert [p.name for p in benchmark.select_providers(["torch-f*"])] == ["torch-forloop", "torch-foreach", "torch-fused",
+                                                                           "torch-fused-graph"]
 
 
 @pytest.mark.parametrize("argv,message", [
