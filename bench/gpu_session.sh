@@ -14,7 +14,8 @@
 #
 # Everything a stage writes goes to $OUT (logs, JSON, PNG), which the device tool brings back;
 # copy what counts into bench/results/ and commit it with the device, versions and commit
-# (the JSON records them).
+# (the JSON records them). `python -m fusedopt bench --headlines bench/results/<device>-*.json`
+# then prints the goal ratios and the auto table of all of one device's runs together.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/fusedopt-out}
