@@ -57,6 +57,7 @@ stage_setup() {
 
 stage_tests() {
     "$PY" -m fusedopt check 2>&1 | tee "$OUT/check.txt"
+    "$PY" -m fusedopt bench --quick 2>&1 | tail -40 | tee "$OUT/bench-quick.txt"
     "$PY" -m pytest -m "gpu and not large" -q -ra -x --timeout=300 -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log"
 }
 
