@@ -14,7 +14,7 @@ import triton.language as tl
 
 from .. import reference
 from . import common, quant, table
-from .common import GRAD_MULT, POW1_COL, POW2_COL, SKIP, STEP_WIDTH, T_COL
+from .common import GRAD_MULT, SKIP
 
 BLOCK = common.block(2048, 8192)
 NUM_WARPS = 8
@@ -85,21 +85,9 @@ def adam_kernel(table, work, steps, scalars, hyper_values,
     """Table row: param, grad, exp_avg, exp_avg_sq, [max_exp_avg_sq], step, numel, salt."""
     skip = tl.load(scalars + SKIP)
     if skip == 0:
-        item = tl.load(work + tl.program_id(0))
-        tensor = (item >> 32).to(tl.int32)
-        chunk = item & 0xFFFFFFFF
-        row = table + tensor * WIDTH
-        start = chunk * CHUNK
-        n = tl.load(row + WIDTH - 2) - start
-        p_ptr = common.load_ptr(row, 0, P_DTYPE, ALIGNED) + start
-        g_ptr = common.load_ptr(row, 1, G_DTYPE, ALIGNED) + start
-        m_ptr = common.load_ptr(row, 2, tl.float32, ALIGNED) + start
-        v_ptr = common.load_ptr(row, 3, tl.float32, ALIGNED) + start
-        if AMSGRAD:
-            v_max_ptr = common.load_ptr(row, 4, tl.float32, ALIGNED) + start
-        else:
-            v_max_ptr = v_ptr
-
+        tensor, chunk, row, start, n = common.work_item(table, work, WIDTH, CHUNK)
+        p_ptr, g_ptr, m_ptr, v_ptr, v_max_ptr = common.stream_ptrs(row, start, P_DTYPE, G_DTYPE, tl.float32,
+                                                                   3 if AMSGRAD else 2, ALIGNED)
         if HYPER_IN_MEMORY:  # see table.hyper_args
             lr = tl.load(hyper_values + 0)
             beta1 = tl.load(hyper_values + 1)
@@ -110,18 +98,14 @@ def adam_kernel(table, work, steps, scalars, hyper_values,
             weight_decay = tl.load(hyper_values + 6)
             decay = tl.load(hyper_values + 7)
         grad_mult = tl.load(scalars + GRAD_MULT)
-        bias_correction1 = 1.0 - tl.load(steps + tensor * STEP_WIDTH + POW1_COL)
-        bias_correction2_sqrt = tl.sqrt_rn(1.0 - tl.load(steps + tensor * STEP_WIDTH + POW2_COL))
+        bias_correction1, bias_correction2 = common.bias_corrections(steps, tensor)
+        bias_correction2_sqrt = tl.sqrt_rn(bias_correction2)
         if HYPER_IN_MEMORY:
             step_size = tl.div_rn(lr, bias_correction1)
         else:
             # torch evaluates ``float / tensor`` as ``tensor.reciprocal() * float``
             step_size = tl.div_rn(tl.full([], 1.0, tl.float32), bias_correction1) * lr
-        if STOCHASTIC:
-            t = tl.load(steps + tensor * STEP_WIDTH + T_COL)
-            key = common.rounding_key(seed, t, tl.load(row + WIDTH - 1))
-        else:
-            key = 0
+        key = common.step_key(seed, steps, tensor, row, WIDTH, STOCHASTIC)
 
         if n >= CHUNK:
             for off in range(0, CHUNK, BLOCK):
@@ -187,26 +171,11 @@ def adam8bit_kernel(table, work, steps, scalars, hyper_values, code_values, code
     skip = tl.load(scalars + SKIP)
     if skip == 0:
         CHUNK: tl.constexpr = TILES * ROWS * BLOCK_SIZE
-        item = tl.load(work + tl.program_id(0))
-        tensor = (item >> 32).to(tl.int32)
-        chunk = item & 0xFFFFFFFF
-        row = table + tensor * WIDTH
-        start = chunk * CHUNK
-        n = tl.load(row + WIDTH - 2) - start
-        p_ptr = common.load_ptr(row, 0, P_DTYPE, ALIGNED) + start
-        g_ptr = common.load_ptr(row, 1, G_DTYPE, ALIGNED) + start
-        m_ptr = common.load_ptr(row, 2, tl.uint8, ALIGNED) + start
-        v_ptr = common.load_ptr(row, 3, tl.uint8, ALIGNED) + start
-        if AMSGRAD:
-            v_max_ptr = common.load_ptr(row, 4, tl.uint8, ALIGNED) + start
-            m_absmax_ptr = common.load_ptr(row, 5, tl.float32, False)
-            v_absmax_ptr = common.load_ptr(row, 6, tl.float32, False)
-            v_max_absmax_ptr = common.load_ptr(row, 7, tl.float32, False)
-        else:
-            v_max_ptr = v_ptr
-            m_absmax_ptr = common.load_ptr(row, 4, tl.float32, False)
-            v_absmax_ptr = common.load_ptr(row, 5, tl.float32, False)
-            v_max_absmax_ptr = v_absmax_ptr
+        STATES: tl.constexpr = 3 if AMSGRAD else 2
+        tensor, chunk, row, start, n = common.work_item(table, work, WIDTH, CHUNK)
+        p_ptr, g_ptr, m_ptr, v_ptr, v_max_ptr = common.stream_ptrs(row, start, P_DTYPE, G_DTYPE, tl.uint8,
+                                                                   STATES, ALIGNED)
+        m_absmax_ptr, v_absmax_ptr, v_max_absmax_ptr = common.absmax_ptrs(row, STATES)
         if HYPER_IN_MEMORY:  # see table.hyper_args
             lr = tl.load(hyper_values + 0)
             beta1 = tl.load(hyper_values + 1)
@@ -217,17 +186,13 @@ def adam8bit_kernel(table, work, steps, scalars, hyper_values, code_values, code
             weight_decay = tl.load(hyper_values + 6)
             decay = tl.load(hyper_values + 7)
         grad_mult = tl.load(scalars + GRAD_MULT)
-        bias_correction1 = 1.0 - tl.load(steps + tensor * STEP_WIDTH + POW1_COL)
-        bias_correction2_sqrt = tl.sqrt_rn(1.0 - tl.load(steps + tensor * STEP_WIDTH + POW2_COL))
+        bias_correction1, bias_correction2 = common.bias_corrections(steps, tensor)
+        bias_correction2_sqrt = tl.sqrt_rn(bias_correction2)
         if HYPER_IN_MEMORY:
             step_size = tl.div_rn(lr, bias_correction1)
         else:
             step_size = tl.div_rn(tl.full([], 1.0, tl.float32), bias_correction1) * lr
-        if STOCHASTIC:
-            t = tl.load(steps + tensor * STEP_WIDTH + T_COL)
-            key = common.rounding_key(seed, t, tl.load(row + WIDTH - 1))
-        else:
-            key = 0
+        key = common.step_key(seed, steps, tensor, row, WIDTH, STOCHASTIC)
         first_block = chunk * (TILES * ROWS)
         if n >= CHUNK:
             for it in range(TILES):

@@ -12,7 +12,7 @@ import triton.language as tl
 
 from .. import reference
 from . import common, quant, table
-from .common import GRAD_MULT, SKIP, STEP_WIDTH, T_COL
+from .common import GRAD_MULT, SKIP
 
 BLOCK = common.block(2048, 8192)
 NUM_WARPS = 8
@@ -54,14 +54,8 @@ def lion_kernel(table, work, steps, scalars, hyper_values,
     """Table row: param, grad, exp_avg, step, numel, salt."""
     skip = tl.load(scalars + SKIP)
     if skip == 0:
-        item = tl.load(work + tl.program_id(0))
-        tensor = (item >> 32).to(tl.int32)
-        start = (item & 0xFFFFFFFF) * CHUNK
-        row = table + tensor * WIDTH
-        n = tl.load(row + WIDTH - 2) - start
-        p_ptr = common.load_ptr(row, 0, P_DTYPE, ALIGNED) + start
-        g_ptr = common.load_ptr(row, 1, G_DTYPE, ALIGNED) + start
-        m_ptr = common.load_ptr(row, 2, tl.float32, ALIGNED) + start
+        tensor, chunk, row, start, n = common.work_item(table, work, WIDTH, CHUNK)
+        p_ptr, g_ptr, m_ptr, _, _ = common.stream_ptrs(row, start, P_DTYPE, G_DTYPE, tl.float32, 1, ALIGNED)
         if HYPER_IN_MEMORY:  # see table.hyper_args
             lr = tl.load(hyper_values + 0)
             beta1 = tl.load(hyper_values + 1)
@@ -70,11 +64,7 @@ def lion_kernel(table, work, steps, scalars, hyper_values,
             one_minus_beta2 = tl.load(hyper_values + 4)
             decay = tl.load(hyper_values + 5)
         grad_mult = tl.load(scalars + GRAD_MULT)
-        if STOCHASTIC:
-            t = tl.load(steps + tensor * STEP_WIDTH + T_COL)
-            key = common.rounding_key(seed, t, tl.load(row + WIDTH - 1))
-        else:
-            key = 0
+        key = common.step_key(seed, steps, tensor, row, WIDTH, STOCHASTIC)
         if n >= CHUNK:
             for off in range(0, CHUNK, BLOCK):
                 _lion_block(p_ptr + off, g_ptr + off, m_ptr + off, None, start + off, key, grad_mult, lr,
@@ -121,16 +111,9 @@ def lion8bit_kernel(table, work, steps, scalars, hyper_values, code_values, code
     skip = tl.load(scalars + SKIP)
     if skip == 0:
         CHUNK: tl.constexpr = TILES * ROWS * BLOCK_SIZE
-        item = tl.load(work + tl.program_id(0))
-        tensor = (item >> 32).to(tl.int32)
-        chunk = item & 0xFFFFFFFF
-        row = table + tensor * WIDTH
-        start = chunk * CHUNK
-        n = tl.load(row + WIDTH - 2) - start
-        p_ptr = common.load_ptr(row, 0, P_DTYPE, ALIGNED) + start
-        g_ptr = common.load_ptr(row, 1, G_DTYPE, ALIGNED) + start
-        m_ptr = common.load_ptr(row, 2, tl.uint8, ALIGNED) + start
-        m_absmax_ptr = common.load_ptr(row, 3, tl.float32, False)
+        tensor, chunk, row, start, n = common.work_item(table, work, WIDTH, CHUNK)
+        p_ptr, g_ptr, m_ptr, _, _ = common.stream_ptrs(row, start, P_DTYPE, G_DTYPE, tl.uint8, 1, ALIGNED)
+        m_absmax_ptr, _, _ = common.absmax_ptrs(row, 1)
         if HYPER_IN_MEMORY:  # see table.hyper_args
             lr = tl.load(hyper_values + 0)
             beta1 = tl.load(hyper_values + 1)
@@ -139,11 +122,7 @@ def lion8bit_kernel(table, work, steps, scalars, hyper_values, code_values, code
             one_minus_beta2 = tl.load(hyper_values + 4)
             decay = tl.load(hyper_values + 5)
         grad_mult = tl.load(scalars + GRAD_MULT)
-        if STOCHASTIC:
-            t = tl.load(steps + tensor * STEP_WIDTH + T_COL)
-            key = common.rounding_key(seed, t, tl.load(row + WIDTH - 1))
-        else:
-            key = 0
+        key = common.step_key(seed, steps, tensor, row, WIDTH, STOCHASTIC)
         first_block = chunk * (TILES * ROWS)
         if n >= CHUNK:
             for it in range(TILES):
