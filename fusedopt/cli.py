@@ -67,6 +67,9 @@ def cmd_info(args) -> int:
         except RuntimeError as e:
             chosen = f"none ({e})"
         print(f"  auto on {dev.type}: {chosen}")
+    from fusedopt import build
+
+    print(f"\ncuda extension: {build.status()}")
     return 0
 
 

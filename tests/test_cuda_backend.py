@@ -125,6 +125,34 @@ def test_build_command_fails_cleanly(monkeypatch, tmp_path, capsys):
     assert "nvcc not found" in capsys.readouterr().err
 
 
+def _stamp(directory, torch_version, cuda_version):
+    import importlib.machinery
+    import json
+
+    (directory / "_C.build").write_text(json.dumps({"torch": torch_version, "cuda": cuda_version, "archs": "9.0"}))
+    library = directory / f"_C{importlib.machinery.EXTENSION_SUFFIXES[0]}"
+    library.write_bytes(b"")
+    return library
+
+
+def test_prebuilt_is_used_only_with_the_torch_it_was_built_for(monkeypatch, tmp_path):
+    """What ``FUSEDOPT_BUILD_CUDA=1 pip install .`` leaves in the package, and what ``info`` says."""
+    monkeypatch.setattr(build, "package_dir", lambda: tmp_path)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setenv("FUSEDOPT_CACHE_DIR", str(tmp_path / "cache"))  # an empty cache
+    monkeypatch.setattr(build, "find_cuda_home", lambda: None)
+    assert build.prebuilt() is None
+    assert build.status() == "not built, and cannot be built here: nvcc not found (install the CUDA toolkit, or set CUDA_HOME to it)"
+    library = _stamp(tmp_path, torch.__version__, "13.0")
+    assert build.prebuilt() == library
+    assert build.status() == f"built ahead of time (FUSEDOPT_BUILD_CUDA=1 pip install): {library}"
+    _stamp(tmp_path, "2.0.0", "13.0")
+    assert build.prebuilt() is None
+    assert "is for another torch and is not used" in build.status() and "2.0.0" in build.status()
+    _stamp(tmp_path, torch.__version__, "12.8")
+    assert build.prebuilt() is None
+
+
 def test_arch_list_default_and_override(monkeypatch):
     monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
