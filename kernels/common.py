@@ -170,6 +170,17 @@ def to_dtype(x, index, key, DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr):
 
 
 @triton.jit
+def store_param(p_ptr, o, p, mask, index, key, P_DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """Store fp32 ``p`` at ``p_ptr + o`` in the param's dtype (see :func:`to_dtype`); ``index``
+    is the position of ``p_ptr``'s element in its tensor (with ``key``, what salts stochastic
+    rounding)."""
+    if P_DTYPE == tl.float32:
+        tl.store(p_ptr + o, p, mask=mask)
+    else:
+        tl.store(p_ptr + o, to_dtype(p, index + o, key, P_DTYPE, STOCHASTIC), mask=mask)
+
+
+@triton.jit
 def pow_int(base, t):
     """``base ** t`` for fp32 ``base`` and integer-valued fp32 ``t`` (< 2**25), by squaring in
     fp64 and rounded once to fp32: within an ulp of the reference's ``powf``, and the same bits

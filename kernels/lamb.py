@@ -140,10 +140,7 @@ def _apply_block(p_ptr, m_ptr, v_ptr, mask, index, key, lr_r, eps, weight_decay,
     v = tl.load(v_ptr + o, mask=mask)
     u = lamb_direction(p, m, v, eps, weight_decay, bias_correction1, bias_correction2, BIAS_CORRECTION)
     p = p - lr_r * u
-    if P_DTYPE == tl.float32:
-        tl.store(p_ptr + o, p, mask=mask)
-    else:
-        tl.store(p_ptr + o, common.to_dtype(p, index + o, key, P_DTYPE, STOCHASTIC), mask=mask)
+    common.store_param(p_ptr, o, p, mask, index, key, P_DTYPE, STOCHASTIC)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -194,10 +191,8 @@ def step(batch) -> None:
     tab = table.lookup(batch.cache, "lamb", streams, vector_streams=4, chunk=table.CHUNK,
                        extra=table.salts(batch) if stochastic else None)
     device = batch.params[0].device
-    values, in_memory, values_tensor = table.hyper_args(hyper_values(group, device), device)
+    values, in_memory, hyper_tensor = table.prologue(batch, tab, hyper_values(group, device), beta1_index=1, beta2_index=3)
     scalars = batch.scalars
-    hyper_tensor = values_tensor if in_memory else scalars
-    table.launch_steps(tab, scalars, hyper_tensor, values, in_memory, beta1_index=1, beta2_index=3)
     scratch = tab.scratch.get("lamb")
     if scratch is None:
         scratch = (torch.empty((max(tab.n_work, 1), 2), dtype=torch.float32, device=device),

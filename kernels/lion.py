@@ -31,6 +31,20 @@ def lion_math(p, g, m, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, decay
 
 
 @triton.jit
+def _hyper(hyper_values, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, decay, HYPER_IN_MEMORY: tl.constexpr):
+    """The runtime hyper-parameters: the kernel's arguments, or read from ``hyper_values`` (see
+    table.hyper_args)."""
+    if HYPER_IN_MEMORY:
+        lr = tl.load(hyper_values + 0)
+        beta1 = tl.load(hyper_values + 1)
+        one_minus_beta1 = tl.load(hyper_values + 2)
+        beta2 = tl.load(hyper_values + 3)
+        one_minus_beta2 = tl.load(hyper_values + 4)
+        decay = tl.load(hyper_values + 5)
+    return lr, beta1, one_minus_beta1, beta2, one_minus_beta2, decay
+
+
+@triton.jit
 def _lion_block(p_ptr, g_ptr, m_ptr, mask, index, key, grad_mult, lr, beta1, one_minus_beta1, beta2,
                 one_minus_beta2, decay, P_DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
     o = tl.arange(0, BLOCK)
@@ -38,10 +52,7 @@ def _lion_block(p_ptr, g_ptr, m_ptr, mask, index, key, grad_mult, lr, beta1, one
     g = tl.load(g_ptr + o, mask=mask).to(tl.float32) * grad_mult
     m = tl.load(m_ptr + o, mask=mask)
     p, m = lion_math(p, g, m, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, decay)
-    if P_DTYPE == tl.float32:
-        tl.store(p_ptr + o, p, mask=mask)
-    else:
-        tl.store(p_ptr + o, common.to_dtype(p, index + o, key, P_DTYPE, STOCHASTIC), mask=mask)
+    common.store_param(p_ptr, o, p, mask, index, key, P_DTYPE, STOCHASTIC)
     tl.store(m_ptr + o, m, mask=mask)
 
 
@@ -56,13 +67,8 @@ def lion_kernel(table, work, steps, scalars, hyper_values,
     if skip == 0:
         tensor, chunk, row, start, n = common.work_item(table, work, WIDTH, CHUNK)
         p_ptr, g_ptr, m_ptr, _, _ = common.stream_ptrs(row, start, P_DTYPE, G_DTYPE, tl.float32, 1, ALIGNED)
-        if HYPER_IN_MEMORY:  # see table.hyper_args
-            lr = tl.load(hyper_values + 0)
-            beta1 = tl.load(hyper_values + 1)
-            one_minus_beta1 = tl.load(hyper_values + 2)
-            beta2 = tl.load(hyper_values + 3)
-            one_minus_beta2 = tl.load(hyper_values + 4)
-            decay = tl.load(hyper_values + 5)
+        lr, beta1, one_minus_beta1, beta2, one_minus_beta2, decay = _hyper(
+            hyper_values, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, decay, HYPER_IN_MEMORY)
         grad_mult = tl.load(scalars + GRAD_MULT)
         key = common.step_key(seed, steps, tensor, row, WIDTH, STOCHASTIC)
         if n >= CHUNK:
@@ -93,10 +99,7 @@ def _lion8bit_tile(p_ptr, g_ptr, m_ptr, m_absmax_ptr, base, n, first_block, inde
     g = tl.load(g_ptr + o, mask=mask).to(tl.float32) * grad_mult
     m = quant.load_state(m_ptr, m_absmax_ptr, o, blocks, mask, row_mask, code_values + 256)
     p, m = lion_math(p, g, m, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, decay)
-    if P_DTYPE == tl.float32:
-        tl.store(p_ptr + o, p, mask=mask)
-    else:
-        tl.store(p_ptr + o, common.to_dtype(p, index + o, key, P_DTYPE, STOCHASTIC), mask=mask)
+    common.store_param(p_ptr, o, p, mask, index, key, P_DTYPE, STOCHASTIC)
     quant.store_state(m, m_ptr, m_absmax_ptr, o, blocks, mask, row_mask, code_mids + 256)
 
 
@@ -114,13 +117,8 @@ def lion8bit_kernel(table, work, steps, scalars, hyper_values, code_values, code
         tensor, chunk, row, start, n = common.work_item(table, work, WIDTH, CHUNK)
         p_ptr, g_ptr, m_ptr, _, _ = common.stream_ptrs(row, start, P_DTYPE, G_DTYPE, tl.uint8, 1, ALIGNED)
         m_absmax_ptr, _, _ = common.absmax_ptrs(row, 1)
-        if HYPER_IN_MEMORY:  # see table.hyper_args
-            lr = tl.load(hyper_values + 0)
-            beta1 = tl.load(hyper_values + 1)
-            one_minus_beta1 = tl.load(hyper_values + 2)
-            beta2 = tl.load(hyper_values + 3)
-            one_minus_beta2 = tl.load(hyper_values + 4)
-            decay = tl.load(hyper_values + 5)
+        lr, beta1, one_minus_beta1, beta2, one_minus_beta2, decay = _hyper(
+            hyper_values, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, decay, HYPER_IN_MEMORY)
         grad_mult = tl.load(scalars + GRAD_MULT)
         key = common.step_key(seed, steps, tensor, row, WIDTH, STOCHASTIC)
         first_block = chunk * (TILES * ROWS)
@@ -155,10 +153,8 @@ def step(batch) -> None:
     tab = table.lookup(batch.cache, "lion", streams, vector_streams=3, chunk=table.CHUNK,
                        extra=table.salts(batch) if stochastic else None)
     device = batch.params[0].device
-    values, in_memory, values_tensor = table.hyper_args(hyper_values(group, device), device)
+    values, in_memory, hyper_tensor = table.prologue(batch, tab, hyper_values(group, device))
     scalars = batch.scalars
-    hyper_tensor = values_tensor if in_memory else scalars
-    table.launch_steps(tab, scalars, hyper_tensor, values, in_memory)
     if tab.n_work == 0:
         return
     lion_kernel[(tab.n_work,)](
@@ -180,10 +176,8 @@ def step8bit(batch) -> None:
     tab = table.lookup(batch.cache, "lion8bit", streams, vector_streams=3, chunk=quant.chunk(batch.block_size),
                        extra=table.salts(batch) if stochastic else None)
     device = batch.params[0].device
-    values, in_memory, values_tensor = table.hyper_args(hyper_values(group, device), device)
+    values, in_memory, hyper_tensor = table.prologue(batch, tab, hyper_values(group, device))
     scalars = batch.scalars
-    hyper_tensor = values_tensor if in_memory else scalars
-    table.launch_steps(tab, scalars, hyper_tensor, values, in_memory)
     if tab.n_work == 0:
         return
     code_values, code_mids = table.codebooks(device)
