@@ -29,7 +29,15 @@ pytestmark = [
 ]
 
 
-def test_pip_install_builds_the_extension_ahead_of_time(tmp_path):
+@pytest.fixture
+def scratch(tmp_path):
+    """``tmp_path``, emptied afterwards: the venv holds a whole torch (over 5 GB)."""
+    yield tmp_path
+    shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_pip_install_builds_the_extension_ahead_of_time(scratch):
+    tmp_path = scratch
     # A copy of the sources: pip builds in the tree it is given (build/, *.egg-info).
     source = tmp_path / "src"
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info",
