@@ -1,14 +1,17 @@
-// LAMB launcher: the moments pass, then the apply pass, on the same stream.
+// LAMB launcher: the moments pass, then the apply pass, on the same stream (or one of them).
 #include "lamb.cuh"
 
 namespace fusedopt {
 
-cudaError_t launch_lamb(const MultiTensor& mt, const LambHyper& h, ScalarKind param, cudaStream_t stream) {
+cudaError_t launch_lamb(const MultiTensor& mt, const LambHyper& h, ScalarKind param, LambPasses passes,
+                        cudaStream_t stream) {
   return dispatch_param(param, [&](auto p) {
     using P = typename decltype(p)::type;
-    const cudaError_t err = launch(lamb_moments_kernel<P>, mt.n_work, stream, mt, h);
-    if (err != cudaSuccess) return err;
-    return launch(lamb_apply_kernel<P>, mt.n_work, stream, mt, h);
+    if (passes & kLambMoments) {
+      const cudaError_t err = launch(lamb_moments_kernel<P>, mt.n_work, stream, mt, h);
+      if (err != cudaSuccess) return err;
+    }
+    return passes & kLambApply ? launch(lamb_apply_kernel<P>, mt.n_work, stream, mt, h) : cudaSuccess;
   });
 }
 

@@ -5,6 +5,8 @@
 // order (no float atomics: the result does not depend on which block finishes last).
 // Pass 2 (apply): the trust ratio r = ||p|| / ||u|| (1 unless both are positive), u recomputed
 // from the stored m and v, p -= lr * r * u, and the step advanced.
+// The passes are one launch each, back to back (lamb_), or apart (lamb_moments_, lamb_apply_) so
+// that sharded params can sum each tensor's norms over the shards in between.
 // Bytes per element: pass 1 reads p, g, m, v and writes m, v; pass 2 reads p, m, v, writes p.
 #pragma once
 

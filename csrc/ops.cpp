@@ -6,6 +6,8 @@
 //   make_table   (host) the [tensors, kRowWidth] int64 address table and the (tensor, chunk) work
 //                list of a batch, as CPU tensors; the backend caches them on the device.
 //   adam_, lamb_, lion_   one optimizer step over a batch, in place.
+//   lamb_moments_, lamb_apply_   lamb_'s two passes apart, for sharded params (FSDP2): the
+//                per-tensor norms the first returns are summed over the shards before the second.
 //   global_norm  the norm of many tensors (mixed dtypes), deterministic.
 //   quantize_blockwise   the kernels' 8-bit quantizer, for tests.
 //
@@ -127,11 +129,13 @@ const char* const kAbsmaxNames[3] = {"exp_avg_absmaxes", "exp_avg_sq_absmaxes", 
 
 // Lengths, dtypes, layouts and sizes of a batch. `num_states` state lists hold one tensor per
 // param, the others are empty; with block_size > 0 the states are uint8 codes with fp32
-// absmaxes, else fp32. Adds every tensor to `on_device`.
-void check_streams(const Streams& s, int num_states, int64_t block_size, OnDevice& on_device, const char* op) {
+// absmaxes, else fp32. Without `reads_grads` (an op that takes no grads) s.grads is not looked
+// at. Adds every tensor to `on_device`.
+void check_streams(const Streams& s, int num_states, int64_t block_size, OnDevice& on_device, const char* op,
+                   bool reads_grads = true) {
   check_block_size(block_size, op);
   const size_t n = s.params.size();
-  check_length(s.grads, "grads", n, op);
+  if (reads_grads) check_length(s.grads, "grads", n, op);
   check_length(s.steps, "steps", n, op);
   for (int k = 0; k < 3; ++k) {
     check_length(s.states[k], kStateNames[k], k < num_states ? n : 0, op);
@@ -139,7 +143,7 @@ void check_streams(const Streams& s, int num_states, int64_t block_size, OnDevic
   }
   if (n == 0) return;
   const ScalarKind param_kind = kind_of(s.params[0], Name{"params", 0}, op);
-  const ScalarKind grad_kind = kind_of(s.grads[0], Name{"grads", 0}, op);
+  const ScalarKind grad_kind = reads_grads ? kind_of(s.grads[0], Name{"grads", 0}, op) : kFloat32;
   for (size_t i = 0; i < n; ++i) {
     const Tensor& p = s.params[i];
     const int64_t numel = p.numel();
@@ -147,10 +151,12 @@ void check_streams(const Streams& s, int num_states, int64_t block_size, OnDevic
     TORCH_CHECK(kind_of(p, pname, op) == param_kind, "fusedopt.", op, ": ", pname, " is ", p.scalar_type(),
                 " but params[0] is ", kind_name(param_kind), "; a batch has one param dtype");
     check_dense(p, pname, op);
-    TORCH_CHECK(kind_of(s.grads[i], gname, op) == grad_kind, "fusedopt.", op, ": ", gname, " is ",
-                s.grads[i].scalar_type(), " but grads[0] is ", kind_name(grad_kind), "; a batch has one grad dtype");
-    check_dense(s.grads[i], gname, op);
-    check_numel(s.grads[i], gname, numel, pname, op);
+    if (reads_grads) {
+      TORCH_CHECK(kind_of(s.grads[i], gname, op) == grad_kind, "fusedopt.", op, ": ", gname, " is ",
+                  s.grads[i].scalar_type(), " but grads[0] is ", kind_name(grad_kind), "; a batch has one grad dtype");
+      check_dense(s.grads[i], gname, op);
+      check_numel(s.grads[i], gname, numel, pname, op);
+    }
     for (int k = 0; k < num_states; ++k) {
       const Name name{kStateNames[k], int64_t(i)};
       check_dtype(s.states[k][i], name, block_size > 0 ? at::kByte : at::kFloat, op);
@@ -170,7 +176,7 @@ void check_streams(const Streams& s, int num_states, int64_t block_size, OnDevic
                 s.steps[i].numel());
   }
   on_device.add(s.params, "params");
-  on_device.add(s.grads, "grads");
+  if (reads_grads) on_device.add(s.grads, "grads");
   for (int k = 0; k < num_states; ++k) {
     on_device.add(s.states[k], kStateNames[k]);
     if (block_size > 0) on_device.add(s.absmaxes[k], kAbsmaxNames[k]);
@@ -371,6 +377,41 @@ void lion_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList 
   C10_CUDA_CHECK(launch_lion(mt, args, kind_of(params[0], Name{"params", 0}, op), quant, stream_of(device)));
 }
 
+// The checks every LAMB op makes after check_streams: scalars, tables, hyper-parameters.
+Hyper check_lamb(const Tensor& scalars, const Tensor& table, const Tensor& work, const Tensor& counters, size_t n,
+                 at::ArrayRef<double> hyper, const c10::List<std::optional<Tensor>>& hyper_tensors,
+                 OnDevice& on_device, const char* op) {
+  check_scalars(scalars, on_device, op);
+  check_plan(table, work, counters, n, on_device, op);
+  return check_hyper(hyper, hyper_tensors, {"lr", "beta1", "beta2", "eps", "weight_decay"}, on_device, op);
+}
+
+// LAMB's `passes` over a checked, non-empty batch on `device`. `norms` ([tensors, 2] fp32) gets
+// each tensor's sums of p^2 and u^2 from the moments pass; the apply pass reads them.
+void run_lamb(const Streams& s, const Tensor& scalars, const Tensor& table, const Tensor& work, const Tensor& counters,
+              const Hyper& h, bool bias_correction, const Tensor& norms, LambPasses passes, const at::Device& device,
+              const char* op) {
+  const c10::cuda::CUDAGuard guard(device);
+  // Per-chunk partials of the moments pass: every slot is written before it is read.
+  const Tensor partials = passes & kLambMoments ? at::empty({work.size(0), 2}, scalars.options()) : Tensor();
+  const LambHyper args{h.scalar(0),
+                       h.beta(1),
+                       h.beta(2),
+                       h.scalar(3),
+                       h.scalar(4),
+                       bias_correction,
+                       partials.defined() ? partials.data_ptr<float>() : nullptr,
+                       norms.data_ptr<float>()};
+  // The apply pass reads no grads.
+  const ScalarKind grad = passes & kLambMoments ? kind_of(s.grads[0], Name{"grads", 0}, op) : kFloat32;
+  const MultiTensor mt = multi_tensor(table, work, scalars, counters, kChunk, grad);
+  C10_CUDA_CHECK(launch_lamb(mt, args, kind_of(s.params[0], Name{"params", 0}, op), passes, stream_of(device)));
+}
+
+Tensor new_norms(size_t n, const Tensor& scalars) {
+  return at::empty({int64_t(n), 2}, scalars.options().dtype(at::kFloat));
+}
+
 void lamb_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList steps,
            const Tensor& scalars, const Tensor& table, const Tensor& work, const Tensor& counters,
            at::ArrayRef<double> hyper, const c10::List<std::optional<Tensor>>& hyper_tensors, bool bias_correction) {
@@ -379,21 +420,50 @@ void lamb_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList 
   OnDevice on_device;
   check_streams(s, 2, 0, on_device, op);
   if (params.empty()) return;
-  check_scalars(scalars, on_device, op);
-  check_plan(table, work, counters, params.size(), on_device, op);
-  const Hyper h = check_hyper(hyper, hyper_tensors, {"lr", "beta1", "beta2", "eps", "weight_decay"}, on_device, op);
+  const Hyper h = check_lamb(scalars, table, work, counters, params.size(), hyper, hyper_tensors, on_device, op);
   const at::Device device = on_device.check(op);
+  run_lamb(s, scalars, table, work, counters, h, bias_correction, new_norms(params.size(), scalars), kLambBoth,
+           device, op);
+}
 
-  const c10::cuda::CUDAGuard guard(device);
-  // Partials of the moments pass and per-tensor sums: every slot is written before it is read.
-  Tensor partials = at::empty({work.size(0), 2}, scalars.options());
-  Tensor norms = at::empty({int64_t(params.size()), 2}, scalars.options());
-  const LambHyper args{h.scalar(0),     h.beta(1),
-                       h.beta(2),       h.scalar(3),
-                       h.scalar(4),     bias_correction,
-                       partials.data_ptr<float>(), norms.data_ptr<float>()};
-  const MultiTensor mt = multi_tensor(table, work, scalars, counters, kChunk, kind_of(grads[0], Name{"grads", 0}, op));
-  C10_CUDA_CHECK(launch_lamb(mt, args, kind_of(params[0], Name{"params", 0}, op), stream_of(device)));
+// LAMB's first pass: the moments, in place, and each tensor's [sum p^2, sum u^2] over the
+// elements it holds (for a shard: this rank's part of the sums).
+Tensor lamb_moments_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+                     TensorList steps, const Tensor& scalars, const Tensor& table, const Tensor& work,
+                     const Tensor& counters, at::ArrayRef<double> hyper,
+                     const c10::List<std::optional<Tensor>>& hyper_tensors, bool bias_correction) {
+  const char* op = "lamb_moments_";
+  const Streams s{params, grads, {exp_avgs, exp_avg_sqs, {}}, {{}, {}, {}}, steps};
+  OnDevice on_device;
+  check_streams(s, 2, 0, on_device, op);
+  if (params.empty()) return new_norms(0, scalars);
+  const Hyper h = check_lamb(scalars, table, work, counters, params.size(), hyper, hyper_tensors, on_device, op);
+  const at::Device device = on_device.check(op);
+  Tensor norms = new_norms(params.size(), scalars);
+  run_lamb(s, scalars, table, work, counters, h, bias_correction, norms, kLambMoments, device, op);
+  return norms;
+}
+
+// LAMB's second pass: p -= lr * r * u with r from `norms` (lamb_moments_'s, summed over the
+// shards), and the steps advanced.
+void lamb_apply_(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList steps,
+                 const Tensor& scalars, const Tensor& table, const Tensor& work, const Tensor& counters,
+                 const Tensor& norms, at::ArrayRef<double> hyper, const c10::List<std::optional<Tensor>>& hyper_tensors,
+                 bool bias_correction) {
+  const char* op = "lamb_apply_";
+  const Streams s{params, {}, {exp_avgs, exp_avg_sqs, {}}, {{}, {}, {}}, steps};
+  OnDevice on_device;
+  check_streams(s, 2, 0, on_device, op, /*reads_grads=*/false);
+  if (params.empty()) return;
+  const Hyper h = check_lamb(scalars, table, work, counters, params.size(), hyper, hyper_tensors, on_device, op);
+  check_dtype(norms, Name{"norms"}, at::kFloat, op);
+  TORCH_CHECK(norms.dim() == 2 && norms.size(0) == int64_t(params.size()) && norms.size(1) == 2 &&
+                  norms.is_contiguous(),
+              "fusedopt.", op, ": norms must be a contiguous [", params.size(),
+              ", 2] tensor (from lamb_moments_), got ", norms.sizes());
+  on_device.add(norms, Name{"norms"});
+  const at::Device device = on_device.check(op);
+  run_lamb(s, scalars, table, work, counters, h, bias_correction, norms, kLambApply, device, op);
 }
 
 Tensor global_norm(TensorList tensors, const Tensor& table, const Tensor& work, double norm_type) {
@@ -468,6 +538,14 @@ TORCH_LIBRARY(fusedopt, m) {
       "lamb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] steps, Tensor scalars, Tensor table, Tensor work, Tensor(e!) counters, float[] hyper, "
       "Tensor?[] hyper_tensors, bool bias_correction) -> ()");
+  m.def(
+      "lamb_moments_(Tensor[] params, Tensor[] grads, Tensor(a!)[] exp_avgs, Tensor(b!)[] exp_avg_sqs, "
+      "Tensor[] steps, Tensor scalars, Tensor table, Tensor work, Tensor(c!) counters, float[] hyper, "
+      "Tensor?[] hyper_tensors, bool bias_correction) -> Tensor");
+  m.def(
+      "lamb_apply_(Tensor(a!)[] params, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, Tensor(b!)[] steps, "
+      "Tensor scalars, Tensor table, Tensor work, Tensor(c!) counters, Tensor norms, float[] hyper, "
+      "Tensor?[] hyper_tensors, bool bias_correction) -> ()");
   m.def("global_norm(Tensor[] tensors, Tensor table, Tensor work, float norm_type) -> Tensor");
   m.def("quantize_blockwise(Tensor x, Tensor codebook, bool signed, int block_size) -> (Tensor, Tensor)");
   m.def("table_width() -> int", &table_width);
@@ -482,6 +560,8 @@ TORCH_LIBRARY_IMPL(fusedopt, CPU, m) {
   m.impl("adam_", &adam_);
   m.impl("lion_", &lion_);
   m.impl("lamb_", &lamb_);
+  m.impl("lamb_moments_", &lamb_moments_);
+  m.impl("lamb_apply_", &lamb_apply_);
   m.impl("global_norm", &global_norm);
   m.impl("quantize_blockwise", &quantize_blockwise);
 }
@@ -491,6 +571,8 @@ TORCH_LIBRARY_IMPL(fusedopt, CUDA, m) {
   m.impl("adam_", &adam_);
   m.impl("lion_", &lion_);
   m.impl("lamb_", &lamb_);
+  m.impl("lamb_moments_", &lamb_moments_);
+  m.impl("lamb_apply_", &lamb_apply_);
   m.impl("global_norm", &global_norm);
   m.impl("quantize_blockwise", &quantize_blockwise);
 }

@@ -138,13 +138,19 @@ def library_path(directory: Path) -> Path:
     return directory / f"{LIBRARY}.so"
 
 
+def package_dir() -> Path:
+    """The installed package's folder: where ``FUSEDOPT_BUILD_CUDA=1 pip install .`` puts the
+    extension (``_C*.so``) and its ``_C.build`` stamp."""
+    return Path(__file__).parent
+
+
 def prebuilt() -> Path | None:
     """The ahead-of-time build shipped in the package, if it was built against this torch."""
     import importlib.machinery
 
     import torch
 
-    here = Path(__file__).parent
+    here = package_dir()
     stamp = here / "_C.build"
     if not stamp.is_file():
         return None
@@ -158,6 +164,28 @@ def prebuilt() -> Path | None:
         if (here / f"_C{suffix}").is_file():
             return here / f"_C{suffix}"
     return None
+
+
+def status() -> str:
+    """Where the cuda backend finds the extension, in words (``python -m fusedopt info``)."""
+    import torch
+
+    if torch.version.cuda is None:
+        return f"none (torch {torch.__version__} is a CPU build)"
+    found = prebuilt()
+    if found:
+        return f"built ahead of time (FUSEDOPT_BUILD_CUDA=1 pip install): {found}"
+    stamp = package_dir() / "_C.build"
+    ignored = ""
+    if stamp.is_file():
+        ignored = f"; the ahead-of-time build ({stamp.read_text().strip()}) is for another torch and is not used"
+    found = cached()
+    if found:
+        return f"built in the cache: {found}{ignored}"
+    reason = cannot_build()
+    if reason:
+        return f"not built, and cannot be built here: {reason}{ignored}"
+    return f"not built yet: compiled on first use, or by `python -m fusedopt build`{ignored}"
 
 
 def cached(archs: str | None = None) -> Path | None:

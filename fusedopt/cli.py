@@ -72,6 +72,9 @@ def cmd_info(args) -> int:
             print(f"  auto on {dev.type}: {chosen[backends.KINDS[0]]}")
         else:
             print(f"  auto on {dev.type}: " + ", ".join(f"{k} -> {v}" for k, v in chosen.items()))
+    from fusedopt import build
+
+    print(f"\ncuda extension: {build.status()}")
     return 0
 
 

@@ -2,8 +2,9 @@
 
 Each family function builds (once per change of addresses) a device table of the batch's
 tensor addresses and a list of (tensor, chunk) work items, keeps them in ``batch.cache``, and
-calls one op: ``torch.ops.fusedopt.adam_``, ``lion_`` or ``lamb_`` (two kernels). The step
-scalars (``fusedopt.scalars``) and tensor-valued hyper-parameters are read on the device, so a
+calls one op: ``torch.ops.fusedopt.adam_``, ``lion_`` or ``lamb_`` (two kernels; for sharded
+params ``lamb_moments_`` and ``lamb_apply_``, with the per-tensor norms summed over the shards
+between them). The step scalars (``fusedopt.scalars``) and tensor-valued hyper-parameters are read on the device, so a
 step never waits for the GPU. ``global_norm`` is two kernels (partials in fixed slots, then one
 block), deterministic.
 
@@ -28,7 +29,7 @@ from itertools import chain
 
 import torch
 
-from . import build, distributed, quant, reference
+from . import build, quant, reference
 
 NAME = "cuda"
 DESCRIPTION = "CUDA C++ multi-tensor kernels (csrc/), compiled with nvcc on first use or by `python -m fusedopt build`"
@@ -83,10 +84,6 @@ def unsupported(tensor: torch.Tensor) -> str | None:
     """Why this backend cannot take ``tensor`` (a param or a grad), or None."""
     if not tensor.is_cuda:
         return f"it takes CUDA tensors, got a {tensor.device.type} tensor"
-    if distributed.is_dtensor(tensor):
-        # LAMB's per-tensor norms would need Batch.all_reduce between its passes, which this
-        # backend does not call yet; the Triton backend does.
-        return "it does not take sharded (DTensor) params yet; the triton backend does"
     if tensor.dtype not in _DTYPES:
         return f"it takes float32, bfloat16 and float16 tensors, got {tensor.dtype}"
     if not tensor.is_contiguous():
@@ -209,15 +206,24 @@ def lion(batch) -> None:
 
 
 def lamb(batch) -> None:
+    """LAMB over one batch: one op (two kernels), or for sharded params (``batch.all_reduce``)
+    the moments pass, each tensor's ``||p||^2`` and ``||u||^2`` summed over its shards, then the
+    apply pass."""
     group = batch.group
     lists = _lists(batch, 2)
     plan = _plan(batch, lists)
     device = batch.params[0].device
     hyper, hyper_tensors = _hyper((group["lr"], *group["betas"], group["eps"], group["weight_decay"]), device)
-    _ops().lamb_(
-        lists["params"], lists["grads"], lists["exp_avgs"], lists["exp_avg_sqs"], lists["steps"], batch.scalars,
-        plan.table, plan.work, plan.counters, hyper, hyper_tensors, group["bias_correction"],
-    )
+    ops = _ops()
+    params, m, v, steps = lists["params"], lists["exp_avgs"], lists["exp_avg_sqs"], lists["steps"]
+    tables = (batch.scalars, plan.table, plan.work, plan.counters)
+    if batch.all_reduce is None:
+        ops.lamb_(params, lists["grads"], m, v, steps, *tables, hyper, hyper_tensors, group["bias_correction"])
+        return
+    norms = ops.lamb_moments_(params, lists["grads"], m, v, steps, *tables, hyper, hyper_tensors,
+                              group["bias_correction"])
+    batch.all_reduce(norms)
+    ops.lamb_apply_(params, m, v, steps, *tables, norms, hyper, hyper_tensors, group["bias_correction"])
 
 
 _norm_plans: collections.OrderedDict = collections.OrderedDict()
@@ -266,8 +272,13 @@ def _register_fakes() -> None:
         return (torch.empty((len(params), width), dtype=torch.int64, device="cpu"),
                 torch.empty((n_work, 2), dtype=torch.int32, device="cpu"))
 
-    for name in ("adam_", "lion_", "lamb_"):
+    for name in ("adam_", "lion_", "lamb_", "lamb_apply_"):
         torch.library.register_fake(lib + name)(lambda *args, **kwargs: None)
+
+    @torch.library.register_fake(lib + "lamb_moments_")
+    def _(params, grads, exp_avgs, exp_avg_sqs, steps, scalars, table, work, counters, hyper, hyper_tensors,
+          bias_correction):
+        return scalars.new_empty((len(params), 2), dtype=torch.float32)
 
     @torch.library.register_fake(lib + "global_norm")
     def _(tensors, table, work, norm_type):

@@ -14,7 +14,7 @@ import triton.language as tl
 
 from .. import reference
 from . import common, quant, table
-from .common import GRAD_MULT, POW1_COL, POW2_COL, SKIP, STEP_WIDTH, T_COL
+from .common import GRAD_MULT, SKIP
 
 BLOCK = common.block(2048, 8192)
 NUM_WARPS = 8
@@ -48,6 +48,32 @@ def adam_math(p, g, m, v, v_max, beta1, one_minus_beta1, beta2, one_minus_beta2,
 
 
 @triton.jit
+def _tensor_scalars(steps, tensor, hyper_values, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
+                    weight_decay, decay, HYPER_IN_MEMORY: tl.constexpr):
+    """A tensor's runtime hyper-parameters (the kernel's arguments, or read from ``hyper_values``:
+    see table.hyper_args) and its ``step_size``, ``bias_correction2_sqrt``, derived as the reference
+    derives them: ``(beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay,
+    step_size, bias_correction2_sqrt)``."""
+    if HYPER_IN_MEMORY:
+        lr = tl.load(hyper_values + 0)
+        beta1 = tl.load(hyper_values + 1)
+        one_minus_beta1 = tl.load(hyper_values + 2)
+        beta2 = tl.load(hyper_values + 3)
+        one_minus_beta2 = tl.load(hyper_values + 4)
+        eps = tl.load(hyper_values + 5)
+        weight_decay = tl.load(hyper_values + 6)
+        decay = tl.load(hyper_values + 7)
+    bias_correction1, bias_correction2 = common.bias_corrections(steps, tensor)
+    if HYPER_IN_MEMORY:
+        step_size = tl.div_rn(lr, bias_correction1)
+    else:
+        # torch evaluates ``float / tensor`` as ``tensor.reciprocal() * float``
+        step_size = tl.div_rn(tl.full([], 1.0, tl.float32), bias_correction1) * lr
+    return (beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay, step_size,
+            tl.sqrt_rn(bias_correction2))
+
+
+@triton.jit
 def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, v_max_ptr, mask, index, key, grad_mult,
                 beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay, step_size,
                 bias_correction2_sqrt, P_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr,
@@ -65,10 +91,7 @@ def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, v_max_ptr, mask, index, key, grad_mu
     p, m, v, v_max = adam_math(p, g, m, v, v_max, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
                                weight_decay, decay, step_size, bias_correction2_sqrt, AMSGRAD, MAXIMIZE,
                                DECOUPLED)
-    if P_DTYPE == tl.float32:
-        tl.store(p_ptr + o, p, mask=mask)
-    else:
-        tl.store(p_ptr + o, common.to_dtype(p, index + o, key, P_DTYPE, STOCHASTIC), mask=mask)
+    common.store_param(p_ptr, o, p, mask, index, key, P_DTYPE, STOCHASTIC)
     tl.store(m_ptr + o, m, mask=mask)
     tl.store(v_ptr + o, v, mask=mask)
     if AMSGRAD:
@@ -85,43 +108,14 @@ def adam_kernel(table, work, steps, scalars, hyper_values,
     """Table row: param, grad, exp_avg, exp_avg_sq, [max_exp_avg_sq], step, numel, salt."""
     skip = tl.load(scalars + SKIP)
     if skip == 0:
-        item = tl.load(work + tl.program_id(0))
-        tensor = (item >> 32).to(tl.int32)
-        chunk = item & 0xFFFFFFFF
-        row = table + tensor * WIDTH
-        start = chunk * CHUNK
-        n = tl.load(row + WIDTH - 2) - start
-        p_ptr = common.load_ptr(row, 0, P_DTYPE, ALIGNED) + start
-        g_ptr = common.load_ptr(row, 1, G_DTYPE, ALIGNED) + start
-        m_ptr = common.load_ptr(row, 2, tl.float32, ALIGNED) + start
-        v_ptr = common.load_ptr(row, 3, tl.float32, ALIGNED) + start
-        if AMSGRAD:
-            v_max_ptr = common.load_ptr(row, 4, tl.float32, ALIGNED) + start
-        else:
-            v_max_ptr = v_ptr
-
-        if HYPER_IN_MEMORY:  # see table.hyper_args
-            lr = tl.load(hyper_values + 0)
-            beta1 = tl.load(hyper_values + 1)
-            one_minus_beta1 = tl.load(hyper_values + 2)
-            beta2 = tl.load(hyper_values + 3)
-            one_minus_beta2 = tl.load(hyper_values + 4)
-            eps = tl.load(hyper_values + 5)
-            weight_decay = tl.load(hyper_values + 6)
-            decay = tl.load(hyper_values + 7)
+        tensor, chunk, row, start, n = common.work_item(table, work, WIDTH, CHUNK)
+        p_ptr, g_ptr, m_ptr, v_ptr, v_max_ptr = common.stream_ptrs(row, start, P_DTYPE, G_DTYPE, tl.float32,
+                                                                   3 if AMSGRAD else 2, ALIGNED)
+        beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay, step_size, bias_correction2_sqrt = \
+            _tensor_scalars(steps, tensor, hyper_values, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
+                            weight_decay, decay, HYPER_IN_MEMORY)
         grad_mult = tl.load(scalars + GRAD_MULT)
-        bias_correction1 = 1.0 - tl.load(steps + tensor * STEP_WIDTH + POW1_COL)
-        bias_correction2_sqrt = tl.sqrt_rn(1.0 - tl.load(steps + tensor * STEP_WIDTH + POW2_COL))
-        if HYPER_IN_MEMORY:
-            step_size = tl.div_rn(lr, bias_correction1)
-        else:
-            # torch evaluates ``float / tensor`` as ``tensor.reciprocal() * float``
-            step_size = tl.div_rn(tl.full([], 1.0, tl.float32), bias_correction1) * lr
-        if STOCHASTIC:
-            t = tl.load(steps + tensor * STEP_WIDTH + T_COL)
-            key = common.rounding_key(seed, t, tl.load(row + WIDTH - 1))
-        else:
-            key = 0
+        key = common.step_key(seed, steps, tensor, row, WIDTH, STOCHASTIC)
 
         if n >= CHUNK:
             for off in range(0, CHUNK, BLOCK):
@@ -164,10 +158,7 @@ def _adam8bit_tile(p_ptr, g_ptr, m_ptr, v_ptr, v_max_ptr, m_absmax_ptr, v_absmax
     p, m, v, v_max = adam_math(p, g, m, v, v_max, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
                                weight_decay, decay, step_size, bias_correction2_sqrt, AMSGRAD, MAXIMIZE,
                                DECOUPLED)
-    if P_DTYPE == tl.float32:
-        tl.store(p_ptr + o, p, mask=mask)
-    else:
-        tl.store(p_ptr + o, common.to_dtype(p, index + o, key, P_DTYPE, STOCHASTIC), mask=mask)
+    common.store_param(p_ptr, o, p, mask, index, key, P_DTYPE, STOCHASTIC)
     quant.store_state(m, m_ptr, m_absmax_ptr, o, blocks, mask, row_mask, code_mids + 256)
     quant.store_state(v, v_ptr, v_absmax_ptr, o, blocks, mask, row_mask, code_mids)
     if AMSGRAD:
@@ -187,47 +178,16 @@ def adam8bit_kernel(table, work, steps, scalars, hyper_values, code_values, code
     skip = tl.load(scalars + SKIP)
     if skip == 0:
         CHUNK: tl.constexpr = TILES * ROWS * BLOCK_SIZE
-        item = tl.load(work + tl.program_id(0))
-        tensor = (item >> 32).to(tl.int32)
-        chunk = item & 0xFFFFFFFF
-        row = table + tensor * WIDTH
-        start = chunk * CHUNK
-        n = tl.load(row + WIDTH - 2) - start
-        p_ptr = common.load_ptr(row, 0, P_DTYPE, ALIGNED) + start
-        g_ptr = common.load_ptr(row, 1, G_DTYPE, ALIGNED) + start
-        m_ptr = common.load_ptr(row, 2, tl.uint8, ALIGNED) + start
-        v_ptr = common.load_ptr(row, 3, tl.uint8, ALIGNED) + start
-        if AMSGRAD:
-            v_max_ptr = common.load_ptr(row, 4, tl.uint8, ALIGNED) + start
-            m_absmax_ptr = common.load_ptr(row, 5, tl.float32, False)
-            v_absmax_ptr = common.load_ptr(row, 6, tl.float32, False)
-            v_max_absmax_ptr = common.load_ptr(row, 7, tl.float32, False)
-        else:
-            v_max_ptr = v_ptr
-            m_absmax_ptr = common.load_ptr(row, 4, tl.float32, False)
-            v_absmax_ptr = common.load_ptr(row, 5, tl.float32, False)
-            v_max_absmax_ptr = v_absmax_ptr
-        if HYPER_IN_MEMORY:  # see table.hyper_args
-            lr = tl.load(hyper_values + 0)
-            beta1 = tl.load(hyper_values + 1)
-            one_minus_beta1 = tl.load(hyper_values + 2)
-            beta2 = tl.load(hyper_values + 3)
-            one_minus_beta2 = tl.load(hyper_values + 4)
-            eps = tl.load(hyper_values + 5)
-            weight_decay = tl.load(hyper_values + 6)
-            decay = tl.load(hyper_values + 7)
+        STATES: tl.constexpr = 3 if AMSGRAD else 2
+        tensor, chunk, row, start, n = common.work_item(table, work, WIDTH, CHUNK)
+        p_ptr, g_ptr, m_ptr, v_ptr, v_max_ptr = common.stream_ptrs(row, start, P_DTYPE, G_DTYPE, tl.uint8,
+                                                                   STATES, ALIGNED)
+        m_absmax_ptr, v_absmax_ptr, v_max_absmax_ptr = common.absmax_ptrs(row, STATES)
+        beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay, step_size, bias_correction2_sqrt = \
+            _tensor_scalars(steps, tensor, hyper_values, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
+                            weight_decay, decay, HYPER_IN_MEMORY)
         grad_mult = tl.load(scalars + GRAD_MULT)
-        bias_correction1 = 1.0 - tl.load(steps + tensor * STEP_WIDTH + POW1_COL)
-        bias_correction2_sqrt = tl.sqrt_rn(1.0 - tl.load(steps + tensor * STEP_WIDTH + POW2_COL))
-        if HYPER_IN_MEMORY:
-            step_size = tl.div_rn(lr, bias_correction1)
-        else:
-            step_size = tl.div_rn(tl.full([], 1.0, tl.float32), bias_correction1) * lr
-        if STOCHASTIC:
-            t = tl.load(steps + tensor * STEP_WIDTH + T_COL)
-            key = common.rounding_key(seed, t, tl.load(row + WIDTH - 1))
-        else:
-            key = 0
+        key = common.step_key(seed, steps, tensor, row, WIDTH, STOCHASTIC)
         first_block = chunk * (TILES * ROWS)
         if n >= CHUNK:
             for it in range(TILES):
@@ -268,10 +228,8 @@ def step(batch) -> None:
     tab = table.lookup(batch.cache, "adam", streams, vector_streams=len(streams) - 1, chunk=table.CHUNK,
                        extra=table.salts(batch) if stochastic else None)
     device = batch.params[0].device
-    values, in_memory, values_tensor = table.hyper_args(hyper_values(group, device), device)
+    values, in_memory, hyper_tensor = table.prologue(batch, tab, hyper_values(group, device), beta1_index=1, beta2_index=3)
     scalars = batch.scalars
-    hyper_tensor = values_tensor if in_memory else scalars
-    table.launch_steps(tab, scalars, hyper_tensor, values, in_memory, beta1_index=1, beta2_index=3)
     if tab.n_work == 0:
         return
     adam_kernel[(tab.n_work,)](
@@ -298,10 +256,8 @@ def step8bit(batch) -> None:
     tab = table.lookup(batch.cache, "adam8bit", streams, vector_streams=2 + len(names),
                        chunk=quant.chunk(batch.block_size), extra=table.salts(batch) if stochastic else None)
     device = batch.params[0].device
-    values, in_memory, values_tensor = table.hyper_args(hyper_values(group, device), device)
+    values, in_memory, hyper_tensor = table.prologue(batch, tab, hyper_values(group, device), beta1_index=1, beta2_index=3)
     scalars = batch.scalars
-    hyper_tensor = values_tensor if in_memory else scalars
-    table.launch_steps(tab, scalars, hyper_tensor, values, in_memory, beta1_index=1, beta2_index=3)
     if tab.n_work == 0:
         return
     code_values, code_mids = table.codebooks(device)

@@ -55,6 +55,78 @@ def load_ptr(row, col: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr)
 
 
 @triton.jit
+def work_item(table, work, WIDTH: tl.constexpr, CHUNK: tl.constexpr):
+    """This program's work item, decoded: ``(tensor, chunk, row, start, n)``, the tensor's
+    index, the chunk's index in it, the tensor's table row, the chunk's first element, and the
+    elements from there to the end of the tensor (``n >= CHUNK`` on every chunk but the last).
+    A row is ``WIDTH`` columns, of which the last two are the element count and the salt."""
+    item = tl.load(work + tl.program_id(0))
+    tensor = (item >> 32).to(tl.int32)
+    chunk = item & 0xFFFFFFFF
+    row = table + tensor * WIDTH
+    start = chunk * CHUNK
+    n = tl.load(row + WIDTH - 2) - start
+    return tensor, chunk, row, start, n
+
+
+@triton.jit
+def column_ptrs(row, start, FIRST: tl.constexpr, COUNT: tl.constexpr, DTYPE: tl.constexpr,
+                ALIGNED: tl.constexpr):
+    """Pointers to element ``start`` of the ``COUNT`` (1 to 3) streams in columns ``FIRST``,
+    ``FIRST + 1``, ... of a row, all of ``DTYPE``: always three, those past ``COUNT`` repeating
+    the last one (a kernel without the stream never touches them)."""
+    a = load_ptr(row, FIRST, DTYPE, ALIGNED) + start
+    if COUNT >= 2:
+        b = load_ptr(row, FIRST + 1, DTYPE, ALIGNED) + start
+    else:
+        b = a
+    if COUNT >= 3:
+        c = load_ptr(row, FIRST + 2, DTYPE, ALIGNED) + start
+    else:
+        c = b
+    return a, b, c
+
+
+@triton.jit
+def stream_ptrs(row, start, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
+                STATES: tl.constexpr, ALIGNED: tl.constexpr):
+    """Pointers to element ``start`` of an update row's streams: ``(p, g, s0, s1, s2)``, the
+    param (column 0), the grad (column 1) and ``STATES`` states of ``S_DTYPE`` (columns 2..; fp32,
+    or uint8 codes), the states past ``STATES`` repeating the last one."""
+    p_ptr = load_ptr(row, 0, P_DTYPE, ALIGNED) + start
+    g_ptr = load_ptr(row, 1, G_DTYPE, ALIGNED) + start
+    s0, s1, s2 = column_ptrs(row, start, 2, STATES, S_DTYPE, ALIGNED)
+    return p_ptr, g_ptr, s0, s1, s2
+
+
+@triton.jit
+def absmax_ptrs(row, STATES: tl.constexpr):
+    """The fp32 absmax pointers of an 8-bit row's ``STATES`` states (the columns after the
+    codes; whole tensors, read at block indices), as :func:`column_ptrs` returns them."""
+    return column_ptrs(row, 0, 2 + STATES, STATES, tl.float32, False)
+
+
+@triton.jit
+def step_key(seed, steps, tensor, row, WIDTH: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """The stochastic-rounding key of this tensor at this step (``rounding_key`` of the seed,
+    ``t`` and the row's salt); 0 without ``STOCHASTIC``."""
+    if STOCHASTIC:
+        t = tl.load(steps + tensor * STEP_WIDTH + T_COL)
+        key = rounding_key(seed, t, tl.load(row + WIDTH - 1))
+    else:
+        key = 0
+    return key
+
+
+@triton.jit
+def bias_corrections(steps, tensor):
+    """``(1 - beta1^t, 1 - beta2^t)`` of this tensor, from the step buffer."""
+    bias_correction1 = 1.0 - tl.load(steps + tensor * STEP_WIDTH + POW1_COL)
+    bias_correction2 = 1.0 - tl.load(steps + tensor * STEP_WIDTH + POW2_COL)
+    return bias_correction1, bias_correction2
+
+
+@triton.jit
 def mix32(x):
     """A 32-bit integer finaliser (``lowbias32``): every output bit depends on every input bit.
     ``fusedopt.reference.mix32`` is the same function on int64 tensors."""
@@ -95,6 +167,17 @@ def to_dtype(x, index, key, DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr):
         return (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(DTYPE)
+
+
+@triton.jit
+def store_param(p_ptr, o, p, mask, index, key, P_DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """Store fp32 ``p`` at ``p_ptr + o`` in the param's dtype (see :func:`to_dtype`); ``index``
+    is the position of ``p_ptr``'s element in its tensor (with ``key``, what salts stochastic
+    rounding)."""
+    if P_DTYPE == tl.float32:
+        tl.store(p_ptr + o, p, mask=mask)
+    else:
+        tl.store(p_ptr + o, to_dtype(p, index + o, key, P_DTYPE, STOCHASTIC), mask=mask)
 
 
 @triton.jit

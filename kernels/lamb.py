@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from . import common, table
-from .common import GRAD_MULT, POW1_COL, POW2_COL, SKIP, STEP_WIDTH, T_COL
+from .common import GRAD_MULT, SKIP
 
 BLOCK = common.block(2048, 8192)
 NUM_WARPS = 8
@@ -76,16 +76,8 @@ def lamb_moments_kernel(table, work, steps, scalars, hyper_values, partials,
     ``partials[program]`` gets the chunk's ``(sum p^2, sum u^2)``."""
     skip = tl.load(scalars + SKIP)
     if skip == 0:
-        w = tl.program_id(0)
-        item = tl.load(work + w)
-        tensor = (item >> 32).to(tl.int32)
-        start = (item & 0xFFFFFFFF) * CHUNK
-        row = table + tensor * WIDTH
-        n = tl.load(row + WIDTH - 2) - start
-        p_ptr = common.load_ptr(row, 0, P_DTYPE, ALIGNED) + start
-        g_ptr = common.load_ptr(row, 1, G_DTYPE, ALIGNED) + start
-        m_ptr = common.load_ptr(row, 2, tl.float32, ALIGNED) + start
-        v_ptr = common.load_ptr(row, 3, tl.float32, ALIGNED) + start
+        tensor, chunk, row, start, n = common.work_item(table, work, WIDTH, CHUNK)
+        p_ptr, g_ptr, m_ptr, v_ptr, _ = common.stream_ptrs(row, start, P_DTYPE, G_DTYPE, tl.float32, 2, ALIGNED)
         if HYPER_IN_MEMORY:  # see table.hyper_args
             beta1 = tl.load(hyper_values + 1)
             one_minus_beta1 = tl.load(hyper_values + 2)
@@ -94,8 +86,7 @@ def lamb_moments_kernel(table, work, steps, scalars, hyper_values, partials,
             eps = tl.load(hyper_values + 5)
             weight_decay = tl.load(hyper_values + 6)
         grad_mult = tl.load(scalars + GRAD_MULT)
-        bias_correction1 = 1.0 - tl.load(steps + tensor * STEP_WIDTH + POW1_COL)
-        bias_correction2 = 1.0 - tl.load(steps + tensor * STEP_WIDTH + POW2_COL)
+        bias_correction1, bias_correction2 = common.bias_corrections(steps, tensor)
         p_sq = tl.zeros([BLOCK], tl.float32)
         u_sq = tl.zeros([BLOCK], tl.float32)
         if n >= CHUNK:
@@ -114,6 +105,7 @@ def lamb_moments_kernel(table, work, steps, scalars, hyper_values, partials,
                                         BIAS_CORRECTION, BLOCK)
                 p_sq += pp
                 u_sq += uu
+        w = tl.program_id(0)
         tl.store(partials + 2 * w, tl.sum(p_sq, axis=0))
         tl.store(partials + 2 * w + 1, tl.sum(u_sq, axis=0))
 
@@ -148,10 +140,7 @@ def _apply_block(p_ptr, m_ptr, v_ptr, mask, index, key, lr_r, eps, weight_decay,
     v = tl.load(v_ptr + o, mask=mask)
     u = lamb_direction(p, m, v, eps, weight_decay, bias_correction1, bias_correction2, BIAS_CORRECTION)
     p = p - lr_r * u
-    if P_DTYPE == tl.float32:
-        tl.store(p_ptr + o, p, mask=mask)
-    else:
-        tl.store(p_ptr + o, common.to_dtype(p, index + o, key, P_DTYPE, STOCHASTIC), mask=mask)
+    common.store_param(p_ptr, o, p, mask, index, key, P_DTYPE, STOCHASTIC)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -162,26 +151,15 @@ def lamb_apply_kernel(table, work, steps, scalars, hyper_values, ratios, lr, eps
     """Pass 2: ``p -= lr * r * u``, ``u`` recomputed from the moments pass 1 stored."""
     skip = tl.load(scalars + SKIP)
     if skip == 0:
-        item = tl.load(work + tl.program_id(0))
-        tensor = (item >> 32).to(tl.int32)
-        start = (item & 0xFFFFFFFF) * CHUNK
-        row = table + tensor * WIDTH
-        n = tl.load(row + WIDTH - 2) - start
-        p_ptr = common.load_ptr(row, 0, P_DTYPE, ALIGNED) + start
-        m_ptr = common.load_ptr(row, 2, tl.float32, ALIGNED) + start
-        v_ptr = common.load_ptr(row, 3, tl.float32, ALIGNED) + start
+        tensor, chunk, row, start, n = common.work_item(table, work, WIDTH, CHUNK)
+        p_ptr, _, m_ptr, v_ptr, _ = common.stream_ptrs(row, start, P_DTYPE, P_DTYPE, tl.float32, 2, ALIGNED)
         if HYPER_IN_MEMORY:  # see table.hyper_args
             lr = tl.load(hyper_values + 0)
             eps = tl.load(hyper_values + 5)
             weight_decay = tl.load(hyper_values + 6)
-        bias_correction1 = 1.0 - tl.load(steps + tensor * STEP_WIDTH + POW1_COL)
-        bias_correction2 = 1.0 - tl.load(steps + tensor * STEP_WIDTH + POW2_COL)
+        bias_correction1, bias_correction2 = common.bias_corrections(steps, tensor)
         lr_r = lr * tl.load(ratios + tensor)
-        if STOCHASTIC:
-            t = tl.load(steps + tensor * STEP_WIDTH + T_COL)
-            key = common.rounding_key(seed, t, tl.load(row + WIDTH - 1))
-        else:
-            key = 0
+        key = common.step_key(seed, steps, tensor, row, WIDTH, STOCHASTIC)
         if n >= CHUNK:
             for off in range(0, CHUNK, BLOCK):
                 _apply_block(p_ptr + off, m_ptr + off, v_ptr + off, None, start + off, key, lr_r, eps,
@@ -213,10 +191,8 @@ def step(batch) -> None:
     tab = table.lookup(batch.cache, "lamb", streams, vector_streams=4, chunk=table.CHUNK,
                        extra=table.salts(batch) if stochastic else None)
     device = batch.params[0].device
-    values, in_memory, values_tensor = table.hyper_args(hyper_values(group, device), device)
+    values, in_memory, hyper_tensor = table.prologue(batch, tab, hyper_values(group, device), beta1_index=1, beta2_index=3)
     scalars = batch.scalars
-    hyper_tensor = values_tensor if in_memory else scalars
-    table.launch_steps(tab, scalars, hyper_tensor, values, in_memory, beta1_index=1, beta2_index=3)
     scratch = tab.scratch.get("lamb")
     if scratch is None:
         scratch = (torch.empty((max(tab.n_work, 1), 2), dtype=torch.float32, device=device),

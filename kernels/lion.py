@@ -12,7 +12,7 @@ import triton.language as tl
 
 from .. import reference
 from . import common, quant, table
-from .common import GRAD_MULT, SKIP, STEP_WIDTH, T_COL
+from .common import GRAD_MULT, SKIP
 
 BLOCK = common.block(2048, 8192)
 NUM_WARPS = 8
@@ -31,6 +31,20 @@ def lion_math(p, g, m, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, decay
 
 
 @triton.jit
+def _hyper(hyper_values, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, decay, HYPER_IN_MEMORY: tl.constexpr):
+    """The runtime hyper-parameters: the kernel's arguments, or read from ``hyper_values`` (see
+    table.hyper_args)."""
+    if HYPER_IN_MEMORY:
+        lr = tl.load(hyper_values + 0)
+        beta1 = tl.load(hyper_values + 1)
+        one_minus_beta1 = tl.load(hyper_values + 2)
+        beta2 = tl.load(hyper_values + 3)
+        one_minus_beta2 = tl.load(hyper_values + 4)
+        decay = tl.load(hyper_values + 5)
+    return lr, beta1, one_minus_beta1, beta2, one_minus_beta2, decay
+
+
+@triton.jit
 def _lion_block(p_ptr, g_ptr, m_ptr, mask, index, key, grad_mult, lr, beta1, one_minus_beta1, beta2,
                 one_minus_beta2, decay, P_DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
     o = tl.arange(0, BLOCK)
@@ -38,10 +52,7 @@ def _lion_block(p_ptr, g_ptr, m_ptr, mask, index, key, grad_mult, lr, beta1, one
     g = tl.load(g_ptr + o, mask=mask).to(tl.float32) * grad_mult
     m = tl.load(m_ptr + o, mask=mask)
     p, m = lion_math(p, g, m, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, decay)
-    if P_DTYPE == tl.float32:
-        tl.store(p_ptr + o, p, mask=mask)
-    else:
-        tl.store(p_ptr + o, common.to_dtype(p, index + o, key, P_DTYPE, STOCHASTIC), mask=mask)
+    common.store_param(p_ptr, o, p, mask, index, key, P_DTYPE, STOCHASTIC)
     tl.store(m_ptr + o, m, mask=mask)
 
 
@@ -54,27 +65,12 @@ def lion_kernel(table, work, steps, scalars, hyper_values,
     """Table row: param, grad, exp_avg, step, numel, salt."""
     skip = tl.load(scalars + SKIP)
     if skip == 0:
-        item = tl.load(work + tl.program_id(0))
-        tensor = (item >> 32).to(tl.int32)
-        start = (item & 0xFFFFFFFF) * CHUNK
-        row = table + tensor * WIDTH
-        n = tl.load(row + WIDTH - 2) - start
-        p_ptr = common.load_ptr(row, 0, P_DTYPE, ALIGNED) + start
-        g_ptr = common.load_ptr(row, 1, G_DTYPE, ALIGNED) + start
-        m_ptr = common.load_ptr(row, 2, tl.float32, ALIGNED) + start
-        if HYPER_IN_MEMORY:  # see table.hyper_args
-            lr = tl.load(hyper_values + 0)
-            beta1 = tl.load(hyper_values + 1)
-            one_minus_beta1 = tl.load(hyper_values + 2)
-            beta2 = tl.load(hyper_values + 3)
-            one_minus_beta2 = tl.load(hyper_values + 4)
-            decay = tl.load(hyper_values + 5)
+        tensor, chunk, row, start, n = common.work_item(table, work, WIDTH, CHUNK)
+        p_ptr, g_ptr, m_ptr, _, _ = common.stream_ptrs(row, start, P_DTYPE, G_DTYPE, tl.float32, 1, ALIGNED)
+        lr, beta1, one_minus_beta1, beta2, one_minus_beta2, decay = _hyper(
+            hyper_values, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, decay, HYPER_IN_MEMORY)
         grad_mult = tl.load(scalars + GRAD_MULT)
-        if STOCHASTIC:
-            t = tl.load(steps + tensor * STEP_WIDTH + T_COL)
-            key = common.rounding_key(seed, t, tl.load(row + WIDTH - 1))
-        else:
-            key = 0
+        key = common.step_key(seed, steps, tensor, row, WIDTH, STOCHASTIC)
         if n >= CHUNK:
             for off in range(0, CHUNK, BLOCK):
                 _lion_block(p_ptr + off, g_ptr + off, m_ptr + off, None, start + off, key, grad_mult, lr,
@@ -103,10 +99,7 @@ def _lion8bit_tile(p_ptr, g_ptr, m_ptr, m_absmax_ptr, base, n, first_block, inde
     g = tl.load(g_ptr + o, mask=mask).to(tl.float32) * grad_mult
     m = quant.load_state(m_ptr, m_absmax_ptr, o, blocks, mask, row_mask, code_values + 256)
     p, m = lion_math(p, g, m, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, decay)
-    if P_DTYPE == tl.float32:
-        tl.store(p_ptr + o, p, mask=mask)
-    else:
-        tl.store(p_ptr + o, common.to_dtype(p, index + o, key, P_DTYPE, STOCHASTIC), mask=mask)
+    common.store_param(p_ptr, o, p, mask, index, key, P_DTYPE, STOCHASTIC)
     quant.store_state(m, m_ptr, m_absmax_ptr, o, blocks, mask, row_mask, code_mids + 256)
 
 
@@ -121,29 +114,13 @@ def lion8bit_kernel(table, work, steps, scalars, hyper_values, code_values, code
     skip = tl.load(scalars + SKIP)
     if skip == 0:
         CHUNK: tl.constexpr = TILES * ROWS * BLOCK_SIZE
-        item = tl.load(work + tl.program_id(0))
-        tensor = (item >> 32).to(tl.int32)
-        chunk = item & 0xFFFFFFFF
-        row = table + tensor * WIDTH
-        start = chunk * CHUNK
-        n = tl.load(row + WIDTH - 2) - start
-        p_ptr = common.load_ptr(row, 0, P_DTYPE, ALIGNED) + start
-        g_ptr = common.load_ptr(row, 1, G_DTYPE, ALIGNED) + start
-        m_ptr = common.load_ptr(row, 2, tl.uint8, ALIGNED) + start
-        m_absmax_ptr = common.load_ptr(row, 3, tl.float32, False)
-        if HYPER_IN_MEMORY:  # see table.hyper_args
-            lr = tl.load(hyper_values + 0)
-            beta1 = tl.load(hyper_values + 1)
-            one_minus_beta1 = tl.load(hyper_values + 2)
-            beta2 = tl.load(hyper_values + 3)
-            one_minus_beta2 = tl.load(hyper_values + 4)
-            decay = tl.load(hyper_values + 5)
+        tensor, chunk, row, start, n = common.work_item(table, work, WIDTH, CHUNK)
+        p_ptr, g_ptr, m_ptr, _, _ = common.stream_ptrs(row, start, P_DTYPE, G_DTYPE, tl.uint8, 1, ALIGNED)
+        m_absmax_ptr, _, _ = common.absmax_ptrs(row, 1)
+        lr, beta1, one_minus_beta1, beta2, one_minus_beta2, decay = _hyper(
+            hyper_values, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, decay, HYPER_IN_MEMORY)
         grad_mult = tl.load(scalars + GRAD_MULT)
-        if STOCHASTIC:
-            t = tl.load(steps + tensor * STEP_WIDTH + T_COL)
-            key = common.rounding_key(seed, t, tl.load(row + WIDTH - 1))
-        else:
-            key = 0
+        key = common.step_key(seed, steps, tensor, row, WIDTH, STOCHASTIC)
         first_block = chunk * (TILES * ROWS)
         if n >= CHUNK:
             for it in range(TILES):
@@ -176,10 +153,8 @@ def step(batch) -> None:
     tab = table.lookup(batch.cache, "lion", streams, vector_streams=3, chunk=table.CHUNK,
                        extra=table.salts(batch) if stochastic else None)
     device = batch.params[0].device
-    values, in_memory, values_tensor = table.hyper_args(hyper_values(group, device), device)
+    values, in_memory, hyper_tensor = table.prologue(batch, tab, hyper_values(group, device))
     scalars = batch.scalars
-    hyper_tensor = values_tensor if in_memory else scalars
-    table.launch_steps(tab, scalars, hyper_tensor, values, in_memory)
     if tab.n_work == 0:
         return
     lion_kernel[(tab.n_work,)](
@@ -201,10 +176,8 @@ def step8bit(batch) -> None:
     tab = table.lookup(batch.cache, "lion8bit", streams, vector_streams=3, chunk=quant.chunk(batch.block_size),
                        extra=table.salts(batch) if stochastic else None)
     device = batch.params[0].device
-    values, in_memory, values_tensor = table.hyper_args(hyper_values(group, device), device)
+    values, in_memory, hyper_tensor = table.prologue(batch, tab, hyper_values(group, device))
     scalars = batch.scalars
-    hyper_tensor = values_tensor if in_memory else scalars
-    table.launch_steps(tab, scalars, hyper_tensor, values, in_memory)
     if tab.n_work == 0:
         return
     code_values, code_mids = table.codebooks(device)

@@ -55,12 +55,8 @@ def norm_partial_kernel(table, work, partials, offset, G_DTYPE: tl.constexpr, OR
                         ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     """Slot ``offset + program`` gets the partial of one chunk (sum of squares, sum of
     magnitudes or max magnitude). Table row: grad, numel, unused."""
-    item = tl.load(work + tl.program_id(0))
-    tensor = (item >> 32).to(tl.int32)
-    start = (item & 0xFFFFFFFF) * CHUNK
-    row = table + tensor * 3
-    n = tl.load(row + 1) - start
-    g_ptr = common.load_ptr(row, 0, G_DTYPE, ALIGNED) + start
+    tensor, chunk, row, start, n = common.work_item(table, work, 3, CHUNK)
+    g_ptr, _, _ = common.column_ptrs(row, start, 0, 1, G_DTYPE, ALIGNED)
     o = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], tl.float32)
     if n >= CHUNK:

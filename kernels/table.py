@@ -196,6 +196,17 @@ def salts(batch) -> list[int]:
     return list(batch.positions)
 
 
+def prologue(batch, tab: Table, values, beta1_index: int | None = None, beta2_index: int | None = None):
+    """What every family launch over ``batch`` starts with: its runtime hyper-parameters
+    (:func:`hyper_args` of ``values``) and the step prologue (:func:`launch_steps`). Returns
+    ``(values, in_memory, hyper_tensor)``; ``hyper_tensor`` is the batch's scalars when no value
+    is a tensor (the kernels then never read it)."""
+    values, in_memory, values_tensor = hyper_args(values, batch.params[0].device)
+    hyper_tensor = values_tensor if in_memory else batch.scalars
+    launch_steps(tab, batch.scalars, hyper_tensor, values, in_memory, beta1_index, beta2_index)
+    return values, in_memory, hyper_tensor
+
+
 def launch_steps(tab: Table, scalars: torch.Tensor, hyper_tensor: torch.Tensor, values, in_memory: bool,
                  beta1_index: int | None = None, beta2_index: int | None = None) -> None:
     """Write ``t``, ``beta1 ** t``, ``beta2 ** t`` of every tensor into ``tab.steps`` and advance

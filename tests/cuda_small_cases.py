@@ -1,6 +1,7 @@
 """Small steps of every cuda kernel, for compute-sanitizer (tests/test_cuda_gpu.py runs this file
 under memcheck and racecheck): odd sizes, every family, 8-bit states with both absmax
-reductions (block_size 256: warp shuffles; 96: shared memory), LAMB over several chunks,
+reductions (block_size 256: warp shuffles; 96: shared memory), LAMB over several chunks
+(also as its sharded path: two passes apart, the norms summed over the shards in between),
 clipping and a skipped step, the norms and the stand-alone quantizer.
 
 Run directly: ``python tests/cuda_small_cases.py`` (needs a GPU).
@@ -11,9 +12,23 @@ import math
 import torch
 
 import fusedopt
-from fusedopt import cuda_backend
+from fusedopt import cuda_backend, distributed
 
 SIZES = (0, 1, 255, 257, 4097, 65537)
+
+
+def _steps(cls, dtype, kwargs, device) -> None:
+    params = [torch.randn(n, device=device, dtype=dtype) for n in SIZES]
+    opt = cls(params, backend="cuda", **kwargs)
+    for step in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        if step == 1:
+            opt.grad_scale = torch.tensor(2.0, device=device)
+            opt.found_inf = torch.tensor(1.0, device=device)  # skipped
+        opt.step()
+        opt.__dict__.pop("grad_scale", None)
+        opt.__dict__.pop("found_inf", None)
 
 
 def run() -> None:
@@ -29,17 +44,14 @@ def run() -> None:
         (fusedopt.Lion8bit, torch.float32, dict(block_size=4096, min_8bit_size=256)),
     ]
     for cls, dtype, kwargs in cases:
-        params = [torch.randn(n, device=device, dtype=dtype) for n in SIZES]
-        opt = cls(params, backend="cuda", **kwargs)
-        for step in range(3):
-            for p in params:
-                p.grad = torch.randn_like(p)
-            if step == 1:
-                opt.grad_scale = torch.tensor(2.0, device=device)
-                opt.found_inf = torch.tensor(1.0, device=device)  # skipped
-            opt.step()
-            opt.__dict__.pop("grad_scale", None)
-            opt.__dict__.pop("found_inf", None)
+        _steps(cls, dtype, kwargs, device)
+    # LAMB's sharded path with one shard (the all-reduce has nothing to add)
+    original = distributed.all_reduce_sum
+    distributed.all_reduce_sum = lambda groups: lambda x: None
+    try:
+        _steps(fusedopt.LAMB, torch.bfloat16, {}, device)
+    finally:
+        distributed.all_reduce_sum = original
     tensors = [torch.randn(n, device=device, dtype=d) for n, d in zip(SIZES, (torch.float32, torch.bfloat16) * 3)]
     for norm_type in (1.0, 2.0, math.inf):
         cuda_backend.global_norm(tensors, norm_type)

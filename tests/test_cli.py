@@ -18,6 +18,7 @@ def test_info_lists_every_backend():
     for name in ("triton", "cuda", "reference"):
         assert f"  {name} " in out.stdout
     assert "auto on cpu: reference" in out.stdout
+    assert "\ncuda extension: " in out.stdout  # where the cuda backend finds it (build.status)
 
 
 def test_check_passes_on_this_machine():

@@ -125,6 +125,34 @@ def test_build_command_fails_cleanly(monkeypatch, tmp_path, capsys):
     assert "nvcc not found" in capsys.readouterr().err
 
 
+def _stamp(directory, torch_version, cuda_version):
+    import importlib.machinery
+    import json
+
+    (directory / "_C.build").write_text(json.dumps({"torch": torch_version, "cuda": cuda_version, "archs": "9.0"}))
+    library = directory / f"_C{importlib.machinery.EXTENSION_SUFFIXES[0]}"
+    library.write_bytes(b"")
+    return library
+
+
+def test_prebuilt_is_used_only_with_the_torch_it_was_built_for(monkeypatch, tmp_path):
+    """What ``FUSEDOPT_BUILD_CUDA=1 pip install .`` leaves in the package, and what ``info`` says."""
+    monkeypatch.setattr(build, "package_dir", lambda: tmp_path)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setenv("FUSEDOPT_CACHE_DIR", str(tmp_path / "cache"))  # an empty cache
+    monkeypatch.setattr(build, "find_cuda_home", lambda: None)
+    assert build.prebuilt() is None
+    assert build.status() == "not built, and cannot be built here: nvcc not found (install the CUDA toolkit, or set CUDA_HOME to it)"
+    library = _stamp(tmp_path, torch.__version__, "13.0")
+    assert build.prebuilt() == library
+    assert build.status() == f"built ahead of time (FUSEDOPT_BUILD_CUDA=1 pip install): {library}"
+    _stamp(tmp_path, "2.0.0", "13.0")
+    assert build.prebuilt() is None
+    assert "is for another torch and is not used" in build.status() and "2.0.0" in build.status()
+    _stamp(tmp_path, torch.__version__, "12.8")
+    assert build.prebuilt() is None
+
+
 def test_arch_list_default_and_override(monkeypatch):
     monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -262,6 +290,17 @@ def lamb_args(ops, **kw):
     )
 
 
+def lamb_moments_args(ops, **kw):
+    return lamb_args(ops, **kw)
+
+
+def lamb_apply_args(ops, **kw):
+    args = lamb_args(ops, **kw)
+    del args["grads"]
+    args["norms"] = torch.ones(len(args["params"]), 2)
+    return args
+
+
 def norm_args(ops, dtypes=(torch.float32, torch.bfloat16, torch.float16)):
     tensors = [torch.randn(n).to(d) for n, d in zip((300, 5, 70000), dtypes)]
     table, work = ops.make_table(tensors, [], [], [], [], [], [], [], [], 0)
@@ -326,6 +365,18 @@ INVALID = [
     ("lamb_", {}, ("grads", 1, torch.zeros(5, dtype=torch.bfloat16)), r"grads\[1\] is BFloat16 but grads\[0\] is float32"),
     ("lamb_", {}, ("hyper_tensors", 3, torch.tensor(1e-6, dtype=torch.float16)), r"hyper_tensors\[3\] \(eps\) must be Float"),
     ("lamb_", {}, None, r"params\[0\] must be a CUDA tensor"),
+    ("lamb_moments_", {}, ("exp_avgs", None, "drop"), r"exp_avgs has 1 tensors; expected 2"),
+    ("lamb_moments_", {}, ("grads", 0, torch.zeros(300, dtype=torch.float64)), r"grads\[0\] has dtype Double"),
+    ("lamb_moments_", {}, ("counters", None, torch.zeros(2)), r"counters must be Int, got Float"),
+    ("lamb_moments_", {"p_dtype": torch.bfloat16}, None, r"params\[0\] must be a CUDA tensor"),
+    ("lamb_apply_", {}, ("exp_avg_sqs", 1, torch.zeros(6)), r"exp_avg_sqs\[1\] has 6 elements; params\[1\] has 5"),
+    ("lamb_apply_", {}, ("steps", None, "drop"), r"steps has 1 tensors; expected 2"),
+    ("lamb_apply_", {}, ("hyper", None, [1e-3]), r"hyper and hyper_tensors must hold 5 entries each, got 1 and 5"),
+    ("lamb_apply_", {}, ("norms", None, torch.ones(2, 3)), r"norms must be a contiguous \[2, 2\] tensor \(from lamb_moments_\), got \[2, 3\]"),
+    ("lamb_apply_", {}, ("norms", None, torch.ones(3, 2)), r"norms must be a contiguous \[2, 2\] tensor"),
+    ("lamb_apply_", {}, ("norms", None, torch.ones(2, 2).t()), r"norms must be a contiguous \[2, 2\] tensor"),
+    ("lamb_apply_", {}, ("norms", None, torch.ones(2, 2, dtype=torch.float64)), r"norms must be Float, got Double"),
+    ("lamb_apply_", {"p_dtype": torch.float16}, None, r"params\[0\] must be a CUDA tensor"),
     ("global_norm", {}, ("tensors", None, []), r"tensors must hold at least one tensor"),
     ("global_norm", {}, ("norm_type", None, 3.0), r"norm_type must be 1, 2 or inf, got 3"),
     ("global_norm", {}, ("tensors", 1, torch.zeros(5, dtype=torch.float64)), r"tensors\[1\] has dtype Double"),
@@ -334,7 +385,8 @@ INVALID = [
     ("global_norm", {}, None, r"tensors\[0\] must be a CUDA tensor"),
 ]
 
-_BUILDERS = {"adam_": adam_args, "lion_": lion_args, "lamb_": lamb_args, "global_norm": norm_args}
+_BUILDERS = {"adam_": adam_args, "lion_": lion_args, "lamb_": lamb_args, "lamb_moments_": lamb_moments_args,
+             "lamb_apply_": lamb_apply_args, "global_norm": norm_args}
 
 
 def _case_id(case):
@@ -425,12 +477,15 @@ def test_ops_run_on_fake_cuda_tensors(ops):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     real = {"adam_": adam_args(ops, amsgrad=True, block_size=256), "lion_": lion_args(ops),
-            "lamb_": lamb_args(ops), "global_norm": norm_args(ops)}
+            "lamb_": lamb_args(ops), "lamb_moments_": lamb_moments_args(ops), "lamb_apply_": lamb_apply_args(ops),
+            "global_norm": norm_args(ops)}
     with FakeTensorMode():
         for op, args in real.items():
             out = getattr(ops, op)(**{k: _fake_cuda(v) for k, v in args.items()})
             if op == "global_norm":
                 assert out.shape == () and out.dtype == torch.float32 and out.device.type == "cuda"
+            elif op == "lamb_moments_":  # each tensor's sums of p^2 and u^2
+                assert out.shape == (2, 2) and out.dtype == torch.float32 and out.device.type == "cuda"
             else:
                 assert out is None
         codes, absmax = ops.quantize_blockwise(_fake_cuda(torch.zeros(1000)), _fake_cuda(torch.zeros(4, 256)), True, 256)
@@ -451,3 +506,22 @@ def test_a_step_traces_into_one_graph(ops):
 
     graph = make_fx(step, tracing_mode="fake")(*(args[n] for n in names))
     assert "fusedopt.adam_" in graph.code and "fusedopt.global_norm" in graph.code
+
+
+def test_sharded_lamb_traces_into_one_graph(ops):
+    """The sharded LAMB path (moments, a sum over the shards, apply) traces as the ops
+    themselves, the reduction between them (here a stand-in for the all-reduce)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    args = lamb_args(ops)
+    names = list(args)
+
+    def step(*values):
+        kw = dict(zip(names, values))
+        norms = ops.lamb_moments_(**kw)
+        norms = norms * 2  # what an all-reduce over two equal shards would make of them
+        del kw["grads"]
+        ops.lamb_apply_(**kw, norms=norms)
+
+    graph = make_fx(step, tracing_mode="fake")(*(args[n] for n in names))
+    assert "fusedopt.lamb_moments_" in graph.code and "fusedopt.lamb_apply_" in graph.code
