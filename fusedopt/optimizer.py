@@ -193,6 +193,68 @@ def check_min_8bit_size(min_8bit_size) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# One step's scalars and backend calls (shared by the eager step and the compiled one)
+# ---------------------------------------------------------------------------------------------
+
+
+def step_scalars(work, grad_scale, found_inf, max_grad_norm, unit) -> tuple[dict, torch.Tensor | None]:
+    """The device scalars of one step, ``[grad multiplier, skip, norm]`` per device (see
+    :mod:`fusedopt.scalars`), and the global gradient norm when ``max_grad_norm`` clips (else
+    None). ``work`` is ``(key, batch, backend)`` per batch; ``unit(device)`` gives the constant
+    scalars of a step with no scaler and no clipping. Device ops only: no host sync."""
+    devices = list(dict.fromkeys(key[0] for key, _, _ in work))
+    if grad_scale is None and found_inf is None and max_grad_norm is None:
+        return {d: unit(d) for d in devices}, None
+
+    home = devices[0]
+    mult = torch.ones((), dtype=torch.float32, device=home)
+    skip = torch.zeros((), dtype=torch.float32, device=home)
+    norm = torch.zeros((), dtype=torch.float32, device=home)
+    clipped = None
+    if grad_scale is not None:
+        # Exactly the inverse GradScaler.unscale_ uses.
+        mult = grad_scale.to(home).double().reciprocal().float().reshape(())
+    if found_inf is not None:
+        skip = (found_inf.to(home).reshape(()) > 0).float()
+    if max_grad_norm is not None:
+        # Sum of squares per (device, shard groups); shards are summed over their groups.
+        parts: dict[tuple, list] = {}
+        for key, batch, backend in work:
+            parts.setdefault((key[0], key[4]), [backend, batch.all_reduce, []])[2].extend(batch.grads)
+        ordered = sorted(parts.items(), key=lambda kv: str(kv[0]))
+        if len(ordered) == 1 and ordered[0][1][1] is None:
+            backend, _, grads = ordered[0][1]
+            norm = backend.global_norm(grads, 2.0).to(home, torch.float32)
+        else:
+            total = torch.zeros((), dtype=torch.float32, device=home)
+            for _, (backend, reduce, grads) in ordered:
+                sq = backend.global_norm(grads, 2.0).to(torch.float32) ** 2
+                if reduce is not None:
+                    reduce(sq)
+                total = total + sq.to(home)
+            norm = torch.sqrt(total)
+        norm = norm * mult
+        coef = torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0)
+        skip = torch.maximum(skip, (~torch.isfinite(norm)).float())
+        mult = mult * coef
+        clipped = norm
+    packed = torch.stack([mult, skip, norm])  # the order of fusedopt.scalars
+    return {d: packed if d == home else packed.to(d) for d in devices}, clipped
+
+
+def run_batches(family: str, work, scalars: dict) -> None:
+    """Hand each batch of ``work`` (``(key, batch, backend)``) its device's scalars and call
+    the backend's ``family`` function on it; then rewrite 16-bit params from their fp32
+    masters (``master_weights``)."""
+    for key, batch, backend in work:
+        batch.scalars = scalars[key[0]]
+        getattr(backend, family)(batch)
+        if batch.outputs is not None:
+            # Round to nearest from the fp32 masters (a skipped step rewrites the same bits).
+            torch._foreach_copy_(batch.outputs, batch.params)
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -296,13 +358,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             work += [(key, batch, backend) for batch, (key, _, backend) in zip(plan.batches, plan.entries)]
         if not work:
             return loss
-        scalars = self._step_scalars(work)
-        for key, batch, backend in work:
-            batch.scalars = scalars[key[0]]
-            getattr(backend, self._family)(batch)
-            if batch.outputs is not None:
-                # Round to nearest from the fp32 masters (a skipped step rewrites the same bits).
-                torch._foreach_copy_(batch.outputs, batch.params)
+        run_batches(self._family, work, self._step_scalars(work))
         return loss
 
     def _plan_group(self, gi: int, group: dict) -> "_GroupPlan":
@@ -417,46 +473,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         )
 
     def _step_scalars(self, work) -> dict[torch.device, torch.Tensor]:
-        """Per device: ``[grad multiplier, skip, norm]`` (see :mod:`fusedopt.scalars`)."""
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
-        devices = list(dict.fromkeys(key[0] for key, _, _ in work))
-        if grad_scale is None and found_inf is None and self.max_grad_norm is None:
-            return {d: self._unit(d) for d in devices}
-
-        home = devices[0]
-        mult = torch.ones((), dtype=torch.float32, device=home)
-        skip = torch.zeros((), dtype=torch.float32, device=home)
-        norm = torch.zeros((), dtype=torch.float32, device=home)
-        if grad_scale is not None:
-            # Exactly the inverse GradScaler.unscale_ uses.
-            mult = grad_scale.to(home).double().reciprocal().float().reshape(())
-        if found_inf is not None:
-            skip = (found_inf.to(home).reshape(()) > 0).float()
-        if self.max_grad_norm is not None:
-            # Sum of squares per (device, shard groups); shards are summed over their groups.
-            parts: dict[tuple, list] = {}
-            for key, batch, backend in work:
-                parts.setdefault((key[0], key[4]), [backend, batch.all_reduce, []])[2].extend(batch.grads)
-            ordered = sorted(parts.items(), key=lambda kv: str(kv[0]))
-            if len(ordered) == 1 and ordered[0][1][1] is None:
-                backend, _, grads = ordered[0][1]
-                norm = backend.global_norm(grads, 2.0).to(home, torch.float32)
-            else:
-                total = torch.zeros((), dtype=torch.float32, device=home)
-                for _, (backend, reduce, grads) in ordered:
-                    sq = backend.global_norm(grads, 2.0).to(torch.float32) ** 2
-                    if reduce is not None:
-                        reduce(sq)
-                    total = total + sq.to(home)
-                norm = torch.sqrt(total)
-            norm = norm * mult
-            coef = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
-            skip = torch.maximum(skip, (~torch.isfinite(norm)).float())
-            mult = mult * coef
+        """Per device: ``[grad multiplier, skip, norm]`` (see :func:`step_scalars`)."""
+        scalars, norm = step_scalars(work, getattr(self, "grad_scale", None), getattr(self, "found_inf", None),
+                                     self.max_grad_norm, self._unit)
+        if norm is not None:
             self.last_grad_norm = norm
-        packed = torch.stack([mult, skip, norm])  # the order of fusedopt.scalars
-        return {d: packed if d == home else packed.to(d) for d in devices}
+        return scalars
 
     def _unit(self, device: torch.device) -> torch.Tensor:
         """The constant scalars of a step with no scaler and no clipping (cached per device)."""
