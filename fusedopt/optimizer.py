@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import backends, distributed, quant
+from . import backends, compiled, distributed, quant
 from .scalars import GRAD_MULT, SIZE
 
 _PARAM_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -277,12 +277,22 @@ class FusedOptimizer(torch.optim.Optimizer):
         check_max_grad_norm(max_grad_norm)
         self.backend = backends.check_name(backend)
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
-        #: Global gradient norm of the last step that clipped, as a 0-d fp32 device tensor.
-        self.last_grad_norm: torch.Tensor | None = None
+        # Values a step leaves behind, in a dict: a compiled step can update a dict of the
+        # optimizer, not its attributes (Dynamo drops attribute writes on an optimizer).
+        self._results: dict = {"last_grad_norm": None}
         self._caches: dict = {}
         self._plans: dict = {}
         self._unit_scalars: dict = {}
         super().__init__(params, defaults)
+
+    @property
+    def last_grad_norm(self) -> torch.Tensor | None:
+        """Global gradient norm of the last step that clipped, as a 0-d fp32 device tensor."""
+        return self._results["last_grad_norm"]
+
+    @last_grad_norm.setter
+    def last_grad_norm(self, value: torch.Tensor | None) -> None:
+        self._results["last_grad_norm"] = value
 
     # -- to be provided by a family ---------------------------------------------------------
 
@@ -339,6 +349,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         optimizer: gradients are unscaled inside the update, and when ``found_inf`` is set the
         whole step changes nothing. Nothing here waits for the device.
         """
+        if torch.compiler.is_compiling():
+            return compiled.step(self, closure)  # the step as one custom op (fusedopt.compiled)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -360,6 +372,19 @@ class FusedOptimizer(torch.optim.Optimizer):
             return loss
         run_batches(self._family, work, self._step_scalars(work))
         return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``torch.optim.Optimizer.zero_grad``; inside ``torch.compile`` a traceable version of
+        it (torch's own is skipped by Dynamo), so ``opt.step(); opt.zero_grad()`` compiles as
+        one graph."""
+        if torch.compiler.is_compiling():
+            return compiled.zero_grad(self, set_to_none)
+        return super().zero_grad(set_to_none)
+
+    def _init_group(self, params: list, grads: list, states: list, steps: list, outputs: list):
+        """Under ``torch.compile``, Dynamo runs this eagerly, not traced: checks, state creation
+        and the op's inputs for a compiled step (see :func:`fusedopt.compiled.init_group`)."""
+        return compiled.init_group(self, params, grads, states, steps, outputs)
 
     def _plan_group(self, gi: int, group: dict) -> "_GroupPlan":
         """Validate this group's gradients and decide its batches, changing nothing.
@@ -586,4 +611,5 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_caches", {})
         self.__dict__.setdefault("_plans", {})
         self.__dict__.setdefault("_unit_scalars", {})
+        self.__dict__.setdefault("_results", {"last_grad_norm": self.__dict__.pop("last_grad_norm", None)})
 
