@@ -277,5 +277,6 @@ def _unit(device: torch.device) -> Tensor:
     if unit is None:
         unit = torch.zeros(SIZE, dtype=torch.float32, device=device)
         unit[GRAD_MULT] = 1.0
-        _units[device] = unit
+        if not backends.capturing(device):  # see backends.capturing
+            _units[device] = unit
     return unit

@@ -415,6 +415,13 @@ class FusedOptimizer(torch.optim.Optimizer):
                      bool(group.get("master_weights", False)))
         if old is not None and old.signature == signature:
             return _GroupPlan(group, grads, names, signature, old.entries, old.batches)
+        missing = [i for i in present if self._missing_state(params[i], group, names)]
+        if missing and backends.capturing(params[missing[0]].device):
+            raise RuntimeError(
+                f"param {missing[0]} of group {gi} has no optimizer state yet while a CUDA graph is being "
+                "captured: state made during capture would be re-initialized at every replay. Step "
+                "eagerly before capturing (the usual warm-up steps on a side stream)"
+            )
         buckets: dict[tuple, list[int]] = {}
         for i in present:
             p = params[i]
@@ -447,6 +454,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         if state and "exp_avg" in state:
             return state["exp_avg"].dtype == torch.uint8
         return p.numel() >= group["min_8bit_size"]
+
+    def _missing_state(self, p: torch.Tensor, group: dict, names: tuple[str, ...]) -> bool:
+        """Whether :meth:`_init_state` would create anything for ``p``."""
+        state = self.state.get(p)
+        if not state or "step" not in state or (has_master(p, group) and MASTER not in state):
+            return True
+        return any(name not in state for name in names)
 
     def _init_state(self, p: torch.Tensor, group: dict, names: tuple[str, ...]) -> dict:
         state = self.state[p]
@@ -511,7 +525,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         if unit is None:
             unit = torch.zeros(SIZE, dtype=torch.float32, device=device)
             unit[GRAD_MULT] = 1.0
-            self._unit_scalars[device] = unit
+            if not backends.capturing(device):  # see backends.capturing
+                self._unit_scalars[device] = unit
         return unit
 
     # -- state dict -------------------------------------------------------------------------
