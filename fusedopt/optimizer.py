@@ -262,6 +262,11 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     Subclasses set ``_family`` (the backend function to call), ``_quantized`` (8-bit states),
     and implement ``_check_group`` and ``_state_names``.
+
+    Inside ``torch.compile`` (``fullgraph=True`` works), ``step()`` is one custom op whose
+    implementation is this eager step (:mod:`fusedopt.compiled`). A float ``lr`` is specialized
+    by Dynamo, as for ``torch.optim``: each new value recompiles. Give ``lr`` as a tensor and
+    change it in place to avoid that. Sharded (DTensor) params step eagerly.
     """
 
     _step_supports_amp_scaling = True

@@ -22,7 +22,7 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import fusedopt
-from fusedopt import backends
+from fusedopt import backends, compiled
 from fusedopt.testing import assert_close, assert_identical
 
 from cases import assert_unchanged, snapshot
@@ -46,6 +46,7 @@ RUNS = [
 def fresh_dynamo():
     """Each test compiles from scratch (and counts its own compilations)."""
     torch._dynamo.reset()
+    compiled._batch_caches.clear()
     yield
     torch._dynamo.reset()
 
@@ -331,19 +332,30 @@ def test_step_and_zero_grad_in_one_graph(set_to_none):
     assert counter.frame_count == 1
 
 
-@pytest.mark.parametrize("name, backend", [("AdamW", "triton"), ("AdamW8bit", "reference")])
-def test_inductor(name, backend):
-    """The same through inductor (which compiles C++ for the CPU), tensor lr changes included."""
-    _available("cpu", backend)
-    init = _params("cpu")
+@pytest.mark.parametrize("name, device, backend", [
+    ("AdamW", "cpu", "triton"),
+    ("AdamW8bit", "cpu", "reference"),
+    pytest.param("AdamW", "cuda", "triton", marks=pytest.mark.gpu),
+    pytest.param("AdamW8bit", "cuda", "cuda", marks=pytest.mark.gpu),
+])
+def test_inductor(name, device, backend):
+    """The same through inductor (C++ on the CPU), tensor lr changes included. Inductor
+    re-inplaces the op's mutations: the launch tables are built once, not at every step."""
+    _available(device, backend)
+    init = _params(device)
     params, ref_params = _clone(init), _clone(init)
-    opt = _make(name, params, backend, torch.tensor(2e-3), max_grad_norm=CLIP)
-    ref = _make(name, ref_params, backend, torch.tensor(2e-3), max_grad_norm=CLIP)
+    opt = _make(name, params, backend, torch.tensor(2e-3, device=device), max_grad_norm=CLIP)
+    ref = _make(name, ref_params, backend, torch.tensor(2e-3, device=device), max_grad_norm=CLIP)
     step, counter = _compile(lambda: opt.step(), backend="inductor")
     for k in range(STEPS):
         grads = _grads(params, k)
-        _set_grads(params, grads)
-        _set_grads(ref_params, grads)
+        for ps in (params, ref_params):
+            if k == 0:
+                _set_grads(ps, grads)
+            else:  # the same grad tensors (as with zero_grad(set_to_none=False)): the same tables
+                for group, gs in zip(ps, grads):
+                    for p, g in zip(group, gs):
+                        p.grad.copy_(g)
         if k == 0:
             step()
         else:
@@ -351,9 +363,14 @@ def test_inductor(name, backend):
                 step()
         ref.step()
         assert_same(opt, params, ref, ref_params, f"step {k}")
+        kept = {id(v) for _, cache in compiled._batch_caches.values() for v in cache.values()}
+        if k == 0:
+            tables = kept
+        assert kept == tables, f"step {k}: the launch tables were rebuilt"
         for o in (opt, ref):
             o.param_groups[1]["lr"].mul_(0.5)
     assert counter.frame_count == 1
+    assert tables or backend == "reference"
 
 
 # ---------------------------------------------------------------------------------------------
