@@ -117,7 +117,10 @@ _TABLE_LISTS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs",
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    # Pinned, so the copy is asynchronous: building a table never waits for the GPU.
+    # Pinned, so the copy is asynchronous: building a table never waits for the GPU (and it
+    # can be captured in a CUDA graph). CPU tensors (the input-check tests) stay as they are.
+    if torch.device(device).type == "cpu":
+        return t
     return t.pin_memory().to(device, non_blocking=True)
 
 
