@@ -4,9 +4,9 @@ A backend is a module with ``NAME``, ``DESCRIPTION``, ``available(device) -> str
 (None when it can run on that device, else the reason it cannot) and the family functions
 ``adam``, ``lamb``, ``lion`` and ``global_norm`` (see :mod:`fusedopt.reference`).
 
-``"auto"`` (or the ``FUSEDOPT_BACKEND`` environment variable, which overrides it) takes the
-first backend of :data:`AUTO_ORDER` that runs on the device; CPU tensors always get the
-reference. An explicitly requested backend that cannot run raises ``RuntimeError`` with the
+``"auto"`` (or the ``FUSEDOPT_BACKEND`` environment variable, which overrides it) takes, for
+the kind of step at hand, the first backend of :data:`AUTO_ORDER` that runs on the device;
+CPU tensors always get the reference. An explicitly requested backend that cannot run raises ``RuntimeError`` with the
 reason.
 """
 
@@ -28,8 +28,15 @@ _MODULES = {
     "cuda": "fusedopt.cuda_backend",
 }
 
-# Preference of "auto" on CUDA devices, fastest first.
-AUTO_ORDER = ("triton", "reference")
+#: What ``auto`` picks on CUDA devices, per kind of step, fastest first. The kinds: the
+#: families with 32-bit and with 8-bit states, and the global norm of clipping.
+KINDS = ("adam", "adam8bit", "lamb", "lion", "lion8bit", "norm")
+
+#: Measured: nothing yet. No GPU has run the benchmark, so every kind prefers Triton (the cuda
+#: backend, which may need minutes to compile on first use, is only used when asked for).
+#: Fill this from ``python -m fusedopt bench`` on a GPU (the ``fusedopt-triton`` and
+#: ``fusedopt-cuda`` rows of the same run) and name the committed result it came from.
+AUTO_ORDER: dict[str, tuple[str, ...]] = {kind: ("triton", "reference") for kind in KINDS}
 
 
 def check_name(backend: object, argument: str = "backend") -> str:
@@ -80,18 +87,21 @@ def capturing(device) -> bool:
     return torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def resolve(backend: str, device: torch.device, tensors=()) -> ModuleType:
-    """The backend module to run ``tensors`` (all on ``device``) with.
+def resolve(backend: str, device: torch.device, tensors=(), kind: str = "adam") -> ModuleType:
+    """The backend module to run ``tensors`` (all on ``device``) with, for a step of ``kind``
+    (one of :data:`KINDS`).
 
-    ``"auto"`` takes the first of :data:`AUTO_ORDER` that runs on the device and supports every
-    tensor (a backend may define ``unsupported(tensor) -> str | None``), the reference on CPU.
-    A backend named explicitly that cannot run raises ``RuntimeError`` with the reason.
+    ``"auto"`` takes the first of ``AUTO_ORDER[kind]`` that runs on the device and supports
+    every tensor (a backend may define ``unsupported(tensor) -> str | None``), the reference on
+    CPU. A backend named explicitly that cannot run raises ``RuntimeError`` with the reason.
     """
     name = requested(backend)
     device = torch.device(device)
     tensors = list(tensors)
+    if kind not in AUTO_ORDER:
+        raise ValueError(f"Invalid kind: {kind!r}; expected one of {', '.join(map(repr, KINDS))}")
     if name == "auto":
-        candidates = ("reference",) if device.type == "cpu" else AUTO_ORDER
+        candidates = ("reference",) if device.type == "cpu" else AUTO_ORDER[kind]
     else:
         candidates = (name,)
     reasons = []

@@ -100,6 +100,8 @@ MODELS: dict[str, Model] = {
               llama_shapes(n_layer=2, d=64, ff=256, vocab=2048, n_head=4, n_kv_head=2)),
         Model("many-4k", "20,000 tensors of 4,096 elements", many_shapes(),
               many_shapes(n=64)),
+        Model("one-82m", "the bytes of many-4k in one tensor (what its tensor count costs)",
+              ((20000 * 4096,),), ((64 * 4096,),)),
     )
 }
 
@@ -367,6 +369,40 @@ def _lion_pytorch_make(use_triton):
     return make
 
 
+class _Graphed:
+    """A step replayed from a CUDA graph: the first call runs it eagerly on a side stream
+    (states, launch tables), the second captures it and replays the capture, every later call
+    replays. Each call is one step (so the correctness check sees the graph's steps too); the
+    host time left is one graph launch."""
+
+    def __init__(self, step: Callable[[], Any]):
+        self.eager, self.graph, self.calls = step, None, 0
+
+    def __call__(self) -> None:
+        if self.graph is None:
+            if self.calls == 0:
+                self.calls = 1
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    self.eager()
+                torch.cuda.current_stream().wait_stream(side)
+                return
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.eager()
+            self.graph = graph
+        self.graph.replay()
+
+
+def _graphed(make):
+    def graphed(params, spec, hp):
+        runner = make(params, spec, hp)
+        return Runner(runner.optimizer, _Graphed(runner.step))
+    return graphed
+
+
 def _fusedopt_make(backend):
     def make(params, spec, hp):
         import fusedopt
@@ -399,6 +435,9 @@ PROVIDERS: dict[str, Provider] = {
                  _ADAMS, _torch_adamw(foreach=True), state_in_param_dtype=True, separate_clip=True),
         Provider("torch-fused", "torch.optim.AdamW(fused=True): torch's fused kernel",
                  _ADAMS, _torch_adamw(fused=True), state_in_param_dtype=True, separate_clip=True),
+        Provider("torch-fused-graph", "torch.optim.AdamW(fused=True, capturable=True) replayed from a CUDA graph",
+                 _ADAMS, _graphed(_torch_adamw(fused=True, capturable=True)), _needs_cuda("CUDA-graph replay"),
+                 state_in_param_dtype=True, separate_clip=True),
         Provider("torch-compile", "torch.compile of the torch step (AdamW foreach; Lion: lion-pytorch's)",
                  _ADAMS + ("lion",), _torch_compile_make, _torch_compile_reason,
                  state_in_param_dtype=True, separate_clip=True),
@@ -422,6 +461,12 @@ PROVIDERS: dict[str, Provider] = {
                  _ALL, _fusedopt_make("triton"), _fusedopt_reason("triton")),
         Provider("fusedopt-cuda", "fusedopt backend='cuda'",
                  _ALL, _fusedopt_make("cuda"), _fusedopt_reason("cuda")),
+        Provider("fusedopt-triton-graph", "fusedopt backend='triton' replayed from a CUDA graph (no host time)",
+                 _ALL, _graphed(_fusedopt_make("triton")),
+                 _all(_needs_cuda("CUDA-graph replay"), _fusedopt_reason("triton"))),
+        Provider("fusedopt-cuda-graph", "fusedopt backend='cuda' replayed from a CUDA graph (no host time)",
+                 _ALL, _graphed(_fusedopt_make("cuda")),
+                 _all(_needs_cuda("CUDA-graph replay"), _fusedopt_reason("cuda"))),
     )
 }
 
@@ -941,6 +986,79 @@ def format_table(doc: dict) -> str:
     return "\n".join(lines)
 
 
+#: The kind of step (``fusedopt.backends.KINDS``) each benchmark optimizer exercises.
+KIND_OF = {"adamw": "adam", "adamw-clip": "adam", "lamb": "lamb", "lion": "lion",
+           "adamw8bit": "adam8bit", "lion8bit": "lion8bit"}
+
+
+def _medians(docs: list[dict]) -> dict[tuple[str, str], dict]:
+    """(case name, provider) -> result, over several runs (a later run wins)."""
+    out = {}
+    for doc in docs:
+        for case in doc["cases"]:
+            for r in case["results"]:
+                if r["status"] == "ok":
+                    out[(case["name"], r["provider"])] = r
+    return out
+
+
+def headlines(docs: list[dict]) -> list[str]:
+    """The figures the project's performance goals are stated in, from one or more runs of the
+    same machine: ratios of medians measured in the same run, never across machines.
+
+    - each fusedopt backend's %copy on AdamW fp32 (goal: >= 90%) and its speed-up over torch's
+      fused AdamW; with clipping, over torch's clip_grad_norm_ + fused AdamW (goal: >= 1.5x);
+    - AdamW8bit bf16 over bitsandbytes (goal: >= 1.5x);
+    - 20,000 tensors of 4,096 elements over the same bytes in one tensor (goal: <= 1.3x);
+    - per kind of step, the faster of triton and cuda (the geometric mean of their ratios over
+      every case both ran): what ``fusedopt.backends.AUTO_ORDER`` should say.
+    """
+    res = _medians(docs)
+    cases = sorted({c for c, _ in res})
+    lines = []
+
+    def ratio(case, slow, fast):
+        a, b = res.get((case, slow)), res.get((case, fast))
+        return None if a is None or b is None else a["median_ms"] / b["median_ms"]
+
+    ours = [p for p in ("fusedopt-triton", "fusedopt-cuda", "fusedopt-triton-graph", "fusedopt-cuda-graph")
+            if any(k[1] == p for k in res)]
+    for case in cases:
+        opt, model, dtype = case.split("/")
+        for p in ours:
+            r = res.get((case, p))
+            if r is None:
+                continue
+            parts = [f"{r['pct_copy']:.1f}% of copy"]
+            if opt in ("adamw", "adamw-clip"):
+                for peer in ("torch-fused", "torch-fused-graph"):
+                    x = ratio(case, peer, p)
+                    if x is not None:
+                        parts.append(f"{x:.2f}x {peer}")
+            if opt in ("adamw8bit", "lion8bit"):
+                x = ratio(case, "bnb-8bit", p)
+                if x is not None:
+                    parts.append(f"{x:.2f}x bnb-8bit")
+            if model == "many-4k":
+                one = res.get((f"{opt}/one-82m/{dtype}", p))
+                if one is not None:
+                    parts.append(f"{r['median_ms'] / one['median_ms']:.2f}x its one-tensor time (goal <= 1.3)")
+            lines.append(f"  {case:<24} {p:<22} " + ", ".join(parts))
+    for graph in ("", "-graph"):
+        t, c = f"fusedopt-triton{graph}", f"fusedopt-cuda{graph}"
+        by_kind: dict[str, list[float]] = {}
+        for case in cases:
+            x = ratio(case, t, c)  # > 1: cuda is faster
+            if x is not None:
+                by_kind.setdefault(KIND_OF[case.split("/")[0]], []).append(math.log(x))
+        for kind, logs in sorted(by_kind.items()):
+            g = math.exp(sum(logs) / len(logs))
+            faster = "cuda" if g > 1 else "triton"
+            lines.append(f"  auto{graph or ''} {kind:<9} {faster} ({max(g, 1 / g):.2f}x, geometric mean of "
+                         f"{len(logs)} cases)")
+    return ["headlines (ratios of medians within a run):"] + (lines or ["  (no fusedopt GPU results)"])
+
+
 def _nullable(kind):
     return {"type": [kind, "null"]}
 
@@ -1220,6 +1338,8 @@ def _parser() -> argparse.ArgumentParser:
                          "whenever another process takes a core, which made CPU timings vary 100x)")
     ap.add_argument("--list", action="store_true", help="list cases and providers with availability, run nothing")
     ap.add_argument("--schema", action="store_true", help="print the JSON schema of --json's output, run nothing")
+    ap.add_argument("--headlines", nargs="+", metavar="JSON",
+                    help="print the goal ratios of saved runs (--json files of one device), run nothing")
     return ap
 
 
@@ -1227,6 +1347,19 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.schema:
         print(json.dumps(JSON_SCHEMA, indent=2))
+        return 0
+    if args.headlines:
+        try:
+            docs = [json.loads(Path(p).read_text()) for p in args.headlines]
+        except (OSError, ValueError) as e:
+            print(f"fusedopt bench: Invalid --headlines file: {e}", file=sys.stderr)
+            return 2
+        devices = {d["environment"]["device_name"] for d in docs}
+        if len(devices) > 1:
+            print(f"fusedopt bench: Invalid --headlines files: runs of different devices {sorted(devices)}",
+                  file=sys.stderr)
+            return 2
+        print("\n".join(headlines(docs)))
         return 0
     try:
         try:
@@ -1260,6 +1393,7 @@ def main(argv: list[str]) -> int:
     doc = run(cases, providers, device, default_config(args.quick, device), args.quick,
               progress=Progress(pairs), argv=["bench", *argv])
     print(format_table(doc))
+    print("\n".join(headlines([doc])))
     print(f"ran {pairs} case/provider pairs in {time.perf_counter() - started:.1f} s")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -62,11 +62,16 @@ def cmd_info(args) -> int:
             status = "available" if reason is None else f"unavailable: {reason}"
             print(f"  {name:<10} {dev.type:<5} {status}")
     for dev in devices:
-        try:
-            chosen = backends.resolve("auto", dev).NAME
-        except RuntimeError as e:
-            chosen = f"none ({e})"
-        print(f"  auto on {dev.type}: {chosen}")
+        chosen = {}
+        for kind in backends.KINDS:
+            try:
+                chosen[kind] = backends.resolve("auto", dev, kind=kind).NAME
+            except RuntimeError as e:
+                chosen[kind] = f"none ({e})"
+        if len(set(chosen.values())) == 1:
+            print(f"  auto on {dev.type}: {chosen[backends.KINDS[0]]}")
+        else:
+            print(f"  auto on {dev.type}: " + ", ".join(f"{k} -> {v}" for k, v in chosen.items()))
     return 0
 
 

@@ -63,7 +63,7 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
         parts.setdefault(key, (distributed.shard_groups(g), []))[1].append(distributed.local(g))
     norms = []
     for (device, _), (groups, local) in sorted(parts.items(), key=lambda kv: str(kv[0])):
-        n = backends.resolve(backend, device, local).global_norm(local, norm_type)
+        n = backends.resolve(backend, device, local, "norm").global_norm(local, norm_type)
         if groups:
             if math.isinf(norm_type):
                 distributed.all_reduce_max(n, groups)

@@ -218,7 +218,8 @@ def optimizer_step(params: list[Tensor], grads: list[Tensor], states: list[Tenso
             o_at += n
         p_at += n
         device = batch.params[0].device
-        module, batch.cache = _batch_cache(config, requested, bi, device, batch)
+        kind = spec["family"] + ("8bit" if b["quantized"] else "")  # as FusedOptimizer._plan_group
+        module, batch.cache = _batch_cache(config, requested, bi, device, batch, kind)
         key = (device, batch.params[0].dtype, batch.grads[0].dtype, b["quantized"], (), b["master"])
         work.append((key, batch, module))
     scalars, norm = _optimizer.step_scalars(work, grad_scale, found_inf, max_grad_norm, _unit)
@@ -253,16 +254,16 @@ def _decode_group(encoded: dict, tensors, floats, ints) -> dict:
     return {k: decode(e) for k, e in encoded.items() if e is not None}
 
 
-def _batch_cache(config: str, requested: str, index: int, device: torch.device, batch) -> tuple:
-    """The backend of batch ``index`` (resolved once per config and backend, as the eager step
-    resolves once per plan) and its persistent ``Batch.cache``."""
+def _batch_cache(config: str, requested: str, index: int, device: torch.device, batch, kind: str) -> tuple:
+    """The backend of batch ``index`` for a step of ``kind`` (resolved once per config and
+    backend, as the eager step resolves once per plan) and its persistent ``Batch.cache``."""
     key = (config, requested, index)
     with _lock:
         entry = _batch_caches.get(key)
         if entry is not None:
             _batch_caches.move_to_end(key)
             return entry
-    module = backends.resolve(requested, device, [*batch.params, *batch.grads])
+    module = backends.resolve(requested, device, [*batch.params, *batch.grads], kind)
     entry = (module, {})
     with _lock:
         _batch_caches[key] = entry

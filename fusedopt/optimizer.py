@@ -437,7 +437,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         for key in sorted(buckets, key=str):
             idx = buckets[key]
             tensors = chain((params[i] for i in idx), (grads[i] for i in idx))
-            entries.append((key, idx, backends.resolve(self.backend, key[0], tensors)))
+            kind = self._family + ("8bit" if key[3] else "")
+            entries.append((key, idx, backends.resolve(self.backend, key[0], tensors, kind)))
         return _GroupPlan(group, grads, names, signature, entries, None)
 
     def _check_grad(self, gi: int, pi: int, p: torch.Tensor, g: torch.Tensor) -> None:

@@ -4,6 +4,7 @@ wrong provider from being timed."""
 
 import importlib.metadata
 import json
+import re
 import sys
 
 import jsonschema
@@ -208,15 +209,18 @@ def test_bytes_with_states_in_the_param_dtype_and_small_tensors():
 
 def test_model_shapes_have_the_advertised_sizes():
     sizes = {name: sum(torch.Size(s).numel() for s in m.full) for name, m in benchmark.MODELS.items()}
-    assert sizes == {"gpt2-124m": 124_439_808, "llama-1b": 1_235_814_400, "many-4k": 20_000 * 4096}
+    assert sizes == {"gpt2-124m": 124_439_808, "llama-1b": 1_235_814_400, "many-4k": 20_000 * 4096,
+                     "one-82m": 20_000 * 4096}
     assert len(benchmark.MODELS["many-4k"].full) == 20_000
+    assert len(benchmark.MODELS["one-82m"].full) == 1
 
 
 def test_case_and_provider_patterns():
     names = [c.name for c in benchmark.select_cases(["lion", "*/llama-1b/bf16"], quick=True)]
     assert "lion/gpt2-124m/fp32" in names and "lion8bit/gpt2-124m/fp32" not in names
     assert "adamw/llama-1b/bf16" in names and "adamw/llama-1b/fp32" not in names
-    assert [p.name for p in benchmark.select_providers(["torch-f*"])] == ["torch-forloop", "torch-foreach", "torch-fused"]
+    assert [p.name for p in benchmark.select_providers(["torch-f*"])] == ["torch-forloop", "torch-foreach", "torch-fused",
+                                                                           "torch-fused-graph"]
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -246,3 +250,48 @@ def test_plot_without_matplotlib_says_so(monkeypatch, tmp_path, capsys):
     assert code == 0
     assert "--plot needs matplotlib" in capsys.readouterr().err
     assert not png.exists() and js.exists()
+
+
+def _fake_run(device_name, medians):
+    """A run document with ``ok`` results of the given medians: {(case, provider): ms}."""
+    cases = {}
+    for (case, provider), ms in medians.items():
+        cases.setdefault(case, []).append(dict(provider=provider, status="ok", median_ms=ms, pct_copy=50.0))
+    return dict(environment=dict(device_name=device_name),
+                cases=[dict(name=c, results=rs) for c, rs in cases.items()])
+
+
+def test_headlines_are_ratios_of_medians_within_a_run(tmp_path, capsys):
+    run_a = _fake_run("H100", {
+        ("adamw-clip/llama-1b/fp32", "torch-fused"): 30.0,
+        ("adamw-clip/llama-1b/fp32", "fusedopt-triton"): 12.0,
+        ("adamw-clip/llama-1b/fp32", "fusedopt-cuda"): 10.0,
+        ("adamw8bit/llama-1b/bf16", "bnb-8bit"): 9.0,
+        ("adamw8bit/llama-1b/bf16", "fusedopt-triton"): 4.0,
+        ("adamw8bit/llama-1b/bf16", "fusedopt-cuda"): 8.0,
+    })
+    run_b = _fake_run("H100", {
+        ("adamw/many-4k/fp32", "fusedopt-triton"): 1.3,
+        ("adamw/one-82m/fp32", "fusedopt-triton"): 1.0,
+        ("adamw/many-4k/fp32", "fusedopt-cuda"): 2.6,
+        ("adamw/one-82m/fp32", "fusedopt-cuda"): 1.0,
+    })
+    text = "\n".join(benchmark.headlines([run_a, run_b]))
+    assert "2.50x torch-fused" in text and "3.00x torch-fused" in text
+    assert "2.25x bnb-8bit" in text and "1.12x bnb-8bit" in text
+    assert "1.30x its one-tensor time" in text and "2.60x its one-tensor time" in text
+    # adam: cuda 1.2x faster on the clip case, triton 2x on many-4k, a tie on one-82m -> triton,
+    # by the geometric mean (2 / 1.2) ** (1 / 3) = 1.19x
+    assert re.search(r"auto adam\s+triton \(1\.19x, geometric mean of 3 cases\)", text), text
+    assert re.search(r"auto adam8bit\s+triton \(2\.00x", text), text
+
+    paths = []
+    for i, doc in enumerate((run_a, run_b)):
+        paths.append(tmp_path / f"run{i}.json")
+        paths[-1].write_text(json.dumps(doc))
+    assert benchmark.main(["--headlines", *map(str, paths)]) == 0
+    assert "2.50x torch-fused" in capsys.readouterr().out
+    other = tmp_path / "h200.json"
+    other.write_text(json.dumps(_fake_run("H200", {})))
+    assert benchmark.main(["--headlines", str(paths[0]), str(other)]) == 2
+    assert "different devices" in capsys.readouterr().err

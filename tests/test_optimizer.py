@@ -430,3 +430,29 @@ def test_mixed_dtypes_in_one_group(cls):
         expected_state = torch.float64 if p.dtype == torch.float64 else torch.float32
         if cls not in EIGHT_BIT:
             assert opt.state[p]["exp_avg"].dtype == expected_state
+
+
+def test_auto_resolves_per_kind_of_step(monkeypatch):
+    """``auto`` looks up its preference per kind of step (family, 8-bit or not, the norm), and
+    the optimizer asks with the kind of each batch."""
+    from fusedopt import backends
+
+    assert set(backends.AUTO_ORDER) == set(backends.KINDS)
+    with pytest.raises(ValueError, match="Invalid kind: 'sgd'"):
+        backends.resolve("auto", torch.device("cpu"), kind="sgd")
+    asked = []
+    real = backends.resolve
+
+    def spy(backend, device, tensors=(), kind="adam"):
+        asked.append(kind)
+        return real(backend, device, tensors, kind)
+
+    monkeypatch.setattr(backends, "resolve", spy)
+    big, small = torch.randn(4096), torch.randn(10)
+    opt = fusedopt.AdamW8bit([big, small], max_grad_norm=1.0)
+    big.grad, small.grad = torch.randn_like(big), torch.randn_like(small)
+    opt.step()
+    assert sorted(asked) == ["adam", "adam8bit"]
+    asked.clear()
+    fusedopt.clip_grad_norm_([big], 1.0)
+    assert asked == ["norm"]
