@@ -32,7 +32,9 @@ _MATH = r"""
 _ARGS = r"""
     Args:
         params: an iterable of tensors or of param-group dicts.
-        lr: learning rate (a float, or a 1-element tensor that may be changed in place).
+        lr: learning rate: a float, or a 1-element tensor that may be changed in place (on the
+            params' device: under ``torch.compile`` a new float recompiles the step and a
+            tensor changed in place does not; a CUDA graph reads the tensor at every replay).
         betas: coefficients of the running averages of the gradient and its square.
         eps: added to the denominator for numerical stability.
         weight_decay: L2 penalty (Adam) or decoupled decay (AdamW).

@@ -78,6 +78,15 @@ def _reason(name: str, device: torch.device, tensors) -> str | None:
     return reason
 
 
+def capturing(device) -> bool:
+    """Whether a CUDA graph is being captured on the current stream of a CUDA ``device``.
+
+    What a step makes on the device then (a launch table copied from the host, a zeroed
+    buffer) is only written when the graph replays: a backend must not keep such a tensor in
+    a cache that an eager step could read before a replay (it builds it again instead)."""
+    return torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def resolve(backend: str, device: torch.device, tensors=(), kind: str = "adam") -> ModuleType:
     """The backend module to run ``tensors`` (all on ``device``) with, for a step of ``kind``
     (one of :data:`KINDS`).

@@ -29,7 +29,7 @@ from itertools import chain
 
 import torch
 
-from . import build, quant, reference
+from . import backends, build, quant, reference
 
 NAME = "cuda"
 DESCRIPTION = "CUDA C++ multi-tensor kernels (csrc/), compiled with nvcc on first use or by `python -m fusedopt build`"
@@ -114,7 +114,10 @@ _TABLE_LISTS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs",
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    # Pinned, so the copy is asynchronous: building a table never waits for the GPU.
+    # Pinned, so the copy is asynchronous: building a table never waits for the GPU (and it
+    # can be captured in a CUDA graph). CPU tensors (the input-check tests) stay as they are.
+    if torch.device(device).type == "cpu":
+        return t
     return t.pin_memory().to(device, non_blocking=True)
 
 
@@ -135,10 +138,13 @@ def _plan(batch, lists: dict) -> _Plan:
     tensors = list(chain.from_iterable(lists[k] for k in _TABLE_LISTS))
     key = (block_size, tuple(t.data_ptr() for t in tensors), tuple(p.numel() for p in batch.params))
     cache = batch.cache
-    if cache.get("key") != key:
-        cache["plan"] = _Plan(_ops(), lists, block_size, batch.params[0].device)
-        cache["key"] = key
-    return cache["plan"]
+    if cache.get("key") == key:
+        return cache["plan"]
+    device = batch.params[0].device
+    plan = _Plan(_ops(), lists, block_size, device)
+    if not backends.capturing(device):  # see backends.capturing
+        cache["plan"], cache["key"] = plan, key
+    return plan
 
 
 _codebooks: dict = {}
@@ -151,11 +157,12 @@ def codebook(device: torch.device) -> torch.Tensor:
     book = _codebooks.get(device)
     if book is None:
         pad = torch.tensor([math.inf])
-        book = torch.stack([
+        book = _to_device(torch.stack([
             quant.dynamic_map(True), quant.dynamic_map(False),
             torch.cat([quant.midpoints(True), pad]), torch.cat([quant.midpoints(False), pad]),
-        ]).to(device)
-        _codebooks[device] = book
+        ]), device)
+        if not backends.capturing(device):  # see backends.capturing
+            _codebooks[device] = book
     return book
 
 
@@ -247,9 +254,10 @@ def global_norm(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor:
         ops = _ops()
         table, work = ops.make_table(tensors, [], [], [], [], [], [], [], [], 0)
         plan = (_to_device(table, tensors[0].device), _to_device(work, tensors[0].device))
-        _norm_plans[key] = plan
-        while len(_norm_plans) > _NORM_PLANS_KEPT:
-            _norm_plans.popitem(last=False)
+        if not backends.capturing(tensors[0].device):  # see backends.capturing
+            _norm_plans[key] = plan
+            while len(_norm_plans) > _NORM_PLANS_KEPT:
+                _norm_plans.popitem(last=False)
     else:
         _norm_plans.move_to_end(key)
     return _ops().global_norm(tensors, plan[0], plan[1], norm_type)

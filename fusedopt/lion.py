@@ -28,7 +28,9 @@ _DOC = r"""
 
     Args:
         params: an iterable of tensors or of param-group dicts.
-        lr: learning rate.
+        lr: learning rate: a float, or a 1-element tensor that may be changed in place (on the
+            params' device: under ``torch.compile`` a new float recompiles the step and a
+            tensor changed in place does not; a CUDA graph reads the tensor at every replay).
         betas: interpolation for the update direction (beta1) and the momentum (beta2).
         weight_decay: decoupled weight decay.
         max_grad_norm: clip the global 2-norm of all gradients inside the step (``None``: no

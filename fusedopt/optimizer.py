@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import backends, distributed, quant
+from . import backends, compiled, distributed, quant
 from .scalars import GRAD_MULT, SIZE
 
 _PARAM_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -193,6 +193,68 @@ def check_min_8bit_size(min_8bit_size) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# One step's scalars and backend calls (shared by the eager step and the compiled one)
+# ---------------------------------------------------------------------------------------------
+
+
+def step_scalars(work, grad_scale, found_inf, max_grad_norm, unit) -> tuple[dict, torch.Tensor | None]:
+    """The device scalars of one step, ``[grad multiplier, skip, norm]`` per device (see
+    :mod:`fusedopt.scalars`), and the global gradient norm when ``max_grad_norm`` clips (else
+    None). ``work`` is ``(key, batch, backend)`` per batch; ``unit(device)`` gives the constant
+    scalars of a step with no scaler and no clipping. Device ops only: no host sync."""
+    devices = list(dict.fromkeys(key[0] for key, _, _ in work))
+    if grad_scale is None and found_inf is None and max_grad_norm is None:
+        return {d: unit(d) for d in devices}, None
+
+    home = devices[0]
+    mult = torch.ones((), dtype=torch.float32, device=home)
+    skip = torch.zeros((), dtype=torch.float32, device=home)
+    norm = torch.zeros((), dtype=torch.float32, device=home)
+    clipped = None
+    if grad_scale is not None:
+        # Exactly the inverse GradScaler.unscale_ uses.
+        mult = grad_scale.to(home).double().reciprocal().float().reshape(())
+    if found_inf is not None:
+        skip = (found_inf.to(home).reshape(()) > 0).float()
+    if max_grad_norm is not None:
+        # Sum of squares per (device, shard groups); shards are summed over their groups.
+        parts: dict[tuple, list] = {}
+        for key, batch, backend in work:
+            parts.setdefault((key[0], key[4]), [backend, batch.all_reduce, []])[2].extend(batch.grads)
+        ordered = sorted(parts.items(), key=lambda kv: str(kv[0]))
+        if len(ordered) == 1 and ordered[0][1][1] is None:
+            backend, _, grads = ordered[0][1]
+            norm = backend.global_norm(grads, 2.0).to(home, torch.float32)
+        else:
+            total = torch.zeros((), dtype=torch.float32, device=home)
+            for _, (backend, reduce, grads) in ordered:
+                sq = backend.global_norm(grads, 2.0).to(torch.float32) ** 2
+                if reduce is not None:
+                    reduce(sq)
+                total = total + sq.to(home)
+            norm = torch.sqrt(total)
+        norm = norm * mult
+        coef = torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0)
+        skip = torch.maximum(skip, (~torch.isfinite(norm)).float())
+        mult = mult * coef
+        clipped = norm
+    packed = torch.stack([mult, skip, norm])  # the order of fusedopt.scalars
+    return {d: packed if d == home else packed.to(d) for d in devices}, clipped
+
+
+def run_batches(family: str, work, scalars: dict) -> None:
+    """Hand each batch of ``work`` (``(key, batch, backend)``) its device's scalars and call
+    the backend's ``family`` function on it; then rewrite 16-bit params from their fp32
+    masters (``master_weights``)."""
+    for key, batch, backend in work:
+        batch.scalars = scalars[key[0]]
+        getattr(backend, family)(batch)
+        if batch.outputs is not None:
+            # Round to nearest from the fp32 masters (a skipped step rewrites the same bits).
+            torch._foreach_copy_(batch.outputs, batch.params)
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -200,6 +262,11 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     Subclasses set ``_family`` (the backend function to call), ``_quantized`` (8-bit states),
     and implement ``_check_group`` and ``_state_names``.
+
+    Inside ``torch.compile`` (``fullgraph=True`` works), ``step()`` is one custom op whose
+    implementation is this eager step (:mod:`fusedopt.compiled`). A float ``lr`` is specialized
+    by Dynamo, as for ``torch.optim``: each new value recompiles. Give ``lr`` as a tensor and
+    change it in place to avoid that. Sharded (DTensor) params step eagerly.
     """
 
     _step_supports_amp_scaling = True
@@ -215,12 +282,22 @@ class FusedOptimizer(torch.optim.Optimizer):
         check_max_grad_norm(max_grad_norm)
         self.backend = backends.check_name(backend)
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
-        #: Global gradient norm of the last step that clipped, as a 0-d fp32 device tensor.
-        self.last_grad_norm: torch.Tensor | None = None
+        # Values a step leaves behind, in a dict: a compiled step can update a dict of the
+        # optimizer, not its attributes (Dynamo drops attribute writes on an optimizer).
+        self._results: dict = {"last_grad_norm": None}
         self._caches: dict = {}
         self._plans: dict = {}
         self._unit_scalars: dict = {}
         super().__init__(params, defaults)
+
+    @property
+    def last_grad_norm(self) -> torch.Tensor | None:
+        """Global gradient norm of the last step that clipped, as a 0-d fp32 device tensor."""
+        return self._results["last_grad_norm"]
+
+    @last_grad_norm.setter
+    def last_grad_norm(self, value: torch.Tensor | None) -> None:
+        self._results["last_grad_norm"] = value
 
     # -- to be provided by a family ---------------------------------------------------------
 
@@ -277,6 +354,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         optimizer: gradients are unscaled inside the update, and when ``found_inf`` is set the
         whole step changes nothing. Nothing here waits for the device.
         """
+        if torch.compiler.is_compiling():
+            return compiled.step(self, closure)  # the step as one custom op (fusedopt.compiled)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -296,14 +375,21 @@ class FusedOptimizer(torch.optim.Optimizer):
             work += [(key, batch, backend) for batch, (key, _, backend) in zip(plan.batches, plan.entries)]
         if not work:
             return loss
-        scalars = self._step_scalars(work)
-        for key, batch, backend in work:
-            batch.scalars = scalars[key[0]]
-            getattr(backend, self._family)(batch)
-            if batch.outputs is not None:
-                # Round to nearest from the fp32 masters (a skipped step rewrites the same bits).
-                torch._foreach_copy_(batch.outputs, batch.params)
+        run_batches(self._family, work, self._step_scalars(work))
         return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``torch.optim.Optimizer.zero_grad``; inside ``torch.compile`` a traceable version of
+        it (torch's own is skipped by Dynamo), so ``opt.step(); opt.zero_grad()`` compiles as
+        one graph."""
+        if torch.compiler.is_compiling():
+            return compiled.zero_grad(self, set_to_none)
+        return super().zero_grad(set_to_none)
+
+    def _init_group(self, params: list, grads: list, states: list, steps: list, outputs: list):
+        """Under ``torch.compile``, Dynamo runs this eagerly, not traced: checks, state creation
+        and the op's inputs for a compiled step (see :func:`fusedopt.compiled.init_group`)."""
+        return compiled.init_group(self, params, grads, states, steps, outputs)
 
     def _plan_group(self, gi: int, group: dict) -> "_GroupPlan":
         """Validate this group's gradients and decide its batches, changing nothing.
@@ -334,6 +420,13 @@ class FusedOptimizer(torch.optim.Optimizer):
                      bool(group.get("master_weights", False)))
         if old is not None and old.signature == signature:
             return _GroupPlan(group, grads, names, signature, old.entries, old.batches)
+        missing = [i for i in present if self._missing_state(params[i], group, names)]
+        if missing and backends.capturing(params[missing[0]].device):
+            raise RuntimeError(
+                f"param {missing[0]} of group {gi} has no optimizer state yet while a CUDA graph is being "
+                "captured: state made during capture would be re-initialized at every replay. Step "
+                "eagerly before capturing (the usual warm-up steps on a side stream)"
+            )
         buckets: dict[tuple, list[int]] = {}
         for i in present:
             p = params[i]
@@ -367,6 +460,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         if state and "exp_avg" in state:
             return state["exp_avg"].dtype == torch.uint8
         return p.numel() >= group["min_8bit_size"]
+
+    def _missing_state(self, p: torch.Tensor, group: dict, names: tuple[str, ...]) -> bool:
+        """Whether :meth:`_init_state` would create anything for ``p``."""
+        state = self.state.get(p)
+        if not state or "step" not in state or (has_master(p, group) and MASTER not in state):
+            return True
+        return any(name not in state for name in names)
 
     def _init_state(self, p: torch.Tensor, group: dict, names: tuple[str, ...]) -> dict:
         state = self.state[p]
@@ -418,46 +518,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         )
 
     def _step_scalars(self, work) -> dict[torch.device, torch.Tensor]:
-        """Per device: ``[grad multiplier, skip, norm]`` (see :mod:`fusedopt.scalars`)."""
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
-        devices = list(dict.fromkeys(key[0] for key, _, _ in work))
-        if grad_scale is None and found_inf is None and self.max_grad_norm is None:
-            return {d: self._unit(d) for d in devices}
-
-        home = devices[0]
-        mult = torch.ones((), dtype=torch.float32, device=home)
-        skip = torch.zeros((), dtype=torch.float32, device=home)
-        norm = torch.zeros((), dtype=torch.float32, device=home)
-        if grad_scale is not None:
-            # Exactly the inverse GradScaler.unscale_ uses.
-            mult = grad_scale.to(home).double().reciprocal().float().reshape(())
-        if found_inf is not None:
-            skip = (found_inf.to(home).reshape(()) > 0).float()
-        if self.max_grad_norm is not None:
-            # Sum of squares per (device, shard groups); shards are summed over their groups.
-            parts: dict[tuple, list] = {}
-            for key, batch, backend in work:
-                parts.setdefault((key[0], key[4]), [backend, batch.all_reduce, []])[2].extend(batch.grads)
-            ordered = sorted(parts.items(), key=lambda kv: str(kv[0]))
-            if len(ordered) == 1 and ordered[0][1][1] is None:
-                backend, _, grads = ordered[0][1]
-                norm = backend.global_norm(grads, 2.0).to(home, torch.float32)
-            else:
-                total = torch.zeros((), dtype=torch.float32, device=home)
-                for _, (backend, reduce, grads) in ordered:
-                    sq = backend.global_norm(grads, 2.0).to(torch.float32) ** 2
-                    if reduce is not None:
-                        reduce(sq)
-                    total = total + sq.to(home)
-                norm = torch.sqrt(total)
-            norm = norm * mult
-            coef = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
-            skip = torch.maximum(skip, (~torch.isfinite(norm)).float())
-            mult = mult * coef
+        """Per device: ``[grad multiplier, skip, norm]`` (see :func:`step_scalars`)."""
+        scalars, norm = step_scalars(work, getattr(self, "grad_scale", None), getattr(self, "found_inf", None),
+                                     self.max_grad_norm, self._unit)
+        if norm is not None:
             self.last_grad_norm = norm
-        packed = torch.stack([mult, skip, norm])  # the order of fusedopt.scalars
-        return {d: packed if d == home else packed.to(d) for d in devices}
+        return scalars
 
     def _unit(self, device: torch.device) -> torch.Tensor:
         """The constant scalars of a step with no scaler and no clipping (cached per device)."""
@@ -465,7 +531,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         if unit is None:
             unit = torch.zeros(SIZE, dtype=torch.float32, device=device)
             unit[GRAD_MULT] = 1.0
-            self._unit_scalars[device] = unit
+            if not backends.capturing(device):  # see backends.capturing
+                self._unit_scalars[device] = unit
         return unit
 
     # -- state dict -------------------------------------------------------------------------
@@ -565,4 +632,5 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_caches", {})
         self.__dict__.setdefault("_plans", {})
         self.__dict__.setdefault("_unit_scalars", {})
+        self.__dict__.setdefault("_results", {"last_grad_norm": self.__dict__.pop("last_grad_norm", None)})
 

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from .. import quant, reference
+from .. import backends, quant, reference
 
 #: Elements per work item of the 32-bit kernels (a multiple of every BLOCK they loop with).
 CHUNK = 16384
@@ -60,7 +60,8 @@ def lookup(cache: dict, name: str, streams: Sequence[Sequence[torch.Tensor]], ve
     if entry is not None and entry[0] == key:
         return entry[1]
     table = build(streams, vector_streams, chunk, extra)
-    cache[name] = (key, table)
+    if not backends.capturing(streams[0][0].device):  # see backends.capturing
+        cache[name] = (key, table)
     return table
 
 
@@ -157,7 +158,8 @@ def codebooks(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         inf = torch.full((1,), float("inf"))
         mids = torch.stack([torch.cat([quant.midpoints(False), inf]), torch.cat([quant.midpoints(True), inf])])
         books = (to_device(values.contiguous(), device), to_device(mids.contiguous(), device))
-        _CODEBOOKS[device] = books
+        if not backends.capturing(device):  # see backends.capturing
+            _CODEBOOKS[device] = books
     return books
 
 
