@@ -367,10 +367,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         for gi, (group, plan) in enumerate(zip(self.param_groups, plans)):
             if plan.batches is None:
                 plan.batches = [self._batch(gi, group, key, idx, plan.grads) for key, idx, _ in plan.entries]
-            else:
-                local = distributed.local
-                for batch, (_, idx, _) in zip(plan.batches, plan.entries):
-                    batch.grads = [local(plan.grads[i]) for i in idx]
+            elif plan is not self._plans.get(gi):  # new grad tensors in the same layout
+                grads = plan.grads
+                for batch, (key, idx, _) in zip(plan.batches, plan.entries):
+                    if key[4]:  # sharded: the kernels take the local shards
+                        batch.grads = [distributed.local(grads[i]) for i in idx]
+                    else:
+                        batch.grads = [grads[i] for i in idx]
             self._plans[gi] = plan
             work += [(key, batch, backend) for batch, (key, _, backend) in zip(plan.batches, plan.entries)]
         if not work:

@@ -59,42 +59,51 @@ def lookup(cache: dict, name: str, streams: Sequence[Sequence[torch.Tensor]], ve
     entry = cache.get(name)
     if entry is not None and entry[0] == key:
         return entry[1]
-    table = build(streams, vector_streams, chunk, extra)
+    table = build(streams, vector_streams, chunk, extra, key=key)
     if not backends.capturing(streams[0][0].device):  # see backends.capturing
         cache[name] = (key, table)
     return table
 
 
+_data_ptr = torch.Tensor.data_ptr
+_numel = torch.Tensor.numel
+
+
 def key_of(streams: Sequence[Sequence[torch.Tensor]], chunk: int, extra: Sequence[int] | None = None) -> tuple:
-    """Everything a table depends on: every address, every element count, the chunk size."""
+    """Everything a table depends on: every address, every element count, the chunk size.
+    (Called every step: ``map`` over the unbound methods is about twice as fast as a generator
+    at 20,000 tensors.)"""
+    addresses: list[int] = []
+    for column in streams:
+        addresses.extend(map(_data_ptr, column))
     return (
         chunk,
-        tuple(t.data_ptr() for column in streams for t in column),
-        tuple(t.numel() for t in streams[0]),
+        tuple(addresses),
+        tuple(map(_numel, streams[0])),
         None if extra is None else tuple(extra),
     )
 
 
 def build(streams: Sequence[Sequence[torch.Tensor]], vector_streams: int, chunk: int,
-          extra: Sequence[int] | None = None) -> Table:
-    """A new table for ``streams`` (see :func:`lookup`), copied to the params' device."""
+          extra: Sequence[int] | None = None, key: tuple | None = None) -> Table:
+    """A new table for ``streams`` (see :func:`lookup`), copied to the params' device.
+    ``key``: their :func:`key_of`, when the caller has it (its addresses are reused)."""
     device = streams[0][0].device
-    addresses = [t.data_ptr() for column in streams for t in column]
-    numels = [t.numel() for t in streams[0]]
+    _, addresses, numels, _ = key if key is not None else key_of(streams, chunk, extra)
     n = len(numels)
     width = len(streams) + 2
     rows = torch.empty((n, width), dtype=torch.int64)
     rows[:, : len(streams)] = torch.tensor(addresses, dtype=torch.int64).view(len(streams), n).t()
-    rows[:, len(streams)] = torch.tensor(numels, dtype=torch.int64)
-    rows[:, len(streams) + 1] = torch.tensor(list(extra) if extra is not None else [0] * n, dtype=torch.int64)
-    chunks = torch.tensor([-(-k // chunk) for k in numels], dtype=torch.int64)
+    sizes = torch.tensor(numels, dtype=torch.int64)
+    rows[:, len(streams)] = sizes
+    rows[:, len(streams) + 1] = torch.tensor(list(extra), dtype=torch.int64) if extra is not None else 0
+    chunks = (sizes + (chunk - 1)).div(chunk, rounding_mode="floor")
     first = torch.zeros(n + 1, dtype=torch.int64)
     torch.cumsum(chunks, 0, out=first[1:])
     n_work = int(first[-1])
     owner = torch.repeat_interleave(torch.arange(n, dtype=torch.int64), chunks)
     index = torch.arange(n_work, dtype=torch.int64) - first[:-1].repeat_interleave(chunks)
     work = (owner << 32) | index
-    vector = addresses[: vector_streams * n]
     return Table(
         rows=to_device(rows, device),
         work=to_device(work, device),
@@ -102,7 +111,7 @@ def build(streams: Sequence[Sequence[torch.Tensor]], vector_streams: int, chunk:
         n_tensors=n,
         n_work=n_work,
         width=width,
-        aligned=all(a % 16 == 0 for a in vector),
+        aligned=bool((rows[:, :vector_streams] % 16 == 0).all()),
         steps=torch.empty((n, 4), dtype=torch.float32, device=device),
     )
 
