@@ -49,24 +49,30 @@ stage_setup() {
         export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
     fi
     "$PY" -m pip install -q --no-deps --no-build-isolation -e .
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/device.txt"
+    { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || echo "no nvidia-smi"; } | tee "$OUT/device.txt"
     "$PY" -m fusedopt build 2>&1 | tail -5 | tee -a "$OUT/device.txt"
     "$PY" -m fusedopt info 2>&1 | tee -a "$OUT/device.txt"
     git rev-parse HEAD >> "$OUT/device.txt" 2>/dev/null || true
 }
 
+# pytest-timeout is in the GPU image; elsewhere the runs go without a per-test limit.
+timeout_arg() { "$PY" -c "import pytest_timeout" 2>/dev/null && echo "--timeout=$1" || true; }
+
 stage_tests() {
-    "$PY" -m fusedopt check 2>&1 | tee "$OUT/check.txt"
-    "$PY" -m fusedopt bench --quick 2>&1 | tail -40 | tee "$OUT/bench-quick.txt"
-    "$PY" -m pytest -m "gpu and not large" -q -ra -x --timeout=300 -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log"
+    "$PY" -m fusedopt check 2>&1 | tee "$OUT/check.txt" || echo "(check failed: see check.txt)"
+    "$PY" -m fusedopt bench --quick 2>&1 | tail -40 | tee "$OUT/bench-quick.txt" || echo "(bench --quick failed)"
+    "$PY" -m pytest -m "gpu and not large" -q -ra $(timeout_arg 300) -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log" \
+        || echo "(gpu tests failed: see gpu-tests.log; the stages after this one still run)"
 }
 
 stage_large() {
-    "$PY" -m pytest -m large -q -ra --timeout=400 -p no:cacheprovider 2>&1 | tee "$OUT/large-tests.log"
+    "$PY" -m pytest -m large -q -ra $(timeout_arg 400) -p no:cacheprovider 2>&1 | tee "$OUT/large-tests.log" \
+        || echo "(large tests failed: see large-tests.log)"
 }
 
 stage_sanitizer() {
-    "$PY" -m pytest tests/test_cuda_gpu.py -k sanitizer -q -ra -p no:cacheprovider 2>&1 | tee "$OUT/sanitizer.log"
+    "$PY" -m pytest tests/test_cuda_gpu.py -k sanitizer -q -ra -p no:cacheprovider 2>&1 | tee "$OUT/sanitizer.log" \
+        || echo "(sanitizer tests failed: see sanitizer.log)"
 }
 
 stage_bench() {
