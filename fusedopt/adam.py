@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from .optimizer import (
+    DOC_LR,
+    DOC_STORAGE,
     FusedOptimizer,
     check_betas,
     check_block_size,
@@ -32,10 +34,7 @@ _MATH = r"""
 _ARGS = r"""
     Args:
         params: an iterable of tensors or of param-group dicts.
-        lr: learning rate: a float, or a 1-element tensor that may be changed in place (on the
-            params' device: under ``torch.compile`` a new float recompiles the step and a
-            tensor changed in place does not; a CUDA graph reads the tensor at every replay).
-        betas: coefficients of the running averages of the gradient and its square.
+""" + DOC_LR + r"""        betas: coefficients of the running averages of the gradient and its square.
         eps: added to the denominator for numerical stability.
         weight_decay: L2 penalty (Adam) or decoupled decay (AdamW).
         amsgrad: use the maximum of past second moments (Reddi et al., 2018).
@@ -45,18 +44,7 @@ _ARGS = r"""
             ``last_grad_norm``; a non-finite norm skips the step.
         backend: ``"auto"``, ``"triton"``, ``"cuda"`` or ``"reference"`` (the environment
             variable ``FUSEDOPT_BACKEND`` overrides ``"auto"``).
-        stochastic_rounding: store bfloat16 params with stochastic rounding (up with
-            probability equal to the discarded fraction, so updates smaller than a bf16 ulp
-            are not lost on average) instead of round-to-nearest. Reproducible: the noise is a
-            hash of the group's ``"seed"`` (0 unless the group sets one), the param's step,
-            its position in the group and the element. float32 params are stored exactly;
-            float16 params are refused.
-        master_weights: keep an fp32 copy of every bfloat16/float16 param (state
-            ``"master_param"``, 4 more bytes per param): the update is applied to the copy,
-            and the param is rewritten from it with round-to-nearest, so updates smaller than
-            half a 16-bit ulp accumulate instead of being lost. An alternative to
-            ``stochastic_rounding`` (not both); ignored for float32 and float64 params.
-"""
+""" + DOC_STORAGE
 
 _ARGS_8BIT = r"""        block_size: elements per quantization block, one fp32 absmax each (a multiple of 32).
         min_8bit_size: tensors with fewer elements keep fp32 states.

@@ -4,6 +4,8 @@ Learning: Training BERT in 76 minutes", ICLR 2020)."""
 from __future__ import annotations
 
 from .optimizer import (
+    DOC_LR,
+    DOC_STORAGE,
     FusedOptimizer,
     check_betas,
     check_eps,
@@ -16,7 +18,7 @@ from .optimizer import (
 
 
 class LAMB(FusedOptimizer):
-    r"""LAMB, fused: moments for every tensor in one pass, the per-tensor trust ratio applied
+    __doc__ = r"""LAMB, fused: moments for every tensor in one pass, the per-tensor trust ratio applied
     in a second.
 
     Per parameter tensor, with ``t`` its step count after this step and ``g`` its gradient
@@ -31,28 +33,14 @@ class LAMB(FusedOptimizer):
 
     Args:
         params: an iterable of tensors or of param-group dicts.
-        lr: learning rate: a float, or a 1-element tensor that may be changed in place (on the
-            params' device: under ``torch.compile`` a new float recompiles the step and a
-            tensor changed in place does not; a CUDA graph reads the tensor at every replay).
-        betas: coefficients of the running averages of the gradient and its square.
+""" + DOC_LR + r"""        betas: coefficients of the running averages of the gradient and its square.
         eps: added to the denominator for numerical stability.
         weight_decay: decay added to the update before the trust ratio.
         bias_correction: divide the moments by ``1 - beta^t``.
         max_grad_norm: clip the global 2-norm of all gradients inside the step (``None``: no
             clipping); the norm is kept on the device as ``last_grad_norm``.
         backend: ``"auto"``, ``"triton"``, ``"cuda"`` or ``"reference"``.
-        stochastic_rounding: store bfloat16 params with stochastic rounding (up with
-            probability equal to the discarded fraction, so updates smaller than a bf16 ulp
-            are not lost on average) instead of round-to-nearest. Reproducible: the noise is a
-            hash of the group's ``"seed"`` (0 unless the group sets one), the param's step,
-            its position in the group and the element. float32 params are stored exactly;
-            float16 params are refused.
-        master_weights: keep an fp32 copy of every bfloat16/float16 param (state
-            ``"master_param"``, 4 more bytes per param): the update is applied to the copy,
-            and the param is rewritten from it with round-to-nearest, so updates smaller than
-            half a 16-bit ulp accumulate instead of being lost. An alternative to
-            ``stochastic_rounding`` (not both); ignored for float32 and float64 params.
-
+""" + DOC_STORAGE + r"""
     Example:
         >>> import torch, fusedopt
         >>> model = torch.nn.Linear(4, 2)

@@ -4,6 +4,8 @@ Algorithms", NeurIPS 2023), with 32-bit or block-wise 8-bit state."""
 from __future__ import annotations
 
 from .optimizer import (
+    DOC_LR,
+    DOC_STORAGE,
     FusedOptimizer,
     check_betas,
     check_block_size,
@@ -28,26 +30,12 @@ _DOC = r"""
 
     Args:
         params: an iterable of tensors or of param-group dicts.
-        lr: learning rate: a float, or a 1-element tensor that may be changed in place (on the
-            params' device: under ``torch.compile`` a new float recompiles the step and a
-            tensor changed in place does not; a CUDA graph reads the tensor at every replay).
-        betas: interpolation for the update direction (beta1) and the momentum (beta2).
+""" + DOC_LR + r"""        betas: interpolation for the update direction (beta1) and the momentum (beta2).
         weight_decay: decoupled weight decay.
         max_grad_norm: clip the global 2-norm of all gradients inside the step (``None``: no
             clipping); the norm is kept on the device as ``last_grad_norm``.
         backend: ``"auto"``, ``"triton"``, ``"cuda"`` or ``"reference"``.
-        stochastic_rounding: store bfloat16 params with stochastic rounding (up with
-            probability equal to the discarded fraction, so updates smaller than a bf16 ulp
-            are not lost on average) instead of round-to-nearest. Reproducible: the noise is a
-            hash of the group's ``"seed"`` (0 unless the group sets one), the param's step,
-            its position in the group and the element. float32 params are stored exactly;
-            float16 params are refused.
-        master_weights: keep an fp32 copy of every bfloat16/float16 param (state
-            ``"master_param"``, 4 more bytes per param): the update is applied to the copy,
-            and the param is rewritten from it with round-to-nearest, so updates smaller than
-            half a 16-bit ulp accumulate instead of being lost. An alternative to
-            ``stochastic_rounding`` (not both); ignored for float32 and float64 params.
-"""
+""" + DOC_STORAGE
 
 
 class _LionFamily(FusedOptimizer):

@@ -83,6 +83,25 @@ def state_dtype(param: torch.Tensor) -> torch.dtype:
     return torch.float64 if param.dtype == torch.float64 else torch.float32
 
 
+#: Lines of the classes' ``Args`` sections that every family shares (written once, here).
+DOC_LR = """        lr: learning rate: a float, or a 1-element tensor that may be changed in place (on the
+            params' device: under ``torch.compile`` a new float recompiles the step and a
+            tensor changed in place does not; a CUDA graph reads the tensor at every replay).
+"""
+DOC_STORAGE = """        stochastic_rounding: store bfloat16 params with stochastic rounding (up with
+            probability equal to the discarded fraction, so updates smaller than a bf16 ulp
+            are not lost on average) instead of round-to-nearest. Reproducible: the noise is a
+            hash of the group's ``"seed"`` (0 unless the group sets one), the param's step,
+            its position in the group and the element. float32 params are stored exactly;
+            float16 params are refused.
+        master_weights: keep an fp32 copy of every bfloat16/float16 param (state
+            ``"master_param"``, 4 more bytes per param): the update is applied to the copy,
+            and the param is rewritten from it with round-to-nearest, so updates smaller than
+            half a 16-bit ulp accumulate instead of being lost. An alternative to
+            ``stochastic_rounding`` (not both); ignored for float32 and float64 params.
+"""
+
+
 # ---------------------------------------------------------------------------------------------
 # Hyper-parameter checks, in torch.optim's words where torch has them.
 # ---------------------------------------------------------------------------------------------
