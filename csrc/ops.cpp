@@ -555,7 +555,7 @@ TORCH_LIBRARY(fusedopt, m) {
 // make_table reads addresses on the host; the step ops run on CUDA tensors, and are registered
 // for CPU tensors too so that a CPU tensor gets their argument checks ("params[0] must be a CUDA
 // tensor") rather than the dispatcher's "no kernel" error.
-TORCH_LIBRARY_IMPL(fusedopt, CPU, m) {
+static void register_impls(torch::Library& m) {
   m.impl("make_table", &make_table);
   m.impl("adam_", &adam_);
   m.impl("lion_", &lion_);
@@ -566,15 +566,8 @@ TORCH_LIBRARY_IMPL(fusedopt, CPU, m) {
   m.impl("quantize_blockwise", &quantize_blockwise);
 }
 
-TORCH_LIBRARY_IMPL(fusedopt, CUDA, m) {
-  m.impl("make_table", &make_table);
-  m.impl("adam_", &adam_);
-  m.impl("lion_", &lion_);
-  m.impl("lamb_", &lamb_);
-  m.impl("lamb_moments_", &lamb_moments_);
-  m.impl("lamb_apply_", &lamb_apply_);
-  m.impl("global_norm", &global_norm);
-  m.impl("quantize_blockwise", &quantize_blockwise);
-}
+TORCH_LIBRARY_IMPL(fusedopt, CPU, m) { register_impls(m); }
+
+TORCH_LIBRARY_IMPL(fusedopt, CUDA, m) { register_impls(m); }
 
 }  // namespace fusedopt
