@@ -72,6 +72,11 @@ FULL = Config(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.1, batc
 # they are still 8-bit with the default min_8bit_size.
 TINY = Config(n_layer=2, n_head=4, n_embd=64, block_size=64, dropout=0.0, batch_size=16,
               steps=300, warmup=30, lr=5e-3, eval_interval=25, eval_iters=8)
+# Between the two, for a CPU with time to spare (~0.8M parameters, 4 x 128): long enough for
+# the loss curves to flatten, about half an hour on 2 cores for all four optimizers.
+SMALL = Config(n_layer=4, n_head=4, n_embd=128, block_size=128, dropout=0.0, batch_size=16,
+               steps=1000, warmup=50, lr=2e-3, eval_interval=50, eval_iters=8)
+SIZES = {"tiny": TINY, "small": SMALL, "full": FULL}
 
 
 @dataclass(frozen=True)
@@ -364,10 +369,15 @@ def require_matplotlib() -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tiny", action="store_true", help="a CPU-sized model and run (about a minute)")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--tiny", action="store_const", dest="size", const="tiny",
+                      help="a CPU-sized model and run (about a minute)")
+    size.add_argument("--small", action="store_const", dest="size", const="small",
+                      help="a larger CPU run (~0.8M parameters, 1000 steps, about half an hour)")
+    parser.set_defaults(size="full")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--steps", type=int, help="training steps (default: 300 with --tiny, else 2000)")
+    parser.add_argument("--steps", type=int, help="training steps (default: 300 with --tiny, 1000 with --small, else 2000)")
     parser.add_argument("--optimizers", default=",".join(OPTIMIZERS),
                         help=f"comma-separated, from {', '.join(OPTIMIZERS)} (default: all)")
     parser.add_argument("--seed", type=int, default=0)
@@ -389,14 +399,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     require_matplotlib()
     device = torch.device(args.device)
-    cfg = TINY if args.tiny else FULL
-    if not args.tiny and device.type == "cpu":
+    cfg = SIZES[args.size]
+    if args.size == "full" and device.type == "cpu":
         print("note: the default size is meant for a GPU (hours on a CPU); --tiny runs in about a minute", flush=True)
     if args.steps is not None:
         cfg = replace(cfg, steps=args.steps, warmup=max(1, min(cfg.warmup, args.steps // 10)),
                       eval_interval=min(cfg.eval_interval, args.steps))
     torch.use_deterministic_algorithms(True, warn_only=True)
-    if args.tiny and device.type == "cpu":
+    if args.size == "tiny" and device.type == "cpu":
         # Matrices this small gain nothing from intra-op threads, and on a shared CPU the
         # threads' spinning made a step 25x slower (measured on 2 busy cores: 36 ms with one
         # thread, 880 ms with two).

@@ -155,6 +155,25 @@ def test_deterministic_with_a_seed(tmp_path):
         assert first["curves"][key] == second["curves"][key], key
 
 
+def test_size_presets(example, capsys):
+    """--tiny and --small pick their presets, the default is the GPU size, and the two cannot
+    be combined. --small sits between: every matrix still gets 8-bit states."""
+    assert example.SIZES[example.parse_args([]).size] is example.FULL
+    assert example.SIZES[example.parse_args(["--tiny"]).size] is example.TINY
+    assert example.SIZES[example.parse_args(["--small"]).size] is example.SMALL
+    with pytest.raises(SystemExit):
+        example.parse_args(["--tiny", "--small"])
+    assert "--small" in capsys.readouterr().err
+    data = example.CharData(example.CORPUS.read_text(encoding="ascii"))
+    with torch.device("meta"):
+        tiny, small = (sum(p.numel() for p in example.GPT(c, data.vocab_size).parameters())
+                       for c in (example.TINY, example.SMALL))
+        model = example.GPT(example.SMALL, data.vocab_size)
+    assert tiny < small < 2e6
+    min_8bit = inspect.signature(fusedopt.AdamW8bit).parameters["min_8bit_size"].default
+    assert all(p.numel() >= min_8bit for p in model.parameters() if p.dim() == 2)
+
+
 def test_bad_flags_name_the_flag(example, capsys):
     with pytest.raises(SystemExit):
         example.parse_args(["--optimizers", "adamw,sgd"])
