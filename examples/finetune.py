@@ -73,7 +73,7 @@ FULL = Config(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.1, batc
 TINY = Config(n_layer=2, n_head=4, n_embd=64, block_size=64, dropout=0.0, batch_size=16,
               steps=300, warmup=30, lr=5e-3, eval_interval=25, eval_iters=8)
 # Between the two, for a CPU with time to spare (~0.8M parameters, 4 x 128): long enough for
-# the loss curves to flatten, about half an hour on 2 cores for all four optimizers.
+# the loss curves to flatten, about 13 minutes on 2 busy cores for all four optimizers.
 SMALL = Config(n_layer=4, n_head=4, n_embd=128, block_size=128, dropout=0.0, batch_size=16,
                steps=1000, warmup=50, lr=2e-3, eval_interval=50, eval_iters=8)
 SIZES = {"tiny": TINY, "small": SMALL, "full": FULL}
@@ -373,7 +373,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     size.add_argument("--tiny", action="store_const", dest="size", const="tiny",
                       help="a CPU-sized model and run (about a minute)")
     size.add_argument("--small", action="store_const", dest="size", const="small",
-                      help="a larger CPU run (~0.8M parameters, 1000 steps, about half an hour)")
+                      help="a larger CPU run (~0.8M parameters, 1000 steps, about a quarter of an hour)")
     parser.set_defaults(size="full")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device (default: cuda if available, else cpu)")
