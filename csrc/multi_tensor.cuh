@@ -22,6 +22,13 @@
 
 #include "params.h"
 
+// A kernel launch, `FUSEDOPT_LAUNCH(kernel, grid, block, smem, stream)(args...)`: the <<<>>>
+// launch under nvcc. The test-only CPU emulator (tests/cuda_emu/) defines it first, as a call
+// that runs the kernel's blocks on the host.
+#ifndef FUSEDOPT_LAUNCH
+#define FUSEDOPT_LAUNCH(kernel, grid, block, smem, stream) kernel<<<grid, block, smem, stream>>>
+#endif
+
 namespace fusedopt {
 
 __device__ __forceinline__ float get(const Scalar& s) { return s.ptr ? __ldg(s.ptr) : s.value; }
@@ -289,7 +296,7 @@ cudaError_t dispatch_param(ScalarKind param, F&& f) {
 template <typename Kernel, typename... Args>
 cudaError_t launch(Kernel kernel, int64_t n_work, cudaStream_t stream, Args... args) {
   if (n_work == 0) return cudaSuccess;
-  kernel<<<grid_size(kernel, n_work), kThreads, 0, stream>>>(args...);
+  FUSEDOPT_LAUNCH(kernel, grid_size(kernel, n_work), kThreads, 0, stream)(args...);
   return cudaGetLastError();
 }
 
