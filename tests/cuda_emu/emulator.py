@@ -22,6 +22,7 @@ import os
 import platform
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -144,6 +145,8 @@ class _Ops:
     the tensors passed to the op (each exactly, element 0 to numel - 1) and what the op
     allocates."""
 
+    _lock = threading.Lock()  # one op at a time: the memory check's regions are global
+
     def __init__(self, lib):
         self._lib = lib
         self._ops = getattr(torch.ops, NAME)
@@ -158,11 +161,12 @@ class _Ops:
                     begin = t.data_ptr()
                     ranges += [begin, begin + t.numel() * t.element_size()]
             array = (ctypes.c_uint64 * len(ranges))(*ranges)
-            self._lib.cuda_emu_begin_op(len(ranges) // 2, array)
-            try:
-                return op(*args)
-            finally:
-                self._lib.cuda_emu_end_op()
+            with self._lock:
+                self._lib.cuda_emu_begin_op(len(ranges) // 2, array)
+                try:
+                    return op(*args)
+                finally:
+                    self._lib.cuda_emu_end_op()
 
         return call
 

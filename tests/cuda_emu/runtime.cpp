@@ -282,17 +282,18 @@ void check_access(const void* p, size_t bytes, size_t align) {
   if (!check_memory) return;
   ++stats.checked_accesses;
   if (a >= f->hit_begin && a + bytes <= f->hit_end) return;
-  std::lock_guard<std::mutex> lock(memory_mutex);
-  auto it = regions.upper_bound(a);
-  // Regions may overlap (views of one storage): look at every region starting at or before a.
-  while (it != regions.begin()) {
-    --it;
-    if (a + bytes <= it->second) {
-      f->hit_begin = it->first;
-      f->hit_end = it->second;
-      return;
+  {
+    std::lock_guard<std::mutex> lock(memory_mutex);  // released before a fault leaves the fiber
+    auto it = regions.upper_bound(a);
+    // Regions may overlap (views of one storage): look at every region starting at or before a.
+    while (it != regions.begin()) {
+      --it;
+      if (a + bytes <= it->second) {
+        f->hit_begin = it->first;
+        f->hit_end = it->second;
+        return;
+      }
     }
-    if (a - it->first > (uintptr_t(1) << 40)) break;
   }
   fault("out-of-bounds access (no tensor of this op holds it)", p, bytes);
 }
