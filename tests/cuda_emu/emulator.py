@@ -7,7 +7,7 @@ first and ``-DFUSEDOPT_CUDA_EMULATION``, plus this folder's ``runtime.cpp``; its
 
 Usage (what ``tests/test_cuda_emulated.py`` does)::
 
-    lib = emulator.load()                 # builds on first use (about a minute)
+    lib = emulator.load()                 # builds on first use (15-25 s on two cores)
     emulator.configure(lib, sms=3, blocks_per_sm=2, block_order="shuffled", seed=1)
     with emulator.emulated_cuda_backend(lib):
         opt = fusedopt.AdamW(cpu_params, backend="cuda")   # runs the CUDA kernels on the CPU

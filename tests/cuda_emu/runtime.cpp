@@ -139,11 +139,6 @@ void* scheduler_sp = nullptr;
 Launch* launch_now = nullptr;
 std::vector<std::unique_ptr<Fiber>> fiber_pool;
 
-void release_fibers() {
-  for (auto& f : fiber_pool) munmap(f->memory, kStackBytes + kGuardBytes);
-  fiber_pool.clear();
-}
-
 Fiber* fiber(size_t i) {
   while (fiber_pool.size() <= i) {
     auto f = std::make_unique<Fiber>();
