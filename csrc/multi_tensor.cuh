@@ -22,6 +22,13 @@
 
 #include "params.h"
 
+// A kernel launch, `FUSEDOPT_LAUNCH(kernel, grid, block, smem, stream)(args...)`: the <<<>>>
+// launch under nvcc. The test-only CPU emulator (tests/cuda_emu/) defines it first, as a call
+// that runs the kernel's blocks on the host.
+#ifndef FUSEDOPT_LAUNCH
+#define FUSEDOPT_LAUNCH(kernel, grid, block, smem, stream) kernel<<<grid, block, smem, stream>>>
+#endif
+
 namespace fusedopt {
 
 __device__ __forceinline__ float get(const Scalar& s) { return s.ptr ? __ldg(s.ptr) : s.value; }
@@ -180,7 +187,9 @@ __device__ __forceinline__ void advance_step(const MultiTensor& mt, const int64_
 // given block size. The result is returned to every thread.
 template <typename Op>
 __device__ __forceinline__ float block_reduce(float x, Op op) {
-  __shared__ float warp_results[kThreads / 32];
+  constexpr int kWarps = kThreads / 32;
+  static_assert(kWarps <= 32 && (kWarps & (kWarps - 1)) == 0, "the warps' results fit one warp, a power of two");
+  __shared__ float warp_results[kWarps];
   __shared__ float result;
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) x = op(x, __shfl_xor_sync(0xffffffffu, x, offset));
@@ -189,9 +198,12 @@ __device__ __forceinline__ float block_reduce(float x, Op op) {
   if (lane == 0) warp_results[warp] = x;
   __syncthreads();
   if (warp == 0) {
-    x = lane < kThreads / 32 ? warp_results[lane] : warp_results[0];
+    // Lanes 0..kWarps-1 combine the kWarps results among themselves (an xor by less than
+    // kWarps stays in that range); the other lanes' values never reach lane 0. No padding
+    // value is combined: there is none that is an identity for every op.
+    x = warp_results[lane < kWarps ? lane : 0];
 #pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) x = op(x, __shfl_xor_sync(0xffffffffu, x, offset));
+    for (int offset = kWarps / 2; offset > 0; offset >>= 1) x = op(x, __shfl_xor_sync(0xffffffffu, x, offset));
     if (lane == 0) result = x;
   }
   __syncthreads();
@@ -289,7 +301,7 @@ cudaError_t dispatch_param(ScalarKind param, F&& f) {
 template <typename Kernel, typename... Args>
 cudaError_t launch(Kernel kernel, int64_t n_work, cudaStream_t stream, Args... args) {
   if (n_work == 0) return cudaSuccess;
-  kernel<<<grid_size(kernel, n_work), kThreads, 0, stream>>>(args...);
+  FUSEDOPT_LAUNCH(kernel, grid_size(kernel, n_work), kThreads, 0, stream)(args...);
   return cudaGetLastError();
 }
 

@@ -7,7 +7,7 @@ template <NormKind K>
 static cudaError_t norm_passes(const MultiTensor& mt, const NormArgs& args, cudaStream_t stream) {
   const cudaError_t err = launch(norm_partials_kernel<K>, mt.n_work, stream, mt, args);
   if (err != cudaSuccess) return err;
-  norm_finish_kernel<K><<<1, kThreads, 0, stream>>>(mt.n_work, args);
+  FUSEDOPT_LAUNCH(norm_finish_kernel<K>, 1, kThreads, 0, stream)(mt.n_work, args);
   return cudaGetLastError();
 }
 

@@ -15,10 +15,29 @@
 // dtypes, shapes and layouts, then devices.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+// FUSEDOPT_CUDA_EMULATION: the test-only build of tests/cuda_emu/, whose kernels run on the host:
+// the ops take CPU tensors and register as torch.ops.fusedopt_emu.*, with no device guard or
+// stream. Every other line is the same in both builds.
+#ifdef FUSEDOPT_CUDA_EMULATION
+#define FUSEDOPT_NAMESPACE fusedopt_emu
+#define FUSEDOPT_DEVICE_GUARD(device) (void)(device)
+#define C10_CUDA_CHECK(expr)                                                             \
+  do {                                                                                   \
+    const cudaError_t error_ = (expr);                                                   \
+    TORCH_CHECK(error_ == cudaSuccess, "fusedopt: emulated launch failed, error ", int(error_)); \
+  } while (0)
+#else
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+#define FUSEDOPT_NAMESPACE fusedopt
+#define FUSEDOPT_DEVICE_GUARD(device) const c10::cuda::CUDAGuard guard(device)
+#endif
+// TORCH_LIBRARY pastes its namespace argument: expanded here first.
+#define FUSEDOPT_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+#define FUSEDOPT_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
 
 #include <cmath>
 #include <optional>
@@ -83,8 +102,13 @@ void check_numel(const Tensor& t, const Name& name, int64_t numel, const Name& o
 }
 
 void check_cuda(const Tensor& t, const Name& name, const char* op) {
+#ifdef FUSEDOPT_CUDA_EMULATION
+  TORCH_CHECK(t.is_cpu(), "fusedopt.", op, ": ", name, " must be a CPU tensor (emulated CUDA), got a ",
+              t.device().type(), " tensor");
+#else
   TORCH_CHECK(t.is_cuda(), "fusedopt.", op, ": ", name, " must be a CUDA tensor, got a ", t.device().type(),
               " tensor");
+#endif
 }
 
 int64_t num_blocks(int64_t numel, int64_t block_size) { return (numel + block_size - 1) / block_size; }
@@ -268,7 +292,11 @@ MultiTensor multi_tensor(const Tensor& table, const Tensor& work, const Tensor& 
                      grad};
 }
 
+#ifdef FUSEDOPT_CUDA_EMULATION
+cudaStream_t stream_of(const at::Device&) { return nullptr; }
+#else
 cudaStream_t stream_of(const at::Device& device) { return c10::cuda::getCurrentCUDAStream(device.index()).stream(); }
+#endif
 
 // ---- the ops ----------------------------------------------------------------------------------
 
@@ -345,7 +373,7 @@ void adam_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList 
   const Hyper h = check_hyper(hyper, hyper_tensors, {"lr", "beta1", "beta2", "eps", "weight_decay"}, on_device, op);
   const at::Device device = on_device.check(op);
 
-  const c10::cuda::CUDAGuard guard(device);
+  FUSEDOPT_DEVICE_GUARD(device);
   const AdamHyper args{h.scalar(0),   h.beta(1), h.beta(2), h.scalar(3), h.scalar(4),
                        h.decay(0, 4), maximize,  decoupled_weight_decay};
   const Quant quant{int(block_size), block_size > 0 ? codebook->data_ptr<float>() : nullptr};
@@ -369,7 +397,7 @@ void lion_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList 
   const Hyper h = check_hyper(hyper, hyper_tensors, {"lr", "beta1", "beta2", "weight_decay"}, on_device, op);
   const at::Device device = on_device.check(op);
 
-  const c10::cuda::CUDAGuard guard(device);
+  FUSEDOPT_DEVICE_GUARD(device);
   const LionHyper args{h.scalar(0), h.beta(1), h.beta(2), h.scalar(3), h.decay(0, 3)};
   const Quant quant{int(block_size), block_size > 0 ? codebook->data_ptr<float>() : nullptr};
   const MultiTensor mt = multi_tensor(table, work, scalars, counters, chunk_elements(block_size),
@@ -391,7 +419,7 @@ Hyper check_lamb(const Tensor& scalars, const Tensor& table, const Tensor& work,
 void run_lamb(const Streams& s, const Tensor& scalars, const Tensor& table, const Tensor& work, const Tensor& counters,
               const Hyper& h, bool bias_correction, const Tensor& norms, LambPasses passes, const at::Device& device,
               const char* op) {
-  const c10::cuda::CUDAGuard guard(device);
+  FUSEDOPT_DEVICE_GUARD(device);
   // Per-chunk partials of the moments pass: every slot is written before it is read.
   const Tensor partials = passes & kLambMoments ? at::empty({work.size(0), 2}, scalars.options()) : Tensor();
   const LambHyper args{h.scalar(0),
@@ -480,7 +508,7 @@ Tensor global_norm(TensorList tensors, const Tensor& table, const Tensor& work, 
   check_plan(table, work, Tensor(), tensors.size(), on_device, op);
   const at::Device device = on_device.check(op);
 
-  const c10::cuda::CUDAGuard guard(device);
+  FUSEDOPT_DEVICE_GUARD(device);
   const auto options = at::TensorOptions().dtype(at::kFloat).device(device);
   Tensor out = at::empty({}, options);
   Tensor partials = at::empty({work.size(0)}, options);
@@ -502,7 +530,7 @@ std::tuple<Tensor, Tensor> quantize_blockwise(const Tensor& x, const Tensor& cod
   check_codebook(codebook, block_size, on_device, op);
   const at::Device device = on_device.check(op);
 
-  const c10::cuda::CUDAGuard guard(device);
+  FUSEDOPT_DEVICE_GUARD(device);
   Tensor codes = at::empty(x.sizes(), x.options().dtype(at::kByte));
   Tensor absmax = at::empty({num_blocks(x.numel(), block_size)}, x.options());
   C10_CUDA_CHECK(launch_quantize(x.data_ptr<float>(), x.numel(), is_signed,
@@ -519,7 +547,7 @@ int64_t chunk_size(int64_t block_size) {
 
 }  // namespace
 
-TORCH_LIBRARY(fusedopt, m) {
+FUSEDOPT_LIBRARY(FUSEDOPT_NAMESPACE, m) {
   m.def(
       "make_table(Tensor[] params, Tensor[] grads, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, "
       "Tensor[] max_exp_avg_sqs, Tensor[] exp_avg_absmaxes, Tensor[] exp_avg_sq_absmaxes, "
@@ -566,8 +594,10 @@ static void register_impls(torch::Library& m) {
   m.impl("quantize_blockwise", &quantize_blockwise);
 }
 
-TORCH_LIBRARY_IMPL(fusedopt, CPU, m) { register_impls(m); }
+FUSEDOPT_LIBRARY_IMPL(FUSEDOPT_NAMESPACE, CPU, m) { register_impls(m); }
 
+#ifndef FUSEDOPT_CUDA_EMULATION
 TORCH_LIBRARY_IMPL(fusedopt, CUDA, m) { register_impls(m); }
+#endif
 
 }  // namespace fusedopt

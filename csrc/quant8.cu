@@ -41,8 +41,8 @@ cudaError_t launch_quantize(const float* x, int64_t numel, bool is_signed, const
   if (numel == 0) return cudaSuccess;
   const int64_t span = (kQuantSpan / quant.block_size) * quant.block_size;
   const int64_t blocks = (numel + span - 1) / span;
-  quantize_kernel<<<int(blocks < 1024 ? blocks : 1024), kThreads, 0, stream>>>(x, numel, is_signed, quant, codes,
-                                                                               absmax);
+  FUSEDOPT_LAUNCH(quantize_kernel, int(blocks < 1024 ? blocks : 1024), kThreads, 0, stream)(x, numel, is_signed,
+                                                                                              quant, codes, absmax);
   return cudaGetLastError();
 }
 

@@ -1,0 +1,159 @@
+"""The cuda backend's kernels (``csrc/``) executed on the CPU, against the reference.
+
+No GPU runs this project's CI, so the CUDA C++ kernels are also compiled by the host compiler
+with the test-only emulator of ``tests/cuda_emu/`` (a block's threads as fibers switched at
+``__syncthreads`` and warp shuffles, blocks one after another in a chosen order, every global
+access bounds- and alignment-checked) and run on CPU tensors through ``fusedopt.cuda_backend``.
+The tests are the GPU tests' own: ``test_backends.py``'s grid (every family, dtype, 8-bit,
+stochastic rounding, master weights, scaler / non-finite / clipping, 300+ mixed sizes), its
+norm and clip tests, and from ``test_cuda_gpu.py`` the quantizer op, the 8-bit steps in
+lockstep with the reference and sharded LAMB. Same tolerances (``fusedopt.testing``).
+
+Each runs under several emulated devices (``SCHEDULES``): persistent grids of several blocks
+with several work items each, in forward, reversed and shuffled block orders, threads run
+forward, reversed or shuffled between barriers, and a grid of one block. See
+``tests/cuda_emu/README.md`` for what the emulation cannot show.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import test_backends
+import test_cuda_gpu
+from cuda_emu import emulator
+from fusedopt import backends
+
+SCHEDULES = {
+    "3sm-forward": dict(sms=3, blocks_per_sm=2),
+    "2sm-shuffled": dict(sms=2, blocks_per_sm=2, block_order="shuffled", thread_order="shuffled", seed=1),
+    "1block-reverse": dict(sms=1, blocks_per_sm=1, block_order="reverse", thread_order="reverse"),
+}
+
+
+@pytest.fixture(scope="module")
+def lib():
+    reason = emulator.cannot_build()
+    if reason is not None:
+        pytest.skip(f"the emulated cuda backend cannot be built here: {reason}")
+    return emulator.load()
+
+
+@pytest.fixture(params=list(SCHEDULES))
+def emulated(lib, request):
+    emulator.configure(lib, **SCHEDULES[request.param])
+    with emulator.emulated_cuda_backend(lib):
+        assert backends.unavailable_reason("cuda", torch.device("cpu")) is None
+        yield lib
+
+
+def _known_bug(case) -> str | None:
+    """Why a grid case fails on the cuda backend (a bug found by this file and not fixed yet),
+    else None."""
+    groups = (case.kwargs, {**case.kwargs, **case.group_b})
+    if case.dtype == "bf16" and any(g.get("stochastic_rounding") for g in groups):
+        return ("cuda backend bug: stochastic_rounding is accepted and ignored (bf16 params are "
+                "rounded to nearest; the table has no salt, the op no seed)")
+    if any(g.get("block_size", 256) > 4096 for g in groups):
+        return ("cuda backend limitation: block_size above 4096 (kMaxBlockSize) is accepted by the "
+                "optimizer but make_table rejects it at the first step")
+    return None
+
+
+def _grid_params():
+    params = []
+    for case in test_backends.CASES:
+        bug = _known_bug(case)
+        marks = [pytest.mark.xfail(strict=True, reason=bug)] if bug else []
+        params.append(pytest.param(case, id=case.id, marks=marks))
+    return params
+
+
+@pytest.mark.parametrize("case", _grid_params())
+def test_against_reference(emulated, case):
+    emulator.reset_stats(emulated)
+    test_backends._check(case, "cpu", "cuda")
+    stats = emulator.stats(emulated)
+    assert stats["launches"] > 0 and stats["checked_accesses"] > 0, stats
+
+
+@pytest.mark.parametrize("norm_type", [2.0, math.inf, 1.0, 3.0])
+@pytest.mark.parametrize("dtypes", ["fp32", "bf16", "fp16", "mixed"])
+def test_global_norm(emulated, dtypes, norm_type):
+    test_backends.test_global_norm(dtypes, norm_type, "cpu", "cuda")
+
+
+def test_clip_grad_norm(emulated):
+    test_backends.test_clip_grad_norm("cpu", "cuda")
+
+
+@pytest.mark.parametrize("block_size", [32, 64, 96, 256, 2048, 4096])
+@pytest.mark.parametrize("signed", [True, False])
+def test_quantizer_codes_are_the_reference_codes(emulated, block_size, signed):
+    test_cuda_gpu.test_quantizer_codes_are_the_reference_codes(torch.device("cpu"), block_size, signed)
+
+
+@pytest.mark.parametrize("cls, dtype, kwargs", test_cuda_gpu.EIGHT_BIT,
+                         ids=lambda v: getattr(v, "__name__", str(v)))
+def test_8bit_steps_in_lockstep_with_the_reference(emulated, cls, dtype, kwargs):
+    test_cuda_gpu.test_8bit_steps_in_lockstep_with_the_reference(torch.device("cpu"), cls, dtype, kwargs)
+
+
+# The bf16 case fails as test_cuda_gpu.py compares it: over 7 steps without re-syncing, and the
+# same happens on the unsharded path. At step 1 one element of the 131077-element param (0.0095)
+# rounds to the neighbouring bf16 value (the trust ratio's sums run in another order than the
+# reference's: a last-bit difference in fp32), and that one-ulp difference (6.1e-5) is carried
+# down to 0.0031, where the bf16 tolerance allows 5.9e-5. Not a kernel bug; the test design
+# (a bf16 trajectory compared after 7 steps) is. Left to the test's owner.
+_BF16_TRAJECTORY = pytest.mark.xfail(
+    strict=True, reason="test_cuda_gpu.py's design: a one-ulp bf16 rounding flip at step 1 carried to a "
+    "magnitude where the bf16 tolerance is below that ulp (see the comment above)")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=_BF16_TRAJECTORY),
+                                   torch.float16], ids=str)
+@pytest.mark.parametrize("shards", [1, 2])
+def test_sharded_lamb_sums_norms_over_the_shards(emulated, monkeypatch, dtype, shards):
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)  # CPU ops are synchronous
+    test_cuda_gpu.test_sharded_lamb_sums_norms_over_the_shards(torch.device("cpu"), dtype, shards)
+
+
+# --------------------------------------------------------------------------------------------
+# The emulator itself: what it runs, and that it catches what it claims to catch.
+# --------------------------------------------------------------------------------------------
+
+
+def test_the_grid_runs_persistent_blocks_with_several_work_items(lib):
+    """The 300-tensor case under the 3-SM schedule: grids of 6 blocks over hundreds of work
+    items, warp shuffles and block barriers exercised, global accesses checked."""
+    emulator.configure(lib, **SCHEDULES["3sm-forward"])
+    case = next(c for c in test_backends.CASES if c.cls == "LAMB" and len(c.sizes) > 300)
+    with emulator.emulated_cuda_backend(lib):
+        emulator.reset_stats(lib)
+        test_backends._check(case, "cpu", "cuda")
+    stats = emulator.stats(lib)
+    assert stats["max_grid"] == 6, stats
+    assert stats["blocks"] < stats["launches"] * 6 + 1, stats
+    assert stats["warp_exchanges"] > 0 and stats["block_barriers"] > 0 and stats["checked_accesses"] > 0, stats
+
+
+def test_an_out_of_bounds_access_faults(lib):
+    """A table row that claims one element more than its tensor holds: the kernel's access to
+    that element is reported (the op fails), not silently read and written."""
+    from fusedopt import cuda_backend
+
+    emulator.configure(lib, **SCHEDULES["3sm-forward"])
+    with emulator.emulated_cuda_backend(lib) as ops:
+        p = torch.randn(17)
+        m, v, step = torch.zeros(17), torch.zeros(17), torch.zeros(())
+        grad = torch.randn(17)
+        table, work = ops.make_table([p], [grad], [m], [v], [], [], [], [], [step], 0)
+        table[0, 0] += 1  # kNumel
+        scalars = torch.tensor([1.0, 0.0, 0.0])
+        hyper, hyper_tensors = cuda_backend._hyper((1e-3, 0.9, 0.999, 1e-8, 0.0), torch.device("cpu"))
+        with pytest.raises(RuntimeError, match="out-of-bounds access"):
+            ops.adam_([p], [grad], [m], [v], [], [], [], [], [step], scalars, table, work,
+                      torch.zeros(1, dtype=torch.int32), None, hyper, hyper_tensors, False, False, True, 0)
