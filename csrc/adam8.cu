@@ -6,10 +6,11 @@ namespace fusedopt {
 
 cudaError_t launch_adam8(const MultiTensor& mt, const AdamHyper& h, ScalarKind param, bool amsgrad,
                          const Quant& quant, cudaStream_t stream) {
-  return dispatch_param(param, [&](auto p) {
+  return dispatch_param(param, mt.stochastic, [&](auto p, auto sr) {
     using P = typename decltype(p)::type;
-    if (amsgrad) return launch(quant8_kernel<Adam<true>, P>, mt.n_work, stream, mt, Adam<true>{h}, quant);
-    return launch(quant8_kernel<Adam<false>, P>, mt.n_work, stream, mt, Adam<false>{h}, quant);
+    constexpr bool SR = decltype(sr)::value;
+    if (amsgrad) return launch(quant8_kernel<Adam<true>, P, SR>, mt.n_work, stream, mt, Adam<true>{h}, quant);
+    return launch(quant8_kernel<Adam<false>, P, SR>, mt.n_work, stream, mt, Adam<false>{h}, quant);
   });
 }
 

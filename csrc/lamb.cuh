@@ -113,7 +113,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) lamb_moments_kernel(Mult
   }
 }
 
-template <typename P>
+template <typename P, bool SR>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) lamb_apply_kernel(MultiTensor mt, LambHyper h) {
   if (mt.scalars[kSkip] != 0.f) return;
   for (int64_t w = blockIdx.x; w < mt.n_work; w += gridDim.x) {
@@ -123,6 +123,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) lamb_apply_kernel(MultiT
     const float t = global(address<const float>(row[kStep])) + 1.f;
     const LambStep step = lamb_step(h, t);
     const float lr_r = step.lr * trust_ratio(h.norms[2 * item.x], h.norms[2 * item.x + 1]);
+    const uint32_t key = row_key<SR>(mt, row, t);
     P* p = address<P>(row[kParam]);
     const float* m = address<const float>(row[kState0]);
     const float* v = address<const float>(row[kState1]);
@@ -137,7 +138,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) lamb_apply_kernel(MultiT
       load<V>(v_, v + i, n);
 #pragma unroll
       for (int j = 0; j < kVec; ++j) p_[j] = p_[j] - lr_r * lamb_direction(p_[j], m_[j], v_[j], step);
-      store<V>(p + i, p_, n);
+      store_param<SR, V>(p + i, p_, n, i, key);
     });
     advance_step(mt, row, item.x, t);
   }

@@ -6,10 +6,11 @@ namespace fusedopt {
 
 cudaError_t launch_lion(const MultiTensor& mt, const LionHyper& h, ScalarKind param, const Quant& quant,
                         cudaStream_t stream) {
-  return dispatch_param(param, [&](auto p) {
+  return dispatch_param(param, mt.stochastic, [&](auto p, auto sr) {
     using P = typename decltype(p)::type;
-    if (quant.block_size > 0) return launch(quant8_kernel<Lion, P>, mt.n_work, stream, mt, Lion{h}, quant);
-    return launch(elementwise_kernel<Lion, P>, mt.n_work, stream, mt, Lion{h});
+    constexpr bool SR = decltype(sr)::value;
+    if (quant.block_size > 0) return launch(quant8_kernel<Lion, P, SR>, mt.n_work, stream, mt, Lion{h}, quant);
+    return launch(elementwise_kernel<Lion, P, SR>, mt.n_work, stream, mt, Lion{h});
   });
 }
 

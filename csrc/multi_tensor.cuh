@@ -15,6 +15,8 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -118,6 +120,73 @@ __device__ __forceinline__ void store(T* dst, const float (&src)[N], int n) {
     for (int j = 0; j < N; ++j)
       if (j < n) global(dst + j) = from_float<T>(src[j]);
   }
+}
+
+// ---- stochastic rounding of bf16 params (fusedopt.reference: rounding_noise, round_stochastic_bf16) ----
+//
+// Element i of a tensor gets the 16 noise bits mix32(key ^ mix32(low32(i) ^ mix32(high32(i)))),
+// key = mix32(mix32(mix32(seed ^ 0x9E3779B9) ^ t) ^ salt) for step t (after the increment) and
+// the param's salt (its position in its group): the same bits as the reference and Triton
+// backends draw. The fp32 bits plus the noise, truncated to the high 16 bits; NaN stays NaN.
+
+// lowbias32, the 32-bit finaliser every backend uses.
+__host__ __device__ __forceinline__ uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+
+__host__ __device__ __forceinline__ uint32_t rounding_key(uint32_t seed, uint32_t t, uint32_t salt) {
+  return mix32(mix32(mix32(seed ^ 0x9E3779B9u) ^ t) ^ salt);
+}
+
+__device__ __forceinline__ uint32_t float_bits(float x) {
+#ifdef __CUDA_ARCH__
+  return __float_as_uint(x);
+#else
+  uint32_t u;  // the host compiler (the test-only emulator) has no __float_as_uint
+  memcpy(&u, &x, sizeof(u));
+  return u;
+#endif
+}
+
+__device__ __forceinline__ __nv_bfloat16 to_bf16_stochastic(float x, uint32_t key, int64_t index) {
+  const uint64_t i = uint64_t(index);
+  const uint32_t noise = mix32(key ^ mix32(uint32_t(i) ^ mix32(uint32_t(i >> 32)))) & 0xFFFFu;
+  // A NaN becomes the quiet NaN torch's conversion gives (noise added to its bits could carry
+  // out of the exponent and make a number of it).
+  const uint32_t rounded = x != x ? 0x7FC00000u : float_bits(x) + noise;
+  return __ushort_as_bfloat16(static_cast<unsigned short>(rounded >> 16));
+}
+
+// A param's store: round to nearest (store), or with SR (bf16 params only) stochastically, the
+// noise of element `index + j` for src[j] under `key`. The same 16-byte packs either way.
+template <bool SR, bool VEC, int N, typename T>
+__device__ __forceinline__ void store_param(T* dst, const float (&src)[N], int n, int64_t index, uint32_t key) {
+  if constexpr (!SR) {
+    store<VEC>(dst, src, n);
+  } else {
+    static_assert(sizeof(T) == 2 && !std::is_same<T, __half>::value, "stochastic rounding is for bf16 params");
+    if constexpr (VEC) {
+      Pack<T, N> v;
+#pragma unroll
+      for (int j = 0; j < N; ++j) v.x[j] = to_bf16_stochastic(src[j], key, index + j);
+      store_pack<T, N>(dst, v);
+    } else {
+#pragma unroll
+      for (int j = 0; j < N; ++j)
+        if (j < n) global(dst + j) = to_bf16_stochastic(src[j], key, index + j);
+    }
+  }
+}
+
+// The key of a table row at step t (0 without SR: never read).
+template <bool SR>
+__device__ __forceinline__ uint32_t row_key(const MultiTensor& mt, const int64_t* row, float t) {
+  return SR ? rounding_key(mt.seed, uint32_t(t), uint32_t(row[kSalt])) : 0u;
 }
 
 // The grads of a batch may be fp32, bf16 or fp16 whatever the params are (fp32 grads of bf16
@@ -241,7 +310,7 @@ constexpr int kVec = 8;
 // for Lion on sm_90 and spilled (CUDA 13.0); the kernels need 50-100.
 constexpr int kMinBlocks = 2;
 
-template <typename Family, typename P>
+template <typename Family, typename P, bool SR>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) elementwise_kernel(MultiTensor mt, Family family) {
   constexpr int S = Family::kStates;
   if (mt.scalars[kSkip] != 0.f) return;
@@ -252,6 +321,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) elementwise_kernel(Multi
     const int64_t numel = row[kNumel];
     const float t = global(address<const float>(row[kStep])) + 1.f;
     const typename Family::Step step = family.step(t);
+    const uint32_t key = row_key<SR>(mt, row, t);
     P* p = address<P>(row[kParam]);
     float* s[S];
 #pragma unroll
@@ -275,7 +345,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) elementwise_kernel(Multi
 #pragma unroll
         for (int k = 0; k < S; ++k) s_[k][j] = e[k];
       }
-      store<V>(p + i, p_, n);
+      store_param<SR, V>(p + i, p_, n, i, key);
 #pragma unroll
       for (int k = 0; k < S; ++k) store<V>(s[k] + i, s_[k], n);
     });
@@ -296,6 +366,16 @@ cudaError_t dispatch_param(ScalarKind param, F&& f) {
     case kFloat16: return f(Type<__half>{});
   }
   return cudaErrorInvalidValue;
+}
+
+// Calls f(Type<P>{}, Tag<SR>{}) for the runtime param element type and rounding: SR (stochastic
+// rounding) only with bf16 params, so the round-to-nearest kernels are the only instances for
+// the other dtypes, and unchanged.
+template <typename F>
+cudaError_t dispatch_param(ScalarKind param, bool stochastic, F&& f) {
+  if (param == kBFloat16 && stochastic) return f(Type<__nv_bfloat16>{}, Tag<true>{});
+  if (stochastic) return cudaErrorInvalidValue;  // ops.cpp refuses it first
+  return dispatch_param(param, [&](auto p) { return f(p, Tag<false>{}); });
 }
 
 template <typename Kernel, typename... Args>

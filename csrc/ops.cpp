@@ -3,9 +3,11 @@
 // The kernels (*.cu) see only the plain structs of params.h.
 //
 // Ops (schemas in TORCH_LIBRARY below; fake implementations in fusedopt/cuda_backend.py):
-//   make_table   (host) the [tensors, kRowWidth] int64 address table and the (tensor, chunk) work
-//                list of a batch, as CPU tensors; the backend caches them on the device.
-//   adam_, lamb_, lion_   one optimizer step over a batch, in place.
+//   make_table   (host) the [tensors, kRowWidth] int64 address table (with each param's salt: its
+//                position in its group) and the (tensor, chunk) work list of a batch, as CPU
+//                tensors; the backend caches them on the device.
+//   adam_, lamb_, lion_   one optimizer step over a batch, in place; bf16 params are rounded to
+//                nearest, or with stochastic_rounding under the group's seed (the reference's bits).
 //   lamb_moments_, lamb_apply_   lamb_'s two passes apart, for sharded params (FSDP2): the
 //                per-tensor norms the first returns are summed over the shards before the second.
 //   global_norm  the norm of many tensors (mixed dtypes), deterministic.
@@ -235,6 +237,15 @@ void check_scalars(const Tensor& scalars, OnDevice& on_device, const char* op) {
   on_device.add(scalars, Name{"scalars"});
 }
 
+// Stochastic rounding: bf16 params only (the others are stored to nearest, or exactly), and a
+// 32-bit seed. Returns the seed.
+uint32_t check_rounding(bool stochastic_rounding, int64_t seed, const Tensor& param, const char* op) {
+  TORCH_CHECK(seed >= 0 && seed <= int64_t(UINT32_MAX), "fusedopt.", op, ": seed must be in [0, 2**32), got ", seed);
+  TORCH_CHECK(!stochastic_rounding || param.scalar_type() == at::kBFloat16, "fusedopt.", op,
+              ": stochastic_rounding applies to bfloat16 params; params[0] is ", param.scalar_type());
+  return uint32_t(seed);
+}
+
 void check_codebook(const std::optional<Tensor>& codebook, int64_t block_size, OnDevice& on_device, const char* op) {
   if (block_size == 0) return;
   TORCH_CHECK(codebook.has_value(), "fusedopt.", op, ": codebook is required with 8-bit states (block_size=",
@@ -282,14 +293,16 @@ Hyper check_hyper(at::ArrayRef<double> hyper, const c10::List<std::optional<Tens
 }
 
 MultiTensor multi_tensor(const Tensor& table, const Tensor& work, const Tensor& scalars, const Tensor& counters,
-                         int64_t chunk, ScalarKind grad = kFloat32) {
+                         int64_t chunk, ScalarKind grad = kFloat32, bool stochastic = false, uint32_t seed = 0) {
   return MultiTensor{table.data_ptr<int64_t>(),
                      work.data_ptr<int>(),
                      work.size(0),
                      chunk,
                      scalars.defined() ? scalars.data_ptr<float>() : nullptr,
                      counters.defined() ? counters.data_ptr<int>() : nullptr,
-                     grad};
+                     grad,
+                     stochastic,
+                     seed};
 }
 
 #ifdef FUSEDOPT_CUDA_EMULATION
@@ -303,10 +316,16 @@ cudaStream_t stream_of(const at::Device& device) { return c10::cuda::getCurrentC
 std::tuple<Tensor, Tensor> make_table(TensorList params, TensorList grads, TensorList exp_avgs,
                                       TensorList exp_avg_sqs, TensorList max_exp_avg_sqs,
                                       TensorList exp_avg_absmaxes, TensorList exp_avg_sq_absmaxes,
-                                      TensorList max_exp_avg_sq_absmaxes, TensorList steps, int64_t block_size) {
+                                      TensorList max_exp_avg_sq_absmaxes, TensorList steps, int64_t block_size,
+                                      at::IntArrayRef salts) {
   const char* op = "make_table";
   check_block_size(block_size, op);
   const size_t n = params.size();
+  TORCH_CHECK(salts.empty() || salts.size() == n, "fusedopt.", op, ": salts has ", salts.size(),
+              " entries; expected none or one per param (", n, ")");
+  for (size_t i = 0; i < salts.size(); ++i)
+    TORCH_CHECK(salts[i] >= 0 && salts[i] <= int64_t(UINT32_MAX), "fusedopt.", op, ": salts[", i,
+                "] must be in [0, 2**32), got ", salts[i]);
   const Streams s{params, grads, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs},
                   {exp_avg_absmaxes, exp_avg_sq_absmaxes, max_exp_avg_sq_absmaxes}, steps};
   // Each list is empty (the stream is not used) or holds one tensor per param.
@@ -340,6 +359,7 @@ std::tuple<Tensor, Tensor> make_table(TensorList params, TensorList grads, Tenso
       row[kAbsmax0 + k] = address(s.absmaxes[k], i);
     }
     row[kStep] = address(steps, i);
+    row[kSalt] = salts.empty() ? 0 : salts[i];
     bool aligned = true;
     for (int c : {kParam, kGrad, kState0, kState1, kState2}) aligned = aligned && row[c] % 16 == 0;
     row[kAligned] = aligned;
@@ -360,7 +380,7 @@ void adam_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList 
            TensorList max_exp_avg_sq_absmaxes, TensorList steps, const Tensor& scalars, const Tensor& table,
            const Tensor& work, const Tensor& counters, const std::optional<Tensor>& codebook,
            at::ArrayRef<double> hyper, const c10::List<std::optional<Tensor>>& hyper_tensors, bool amsgrad,
-           bool maximize, bool decoupled_weight_decay, int64_t block_size) {
+           bool maximize, bool decoupled_weight_decay, int64_t block_size, bool stochastic_rounding, int64_t seed) {
   const char* op = "adam_";
   const Streams s{params, grads, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs},
                   {exp_avg_absmaxes, exp_avg_sq_absmaxes, max_exp_avg_sq_absmaxes}, steps};
@@ -371,6 +391,7 @@ void adam_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList 
   check_plan(table, work, counters, params.size(), on_device, op);
   check_codebook(codebook, block_size, on_device, op);
   const Hyper h = check_hyper(hyper, hyper_tensors, {"lr", "beta1", "beta2", "eps", "weight_decay"}, on_device, op);
+  const uint32_t seed32 = check_rounding(stochastic_rounding, seed, params[0], op);
   const at::Device device = on_device.check(op);
 
   FUSEDOPT_DEVICE_GUARD(device);
@@ -378,14 +399,15 @@ void adam_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList 
                        h.decay(0, 4), maximize,  decoupled_weight_decay};
   const Quant quant{int(block_size), block_size > 0 ? codebook->data_ptr<float>() : nullptr};
   const MultiTensor mt = multi_tensor(table, work, scalars, counters, chunk_elements(block_size),
-                                      kind_of(grads[0], Name{"grads", 0}, op));
+                                      kind_of(grads[0], Name{"grads", 0}, op), stochastic_rounding, seed32);
   C10_CUDA_CHECK(launch_adam(mt, args, kind_of(params[0], Name{"params", 0}, op), amsgrad, quant, stream_of(device)));
 }
 
 void lion_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_absmaxes, TensorList steps,
            const Tensor& scalars, const Tensor& table, const Tensor& work, const Tensor& counters,
            const std::optional<Tensor>& codebook, at::ArrayRef<double> hyper,
-           const c10::List<std::optional<Tensor>>& hyper_tensors, int64_t block_size) {
+           const c10::List<std::optional<Tensor>>& hyper_tensors, int64_t block_size, bool stochastic_rounding,
+           int64_t seed) {
   const char* op = "lion_";
   const Streams s{params, grads, {exp_avgs, {}, {}}, {exp_avg_absmaxes, {}, {}}, steps};
   OnDevice on_device;
@@ -395,13 +417,14 @@ void lion_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList 
   check_plan(table, work, counters, params.size(), on_device, op);
   check_codebook(codebook, block_size, on_device, op);
   const Hyper h = check_hyper(hyper, hyper_tensors, {"lr", "beta1", "beta2", "weight_decay"}, on_device, op);
+  const uint32_t seed32 = check_rounding(stochastic_rounding, seed, params[0], op);
   const at::Device device = on_device.check(op);
 
   FUSEDOPT_DEVICE_GUARD(device);
   const LionHyper args{h.scalar(0), h.beta(1), h.beta(2), h.scalar(3), h.decay(0, 3)};
   const Quant quant{int(block_size), block_size > 0 ? codebook->data_ptr<float>() : nullptr};
   const MultiTensor mt = multi_tensor(table, work, scalars, counters, chunk_elements(block_size),
-                                      kind_of(grads[0], Name{"grads", 0}, op));
+                                      kind_of(grads[0], Name{"grads", 0}, op), stochastic_rounding, seed32);
   C10_CUDA_CHECK(launch_lion(mt, args, kind_of(params[0], Name{"params", 0}, op), quant, stream_of(device)));
 }
 
@@ -418,7 +441,7 @@ Hyper check_lamb(const Tensor& scalars, const Tensor& table, const Tensor& work,
 // each tensor's sums of p^2 and u^2 from the moments pass; the apply pass reads them.
 void run_lamb(const Streams& s, const Tensor& scalars, const Tensor& table, const Tensor& work, const Tensor& counters,
               const Hyper& h, bool bias_correction, const Tensor& norms, LambPasses passes, const at::Device& device,
-              const char* op) {
+              const char* op, bool stochastic = false, uint32_t seed = 0) {
   FUSEDOPT_DEVICE_GUARD(device);
   // Per-chunk partials of the moments pass: every slot is written before it is read.
   const Tensor partials = passes & kLambMoments ? at::empty({work.size(0), 2}, scalars.options()) : Tensor();
@@ -432,7 +455,7 @@ void run_lamb(const Streams& s, const Tensor& scalars, const Tensor& table, cons
                        norms.data_ptr<float>()};
   // The apply pass reads no grads.
   const ScalarKind grad = passes & kLambMoments ? kind_of(s.grads[0], Name{"grads", 0}, op) : kFloat32;
-  const MultiTensor mt = multi_tensor(table, work, scalars, counters, kChunk, grad);
+  const MultiTensor mt = multi_tensor(table, work, scalars, counters, kChunk, grad, stochastic, seed);
   C10_CUDA_CHECK(launch_lamb(mt, args, kind_of(s.params[0], Name{"params", 0}, op), passes, stream_of(device)));
 }
 
@@ -442,16 +465,18 @@ Tensor new_norms(size_t n, const Tensor& scalars) {
 
 void lamb_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList steps,
            const Tensor& scalars, const Tensor& table, const Tensor& work, const Tensor& counters,
-           at::ArrayRef<double> hyper, const c10::List<std::optional<Tensor>>& hyper_tensors, bool bias_correction) {
+           at::ArrayRef<double> hyper, const c10::List<std::optional<Tensor>>& hyper_tensors, bool bias_correction,
+           bool stochastic_rounding, int64_t seed) {
   const char* op = "lamb_";
   const Streams s{params, grads, {exp_avgs, exp_avg_sqs, {}}, {{}, {}, {}}, steps};
   OnDevice on_device;
   check_streams(s, 2, 0, on_device, op);
   if (params.empty()) return;
   const Hyper h = check_lamb(scalars, table, work, counters, params.size(), hyper, hyper_tensors, on_device, op);
+  const uint32_t seed32 = check_rounding(stochastic_rounding, seed, params[0], op);
   const at::Device device = on_device.check(op);
   run_lamb(s, scalars, table, work, counters, h, bias_correction, new_norms(params.size(), scalars), kLambBoth,
-           device, op);
+           device, op, stochastic_rounding, seed32);
 }
 
 // LAMB's first pass: the moments, in place, and each tensor's [sum p^2, sum u^2] over the
@@ -477,7 +502,7 @@ Tensor lamb_moments_(TensorList params, TensorList grads, TensorList exp_avgs, T
 void lamb_apply_(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList steps,
                  const Tensor& scalars, const Tensor& table, const Tensor& work, const Tensor& counters,
                  const Tensor& norms, at::ArrayRef<double> hyper, const c10::List<std::optional<Tensor>>& hyper_tensors,
-                 bool bias_correction) {
+                 bool bias_correction, bool stochastic_rounding, int64_t seed) {
   const char* op = "lamb_apply_";
   const Streams s{params, {}, {exp_avgs, exp_avg_sqs, {}}, {{}, {}, {}}, steps};
   OnDevice on_device;
@@ -490,8 +515,10 @@ void lamb_apply_(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs,
               "fusedopt.", op, ": norms must be a contiguous [", params.size(),
               ", 2] tensor (from lamb_moments_), got ", norms.sizes());
   on_device.add(norms, Name{"norms"});
+  const uint32_t seed32 = check_rounding(stochastic_rounding, seed, params[0], op);
   const at::Device device = on_device.check(op);
-  run_lamb(s, scalars, table, work, counters, h, bias_correction, norms, kLambApply, device, op);
+  run_lamb(s, scalars, table, work, counters, h, bias_correction, norms, kLambApply, device, op, stochastic_rounding,
+           seed32);
 }
 
 Tensor global_norm(TensorList tensors, const Tensor& table, const Tensor& work, double norm_type) {
@@ -551,21 +578,21 @@ FUSEDOPT_LIBRARY(FUSEDOPT_NAMESPACE, m) {
   m.def(
       "make_table(Tensor[] params, Tensor[] grads, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, "
       "Tensor[] max_exp_avg_sqs, Tensor[] exp_avg_absmaxes, Tensor[] exp_avg_sq_absmaxes, "
-      "Tensor[] max_exp_avg_sq_absmaxes, Tensor[] steps, int block_size) -> (Tensor, Tensor)");
+      "Tensor[] max_exp_avg_sq_absmaxes, Tensor[] steps, int block_size, int[] salts=[]) -> (Tensor, Tensor)");
   m.def(
       "adam_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] exp_avg_absmaxes, Tensor(f!)[] exp_avg_sq_absmaxes, "
       "Tensor(g!)[] max_exp_avg_sq_absmaxes, Tensor(h!)[] steps, Tensor scalars, Tensor table, Tensor work, "
       "Tensor(i!) counters, Tensor? codebook, float[] hyper, Tensor?[] hyper_tensors, bool amsgrad, "
-      "bool maximize, bool decoupled_weight_decay, int block_size) -> ()");
+      "bool maximize, bool decoupled_weight_decay, int block_size, bool stochastic_rounding=False, int seed=0) -> ()");
   m.def(
       "lion_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_absmaxes, "
       "Tensor(d!)[] steps, Tensor scalars, Tensor table, Tensor work, Tensor(e!) counters, Tensor? codebook, "
-      "float[] hyper, Tensor?[] hyper_tensors, int block_size) -> ()");
+      "float[] hyper, Tensor?[] hyper_tensors, int block_size, bool stochastic_rounding=False, int seed=0) -> ()");
   m.def(
       "lamb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] steps, Tensor scalars, Tensor table, Tensor work, Tensor(e!) counters, float[] hyper, "
-      "Tensor?[] hyper_tensors, bool bias_correction) -> ()");
+      "Tensor?[] hyper_tensors, bool bias_correction, bool stochastic_rounding=False, int seed=0) -> ()");
   m.def(
       "lamb_moments_(Tensor[] params, Tensor[] grads, Tensor(a!)[] exp_avgs, Tensor(b!)[] exp_avg_sqs, "
       "Tensor[] steps, Tensor scalars, Tensor table, Tensor work, Tensor(c!) counters, float[] hyper, "
@@ -573,7 +600,7 @@ FUSEDOPT_LIBRARY(FUSEDOPT_NAMESPACE, m) {
   m.def(
       "lamb_apply_(Tensor(a!)[] params, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, Tensor(b!)[] steps, "
       "Tensor scalars, Tensor table, Tensor work, Tensor(c!) counters, Tensor norms, float[] hyper, "
-      "Tensor?[] hyper_tensors, bool bias_correction) -> ()");
+      "Tensor?[] hyper_tensors, bool bias_correction, bool stochastic_rounding=False, int seed=0) -> ()");
   m.def("global_norm(Tensor[] tensors, Tensor table, Tensor work, float norm_type) -> Tensor");
   m.def("quantize_blockwise(Tensor x, Tensor codebook, bool signed, int block_size) -> (Tensor, Tensor)");
   m.def("table_width() -> int", &table_width);

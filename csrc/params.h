@@ -25,6 +25,7 @@ enum Column : int {
   kAbsmax1,
   kAbsmax2,
   kStep,       // 0-d fp32 step count
+  kSalt,       // the param's position in its group: salts its stochastic-rounding noise
   kRowWidth
 };
 
@@ -60,6 +61,10 @@ struct MultiTensor {
   const float* scalars;  // [kStepScalars]
   int* counters;         // [tensors] finished chunks; zero between launches
   ScalarKind grad;       // element type of every grad (a runtime switch: see load_grad)
+  // bf16 params stored with stochastic rounding (a compile-time choice of the kernel: see
+  // dispatch_param), the noise keyed by the group's seed, the step and the row's kSalt.
+  bool stochastic = false;
+  uint32_t seed = 0;
 };
 
 // A hyper-parameter: a value fixed at launch, or read on the device from a 1-element fp32

@@ -95,7 +95,7 @@ __device__ __forceinline__ float qblock_max(float x, const QuantGeometry& geo, f
 
 // A thread keeps kStates x 16 fp32 states across the absmax reduction: at 128 registers (two
 // blocks per SM) ptxas spills them, so one block per SM lets it use the registers it needs.
-template <typename Family, typename P>
+template <typename Family, typename P, bool SR>
 __global__ void __launch_bounds__(kThreads, 1)
     quant8_kernel(MultiTensor mt, Family family, Quant q) {
   constexpr int S = Family::kStates, N = kQuantVec;
@@ -113,6 +113,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int64_t numel = row[kNumel];
     const float t = global(address<const float>(row[kStep])) + 1.f;
     const typename Family::Step step = family.step(t);
+    const uint32_t key = row_key<SR>(mt, row, t);
     P* p = address<P>(row[kParam]);
     uint8_t* codes[S];
     float* absmax[S];
@@ -154,7 +155,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
           for (int k = 0; k < S; ++k) s_[k][j] = e[k];
         }
-        store<V>(p + i, p_, n);  // the param needs no absmax: written now, its registers freed
+        store_param<SR, V>(p + i, p_, n, i, key);  // the param needs no absmax: written now, its registers freed
       };
       if (n == N && aligned) {
         update(Tag<true>{});

@@ -99,11 +99,12 @@ _STATE_NAMES = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
 class _Plan:
-    """A batch's device tables: addresses (``table``), work items (``work``) and the per-tensor
-    counters the kernels use to find the block that finishes a tensor (zero between launches)."""
+    """A batch's device tables: addresses (``table``, with each param's salt: its position in its
+    group), work items (``work``) and the per-tensor counters the kernels use to find the block
+    that finishes a tensor (zero between launches)."""
 
-    def __init__(self, ops, lists: dict, block_size: int, device: torch.device):
-        table, work = ops.make_table(*(lists[k] for k in _TABLE_LISTS), block_size)
+    def __init__(self, ops, lists: dict, block_size: int, salts: list[int], device: torch.device):
+        table, work = ops.make_table(*(lists[k] for k in _TABLE_LISTS), block_size, salts)
         self.table = _to_device(table, device)
         self.work = _to_device(work, device)
         self.counters = torch.zeros(len(lists["params"]), dtype=torch.int32, device=device)
@@ -136,12 +137,13 @@ def _plan(batch, lists: dict) -> _Plan:
     param re-bound with ``p.data = ...``, a new grad tensor, a grad that became None)."""
     block_size = batch.block_size if batch.quantized else 0
     tensors = list(chain.from_iterable(lists[k] for k in _TABLE_LISTS))
-    key = (block_size, tuple(t.data_ptr() for t in tensors), tuple(p.numel() for p in batch.params))
+    salts = [int(s) for s in batch.positions]
+    key = (block_size, tuple(t.data_ptr() for t in tensors), tuple(p.numel() for p in batch.params), tuple(salts))
     cache = batch.cache
     if cache.get("key") == key:
         return cache["plan"]
     device = batch.params[0].device
-    plan = _Plan(_ops(), lists, block_size, device)
+    plan = _Plan(_ops(), lists, block_size, salts, device)
     if not backends.capturing(device):  # see backends.capturing
         cache["plan"], cache["key"] = plan, key
     return plan
@@ -180,6 +182,12 @@ def _hyper(values, device: torch.device) -> tuple[list[float], list]:
     return numbers, tensors
 
 
+def _rounding(batch) -> tuple[bool, int]:
+    """The ops' ``stochastic_rounding`` and ``seed``: stochastic for bf16 params of a group with
+    ``stochastic_rounding=True`` (as the reference decides), keyed by the group's ``seed``."""
+    return reference.stochastic(batch), int(batch.group.get("seed", 0))
+
+
 # --------------------------------------------------------------------------------------------
 # The backend entry points.
 # --------------------------------------------------------------------------------------------
@@ -195,7 +203,7 @@ def adam(batch) -> None:
     _ops().adam_(
         *(lists[k] for k in _TABLE_LISTS), batch.scalars, plan.table, plan.work, plan.counters,
         codebook(device) if batch.quantized else None, hyper, hyper_tensors, amsgrad, group["maximize"],
-        group["decoupled_weight_decay"], batch.block_size if batch.quantized else 0,
+        group["decoupled_weight_decay"], batch.block_size if batch.quantized else 0, *_rounding(batch),
     )
 
 
@@ -208,7 +216,7 @@ def lion(batch) -> None:
     _ops().lion_(
         lists["params"], lists["grads"], lists["exp_avgs"], lists["exp_avg_absmaxes"], lists["steps"],
         batch.scalars, plan.table, plan.work, plan.counters, codebook(device) if batch.quantized else None,
-        hyper, hyper_tensors, batch.block_size if batch.quantized else 0,
+        hyper, hyper_tensors, batch.block_size if batch.quantized else 0, *_rounding(batch),
     )
 
 
@@ -224,13 +232,15 @@ def lamb(batch) -> None:
     ops = _ops()
     params, m, v, steps = lists["params"], lists["exp_avgs"], lists["exp_avg_sqs"], lists["steps"]
     tables = (batch.scalars, plan.table, plan.work, plan.counters)
+    rounding = _rounding(batch)
     if batch.all_reduce is None:
-        ops.lamb_(params, lists["grads"], m, v, steps, *tables, hyper, hyper_tensors, group["bias_correction"])
+        ops.lamb_(params, lists["grads"], m, v, steps, *tables, hyper, hyper_tensors, group["bias_correction"],
+                  *rounding)
         return
     norms = ops.lamb_moments_(params, lists["grads"], m, v, steps, *tables, hyper, hyper_tensors,
                               group["bias_correction"])
     batch.all_reduce(norms)
-    ops.lamb_apply_(params, m, v, steps, *tables, norms, hyper, hyper_tensors, group["bias_correction"])
+    ops.lamb_apply_(params, m, v, steps, *tables, norms, hyper, hyper_tensors, group["bias_correction"], *rounding)
 
 
 _norm_plans: collections.OrderedDict = collections.OrderedDict()
@@ -273,7 +283,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake(lib + "make_table")
     def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, exp_avg_absmaxes, exp_avg_sq_absmaxes,
-          max_exp_avg_sq_absmaxes, steps, block_size):
+          max_exp_avg_sq_absmaxes, steps, block_size, salts=()):
         chunk = torch.ops.fusedopt.chunk_size(block_size)
         n_work = sum(max(1, -(-p.numel() // chunk)) for p in params)
         width = torch.ops.fusedopt.table_width()

@@ -177,7 +177,8 @@ def test_make_table(ops):
     steps = [torch.zeros(()) for _ in sizes]
     base = torch.zeros(300)
     params[2] = base[1:256]  # storage offset of 4 bytes: not 16-byte aligned
-    table, work = ops.make_table(params, grads, m, v, [], [], [], [], steps, 0)
+    salts = [3 * i + 1 for i in range(len(sizes))]
+    table, work = ops.make_table(params, grads, m, v, [], [], [], [], steps, 0, salts)
     assert table.dtype == torch.int64 and table.shape == (len(sizes), ops.table_width())
     assert work.dtype == torch.int32
     for i, n in enumerate(sizes):
@@ -188,6 +189,7 @@ def test_make_table(ops):
         assert row[3:7] == [params[i].data_ptr(), grads[i].data_ptr(), m[i].data_ptr(), v[i].data_ptr()]
         assert row[7:11] == [0, 0, 0, 0]  # no max_exp_avg_sq, no absmax
         assert row[11] == steps[i].data_ptr()
+        assert row[12] == salts[i]  # what salts stochastic rounding: the param's position in its group
     expected = [(i, c) for i, n in enumerate(sizes) for c in range(max(1, -(-n // chunk)))]
     assert [tuple(w) for w in work.tolist()] == expected
 
@@ -211,7 +213,7 @@ def test_table_is_rebuilt_when_an_address_changes(ops, monkeypatch):
     built = []
 
     class FakePlan:
-        def __init__(self, ops_, lists, block_size, device):
+        def __init__(self, ops_, lists, block_size, salts, device):
             built.append([t.data_ptr() for t in lists["params"]])
 
     monkeypatch.setattr(cuda_backend, "_Plan", FakePlan)
@@ -263,7 +265,7 @@ def adam_args(ops, amsgrad=False, block_size=0, **kw):
         counters=torch.zeros(len(params), dtype=torch.int32),
         codebook=cuda_backend.codebook(torch.device("cpu")) if block_size else None,
         hyper=[1e-3, 0.9, 0.999, 1e-8, 0.01], hyper_tensors=[None] * 5, amsgrad=amsgrad, maximize=False,
-        decoupled_weight_decay=True, block_size=block_size,
+        decoupled_weight_decay=True, block_size=block_size, stochastic_rounding=False, seed=0,
     )
 
 
@@ -275,7 +277,8 @@ def lion_args(ops, block_size=0, **kw):
         scalars=torch.tensor([1.0, 0.0, 0.0]), table=table, work=work,
         counters=torch.zeros(len(params), dtype=torch.int32),
         codebook=cuda_backend.codebook(torch.device("cpu")) if block_size else None,
-        hyper=[1e-4, 0.9, 0.99, 0.0], hyper_tensors=[None] * 4, block_size=block_size,
+        hyper=[1e-4, 0.9, 0.99, 0.0], hyper_tensors=[None] * 4, block_size=block_size, stochastic_rounding=False,
+        seed=0,
     )
 
 
@@ -287,11 +290,14 @@ def lamb_args(ops, **kw):
         scalars=torch.tensor([1.0, 0.0, 0.0]), table=table, work=work,
         counters=torch.zeros(len(params), dtype=torch.int32),
         hyper=[1e-3, 0.9, 0.999, 1e-6, 0.01], hyper_tensors=[None] * 5, bias_correction=True,
+        stochastic_rounding=False, seed=0,
     )
 
 
 def lamb_moments_args(ops, **kw):
-    return lamb_args(ops, **kw)
+    args = lamb_args(ops, **kw)
+    del args["stochastic_rounding"], args["seed"]  # the moments pass writes no param
+    return args
 
 
 def lamb_apply_args(ops, **kw):
@@ -347,23 +353,31 @@ INVALID = [
     ("adam_", {"block_size": 256}, ("block_size", None, 8192), r"block_size must be .*, got 8192"),
     ("adam_", {}, ("scalars", None, torch.zeros(2)), r"scalars must be a contiguous tensor of 3 elements"),
     ("adam_", {}, ("scalars", None, torch.zeros(3, dtype=torch.float64)), r"scalars must be Float, got Double"),
-    ("adam_", {}, ("table", None, torch.zeros(2, 5, dtype=torch.int64)), r"table must be a contiguous \[2, 12\] tensor"),
-    ("adam_", {}, ("table", None, torch.zeros(2, 12, dtype=torch.int32)), r"table must be Long, got Int"),
+    ("adam_", {}, ("table", None, torch.zeros(2, 5, dtype=torch.int64)), r"table must be a contiguous \[2, 13\] tensor"),
+    ("adam_", {}, ("table", None, torch.zeros(2, 13, dtype=torch.int32)), r"table must be Long, got Int"),
     ("adam_", {}, ("work", None, torch.zeros(3, 2, dtype=torch.int64)), r"work must be Int, got Long"),
     ("adam_", {}, ("counters", None, torch.zeros(5, dtype=torch.int32)), r"counters must be a contiguous zero-filled tensor of 2 elements"),
     ("adam_", {}, ("hyper", None, [1e-3, 0.9]), r"hyper and hyper_tensors must hold 5 entries each, got 2 and 5"),
     ("adam_", {}, ("hyper_tensors", 0, torch.tensor(1e-3, dtype=torch.float64)), r"hyper_tensors\[0\] \(lr\) must be Float, got Double"),
     ("adam_", {}, ("hyper_tensors", 1, torch.tensor([0.9, 0.9])), r"hyper_tensors\[1\] \(beta1\) must have one element, got 2"),
+    ("adam_", {}, ("seed", None, 2**32), r"seed must be in \[0, 2\*\*32\), got 4294967296"),
+    ("adam_", {}, ("stochastic_rounding", None, True), r"stochastic_rounding applies to bfloat16 params; params\[0\] is Float"),
+    ("adam_", {"p_dtype": torch.bfloat16, "block_size": 256}, ("stochastic_rounding", None, True), r"params\[0\] must be a CUDA tensor"),
     ("adam_", {}, None, r"params\[0\] must be a CUDA tensor, got a cpu tensor"),
     ("adam_", {"block_size": 256, "amsgrad": True}, None, r"params\[0\] must be a CUDA tensor"),
     ("lion_", {}, ("exp_avgs", 1, torch.zeros(5, dtype=torch.float16)), r"exp_avgs\[1\] must be Float, got Half"),
     ("lion_", {}, ("hyper_tensors", 3, torch.zeros(2)), r"hyper_tensors\[3\] \(weight_decay\) must have one element"),
     ("lion_", {"block_size": 64}, ("exp_avg_absmaxes", 1, torch.zeros(2)), r"exp_avg_absmaxes\[1\] has 2 elements; params\[1\] has 5 elements, so block_size=64 needs 1"),
+    ("lion_", {"p_dtype": torch.bfloat16}, ("seed", None, -1), r"seed must be in \[0, 2\*\*32\), got -1"),
+    ("lion_", {"p_dtype": torch.float16}, ("stochastic_rounding", None, True), r"stochastic_rounding applies to bfloat16 params; params\[0\] is Half"),
+    ("lion_", {"p_dtype": torch.bfloat16}, ("stochastic_rounding", None, True), r"params\[0\] must be a CUDA tensor"),
     ("lion_", {}, None, r"params\[0\] must be a CUDA tensor"),
     ("lamb_", {}, ("exp_avg_sqs", None, "drop"), r"exp_avg_sqs has 1 tensors; expected 2"),
     ("lamb_", {"p_dtype": torch.float16, "g_dtype": torch.bfloat16}, None, r"params\[0\] must be a CUDA tensor"),
     ("lamb_", {}, ("grads", 1, torch.zeros(5, dtype=torch.bfloat16)), r"grads\[1\] is BFloat16 but grads\[0\] is float32"),
     ("lamb_", {}, ("hyper_tensors", 3, torch.tensor(1e-6, dtype=torch.float16)), r"hyper_tensors\[3\] \(eps\) must be Float"),
+    ("lamb_", {}, ("stochastic_rounding", None, True), r"stochastic_rounding applies to bfloat16 params; params\[0\] is Float"),
+    ("lamb_", {"p_dtype": torch.bfloat16}, ("seed", None, 2**40), r"seed must be in \[0, 2\*\*32\)"),
     ("lamb_", {}, None, r"params\[0\] must be a CUDA tensor"),
     ("lamb_moments_", {}, ("exp_avgs", None, "drop"), r"exp_avgs has 1 tensors; expected 2"),
     ("lamb_moments_", {}, ("grads", 0, torch.zeros(300, dtype=torch.float64)), r"grads\[0\] has dtype Double"),
@@ -376,12 +390,14 @@ INVALID = [
     ("lamb_apply_", {}, ("norms", None, torch.ones(3, 2)), r"norms must be a contiguous \[2, 2\] tensor"),
     ("lamb_apply_", {}, ("norms", None, torch.ones(2, 2).t()), r"norms must be a contiguous \[2, 2\] tensor"),
     ("lamb_apply_", {}, ("norms", None, torch.ones(2, 2, dtype=torch.float64)), r"norms must be Float, got Double"),
+    ("lamb_apply_", {"p_dtype": torch.float16}, ("stochastic_rounding", None, True), r"stochastic_rounding applies to bfloat16 params; params\[0\] is Half"),
+    ("lamb_apply_", {"p_dtype": torch.bfloat16}, ("stochastic_rounding", None, True), r"params\[0\] must be a CUDA tensor"),
     ("lamb_apply_", {"p_dtype": torch.float16}, None, r"params\[0\] must be a CUDA tensor"),
     ("global_norm", {}, ("tensors", None, []), r"tensors must hold at least one tensor"),
     ("global_norm", {}, ("norm_type", None, 3.0), r"norm_type must be 1, 2 or inf, got 3"),
     ("global_norm", {}, ("tensors", 1, torch.zeros(5, dtype=torch.float64)), r"tensors\[1\] has dtype Double"),
     ("global_norm", {}, ("tensors", 2, _noncontiguous(70000)), r"tensors\[2\] must be contiguous"),
-    ("global_norm", {}, ("table", None, torch.zeros(3, 12, dtype=torch.int32)), r"table must be Long"),
+    ("global_norm", {}, ("table", None, torch.zeros(3, 13, dtype=torch.int32)), r"table must be Long"),
     ("global_norm", {}, None, r"tensors\[0\] must be a CUDA tensor"),
 ]
 
@@ -418,6 +434,10 @@ def test_invalid_make_table(ops):
         ops.make_table(p, p[:1], [], [], [], [], [], [], [], 0)
     with pytest.raises(RuntimeError, match=r"fusedopt.make_table: block_size must be .*got 48"):
         ops.make_table(p, p, [], [], [], [], [], [], [], 48)
+    with pytest.raises(RuntimeError, match=r"fusedopt.make_table: salts has 1 entries; expected none or one per param \(2\)"):
+        ops.make_table(p, p, [], [], [], [], [], [], [], 0, [0])
+    with pytest.raises(RuntimeError, match=r"fusedopt.make_table: salts\[1\] must be in \[0, 2\*\*32\), got -1"):
+        ops.make_table(p, p, [], [], [], [], [], [], [], 0, [0, -1])
     with pytest.raises(RuntimeError, match=r"fusedopt.make_table: params\[1\] has dtype Long"):
         ops.make_table([p[0], torch.zeros(3, dtype=torch.long)], [], [], [], [], [], [], [], [], 0)
 
@@ -518,10 +538,11 @@ def test_sharded_lamb_traces_into_one_graph(ops):
 
     def step(*values):
         kw = dict(zip(names, values))
+        rounding = {k: kw.pop(k) for k in ("stochastic_rounding", "seed")}  # the apply pass's
         norms = ops.lamb_moments_(**kw)
         norms = norms * 2  # what an all-reduce over two equal shards would make of them
         del kw["grads"]
-        ops.lamb_apply_(**kw, norms=norms)
+        ops.lamb_apply_(**kw, norms=norms, **rounding)
 
     graph = make_fx(step, tracing_mode="fake")(*(args[n] for n in names))
     assert "fusedopt.lamb_moments_" in graph.code and "fusedopt.lamb_apply_" in graph.code

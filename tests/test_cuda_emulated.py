@@ -22,8 +22,10 @@ import math
 import pytest
 import torch
 
+import fusedopt
 import test_backends
 import test_cuda_gpu
+import test_stochastic_rounding
 from cuda_emu import emulator
 from fusedopt import backends
 
@@ -54,9 +56,6 @@ def _known_bug(case) -> str | None:
     """Why a grid case fails on the cuda backend (a bug found by this file and not fixed yet),
     else None."""
     groups = (case.kwargs, {**case.kwargs, **case.group_b})
-    if case.dtype == "bf16" and any(g.get("stochastic_rounding") for g in groups):
-        return ("cuda backend bug: stochastic_rounding is accepted and ignored (bf16 params are "
-                "rounded to nearest; the table has no salt, the op no seed)")
     if any(g.get("block_size", 256) > 4096 for g in groups):
         return ("cuda backend limitation: block_size above 4096 (kMaxBlockSize) is accepted by the "
                 "optimizer but make_table rejects it at the first step")
@@ -119,6 +118,45 @@ _BF16_TRAJECTORY = pytest.mark.xfail(
 def test_sharded_lamb_sums_norms_over_the_shards(emulated, monkeypatch, dtype, shards):
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)  # CPU ops are synchronous
     test_cuda_gpu.test_sharded_lamb_sums_norms_over_the_shards(torch.device("cpu"), dtype, shards)
+
+
+@pytest.fixture
+def emulated_once(lib):
+    """The emulated backend under one schedule (tests whose kernels the grid runs already)."""
+    emulator.configure(lib, **SCHEDULES["2sm-shuffled"])
+    with emulator.emulated_cuda_backend(lib):
+        yield lib
+
+
+@pytest.mark.parametrize("cls, kwargs", [("Lion", dict(weight_decay=0.1)), ("Lion8bit", dict(min_8bit_size=256)),
+                                         ("Lion", dict(seed=2**32 - 1))], ids=str)
+def test_stochastic_rounding_draws_the_reference_bits(emulated_once, cls, kwargs):
+    """One Lion step from the same bf16 params: the fp32 values are the reference's bit for bit
+    (Lion's math has no powf), so the stored bf16 bits are too, element for element, when the
+    noise is the same. Round-to-nearest gives other bits (the check can fail)."""
+    sizes = (1, 255, 4097, 65537 + 5)
+    gen = torch.Generator().manual_seed(5)
+    init = [torch.randn(n, generator=gen).to(torch.bfloat16) for n in sizes]
+    grads = [torch.randn(n, generator=gen).to(torch.bfloat16) for n in sizes]
+    out = {}
+    for backend, sr in (("reference", True), ("cuda", True), ("cuda", False)):
+        params = [p.clone() for p in init]
+        opt = getattr(fusedopt, cls)([{"params": params, **kwargs}], lr=3e-3, backend=backend, stochastic_rounding=sr)
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        out[backend, sr] = params
+    for i, (got, ref, nearest) in enumerate(zip(out["cuda", True], out["reference", True], out["cuda", False])):
+        assert torch.equal(got.view(torch.int16), ref.view(torch.int16)), f"param {i}: other bits than the reference's"
+        if got.numel() > 1000:
+            assert not torch.equal(got, nearest), f"param {i}: the same as round-to-nearest"
+
+
+@pytest.mark.parametrize("test", [test_stochastic_rounding.test_unbiased, test_stochastic_rounding.test_reproducible],
+                         ids=lambda f: f.__name__)
+def test_stochastic_rounding_properties(emulated_once, test):
+    """test_stochastic_rounding.py's checks (unbiased, reproducible) on the cuda backend."""
+    test("cpu", "cuda")
 
 
 # --------------------------------------------------------------------------------------------
