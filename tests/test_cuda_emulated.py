@@ -101,19 +101,7 @@ def test_8bit_steps_in_lockstep_with_the_reference(emulated, cls, dtype, kwargs)
     test_cuda_gpu.test_8bit_steps_in_lockstep_with_the_reference(torch.device("cpu"), cls, dtype, kwargs)
 
 
-# The bf16 case fails as test_cuda_gpu.py compares it: over 7 steps without re-syncing, and the
-# same happens on the unsharded path. At step 1 one element of the 131077-element param (0.0095)
-# rounds to the neighbouring bf16 value (the trust ratio's sums run in another order than the
-# reference's: a last-bit difference in fp32), and that one-ulp difference (6.1e-5) is carried
-# down to 0.0031, where the bf16 tolerance allows 5.9e-5. Not a kernel bug; the test design
-# (a bf16 trajectory compared after 7 steps) is. Left to the test's owner.
-_BF16_TRAJECTORY = pytest.mark.xfail(
-    strict=True, reason="test_cuda_gpu.py's design: a one-ulp bf16 rounding flip at step 1 carried to a "
-    "magnitude where the bf16 tolerance is below that ulp (see the comment above)")
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=_BF16_TRAJECTORY),
-                                   torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shards", [1, 2])
 def test_sharded_lamb_sums_norms_over_the_shards(emulated, monkeypatch, dtype, shards):
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)  # CPU ops are synchronous

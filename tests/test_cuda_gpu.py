@@ -260,10 +260,14 @@ def test_a_tensor_over_2_31_elements_is_updated_to_its_last_element(device):
 # --------------------------------------------------------------------------------------------
 
 
-def _sharded_lamb_run(device, dtype, sizes, steps, shards, **kwargs):
-    """LAMB over ``shards`` shards of every param (contiguous slices, each in its own
-    optimizer and thread, as ranks hold them) with an all-reduce that sums each tensor's norms
-    over the threads; and the reference over the whole params. Returns both, reassembled."""
+def _sharded_lamb_lockstep(device, dtype, sizes, steps, shards, check, **kwargs):
+    """LAMB over ``shards`` shards of every param (contiguous slices, each in its own optimizer
+    and thread, as ranks hold them) with an all-reduce that sums each tensor's norms over the
+    threads, and the reference over the whole params, in lockstep: each step runs on every rank,
+    then on the reference, then ``check(step, opts, pieces, ref, ref_params)`` compares them, and
+    the next step starts every rank from the reference's params (re-synced: a last-bit
+    difference of the trust ratio, whose sums run in another order than the reference's, may
+    round a 16-bit param to its neighbour, and each step is compared on its own)."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
@@ -276,6 +280,7 @@ def _sharded_lamb_run(device, dtype, sizes, steps, shards, **kwargs):
     pieces = [[w[c[r]:c[r + 1]].clone().to(device) for w, c in zip(whole, cuts)] for r in range(shards)]
     ref_params = [w.clone().to(device) for w in whole]
     ref = fusedopt.LAMB(ref_params, backend="reference", **kwargs)
+    opts = [fusedopt.LAMB(pieces[r], backend="cuda", **kwargs) for r in range(shards)]
 
     rank = threading.local()
     barrier = threading.Barrier(shards, timeout=120)
@@ -290,47 +295,52 @@ def _sharded_lamb_run(device, dtype, sizes, steps, shards, **kwargs):
         barrier.wait()  # every rank has enqueued its sum before any x is overwritten
         x.copy_(total)
 
-    def run(r):
+    def rank_step(r, k):
         rank.r = r
-        opt = fusedopt.LAMB(pieces[r], backend="cuda", **kwargs)
-        for k in range(steps):
-            for p, g, c in zip(pieces[r], grads[k], cuts):
-                p.grad = None if (k == 2 and p is pieces[r][1]) else g[c[r]:c[r + 1]].clone().to(device)
-            opt.step()
+        for p, g, c in zip(pieces[r], grads[k], cuts):
+            p.grad = None if (k == 2 and p is pieces[r][1]) else g[c[r]:c[r + 1]].clone().to(device)
+        opts[r].step()
         torch.cuda.synchronize()
-        return opt
 
     original = distributed.all_reduce_sum
-    distributed.all_reduce_sum = lambda groups: all_reduce
-    try:
-        with ThreadPoolExecutor(shards) as pool:
-            opts = [f.result() for f in [pool.submit(run, r) for r in range(shards)]]
-    finally:
-        distributed.all_reduce_sum = original
-    for k in range(steps):
-        for i, (p, g) in enumerate(zip(ref_params, grads[k])):
-            p.grad = None if (k == 2 and i == 1) else g.to(device)
-        ref.step()
+    with ThreadPoolExecutor(shards) as pool:  # every rank of a step runs at once (the barrier)
+        for k in range(steps):
+            distributed.all_reduce_sum = lambda groups: all_reduce  # the ranks' steps only
+            try:
+                for f in [pool.submit(rank_step, r, k) for r in range(shards)]:
+                    f.result()
+            finally:
+                distributed.all_reduce_sum = original
+            for i, (p, g) in enumerate(zip(ref_params, grads[k])):
+                p.grad = None if (k == 2 and i == 1) else g.to(device)
+            ref.step()
+            check(k, opts, pieces, ref, ref_params)
+            for r in range(shards):
+                for p, w, c in zip(pieces[r], ref_params, cuts):
+                    p.data.copy_(w.data[c[r]:c[r + 1]])
     assert calls == [steps] * shards, calls
-    return opts, pieces, ref, ref_params
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shards", [1, 2])
 def test_sharded_lamb_sums_norms_over_the_shards(device, dtype, shards):
     """The cuda backend's sharded path (lamb_moments_, the all-reduce, lamb_apply_) against the
-    reference on the whole tensors: the trust ratio is the whole tensor's, not the shard's.
+    reference on the whole tensors, step by step from the same params: the trust ratio is the
+    whole tensor's, not the shard's (a shard's would move the params far beyond the tolerance).
     One shard runs the split path with an all-reduce that changes nothing."""
     sizes = (1, 255, 257, 4097, 65537 + 3 * 4096, 2 * 65536 + 5)  # one param a shard cannot split evenly
-    steps = 7
-    opts, pieces, ref, ref_params = _sharded_lamb_run(device, dtype, sizes, steps, shards, weight_decay=0.1)
-    for i, r in enumerate(ref_params):
-        assert_close(torch.cat([pieces[k][i] for k in range(shards)]), r, dtype, f"param {i}")
-        for key in ("exp_avg", "exp_avg_sq"):
-            got = torch.cat([opts[k].state[pieces[k][i]][key] for k in range(shards)])
-            assert_close(got, ref.state[r][key], torch.float32, f"param {i} {key}")
-        for k in range(shards):
-            assert float(opts[k].state[pieces[k][i]]["step"]) == float(ref.state[r]["step"]), f"param {i} step"
+
+    def check(step, opts, pieces, ref, ref_params):
+        for i, r in enumerate(ref_params):
+            what = f"step {step} param {i}"
+            assert_close(torch.cat([pieces[k][i] for k in range(shards)]), r, dtype, what)
+            for key in ("exp_avg", "exp_avg_sq"):
+                got = torch.cat([opts[k].state[pieces[k][i]][key] for k in range(shards)])
+                assert_close(got, ref.state[r][key], torch.float32, f"{what} {key}")
+            for k in range(shards):
+                assert float(opts[k].state[pieces[k][i]]["step"]) == float(ref.state[r]["step"]), f"{what} step"
+
+    _sharded_lamb_lockstep(device, dtype, sizes, 7, shards, check, weight_decay=0.1)
 
 
 # --------------------------------------------------------------------------------------------
