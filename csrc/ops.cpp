@@ -115,10 +115,11 @@ void check_cuda(const Tensor& t, const Name& name, const char* op) {
 
 int64_t num_blocks(int64_t numel, int64_t block_size) { return (numel + block_size - 1) / block_size; }
 
+// Every block size the optimizers accept (a positive multiple of 32; quant8.cuh sweeps blocks
+// wider than kQuantSpan twice).
 void check_block_size(int64_t block_size, const char* op) {
-  TORCH_CHECK(block_size == 0 || (block_size > 0 && block_size % 32 == 0 && block_size <= kMaxBlockSize),
-              "fusedopt.", op, ": block_size must be 0 (fp32 states) or a multiple of 32 no larger than ",
-              kMaxBlockSize, ", got ", block_size);
+  TORCH_CHECK(block_size == 0 || (block_size > 0 && block_size % 32 == 0), "fusedopt.", op,
+              ": block_size must be 0 (fp32 states) or a positive multiple of 32, got ", block_size);
 }
 
 // The tensors that must share one CUDA device, checked last: every other check runs first, so
@@ -397,7 +398,7 @@ void adam_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList 
   FUSEDOPT_DEVICE_GUARD(device);
   const AdamHyper args{h.scalar(0),   h.beta(1), h.beta(2), h.scalar(3), h.scalar(4),
                        h.decay(0, 4), maximize,  decoupled_weight_decay};
-  const Quant quant{int(block_size), block_size > 0 ? codebook->data_ptr<float>() : nullptr};
+  const Quant quant{block_size, block_size > 0 ? codebook->data_ptr<float>() : nullptr};
   const MultiTensor mt = multi_tensor(table, work, scalars, counters, chunk_elements(block_size),
                                       kind_of(grads[0], Name{"grads", 0}, op), stochastic_rounding, seed32);
   C10_CUDA_CHECK(launch_adam(mt, args, kind_of(params[0], Name{"params", 0}, op), amsgrad, quant, stream_of(device)));
@@ -422,7 +423,7 @@ void lion_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList 
 
   FUSEDOPT_DEVICE_GUARD(device);
   const LionHyper args{h.scalar(0), h.beta(1), h.beta(2), h.scalar(3), h.decay(0, 3)};
-  const Quant quant{int(block_size), block_size > 0 ? codebook->data_ptr<float>() : nullptr};
+  const Quant quant{block_size, block_size > 0 ? codebook->data_ptr<float>() : nullptr};
   const MultiTensor mt = multi_tensor(table, work, scalars, counters, chunk_elements(block_size),
                                       kind_of(grads[0], Name{"grads", 0}, op), stochastic_rounding, seed32);
   C10_CUDA_CHECK(launch_lion(mt, args, kind_of(params[0], Name{"params", 0}, op), quant, stream_of(device)));
@@ -561,7 +562,7 @@ std::tuple<Tensor, Tensor> quantize_blockwise(const Tensor& x, const Tensor& cod
   Tensor codes = at::empty(x.sizes(), x.options().dtype(at::kByte));
   Tensor absmax = at::empty({num_blocks(x.numel(), block_size)}, x.options());
   C10_CUDA_CHECK(launch_quantize(x.data_ptr<float>(), x.numel(), is_signed,
-                                 Quant{int(block_size), codebook.data_ptr<float>()}, codes.data_ptr<uint8_t>(),
+                                 Quant{block_size, codebook.data_ptr<float>()}, codes.data_ptr<uint8_t>(),
                                  absmax.data_ptr<float>(), stream_of(device)));
   return {codes, absmax};
 }

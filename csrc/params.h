@@ -39,17 +39,20 @@ enum StepScalar : int { kGradMult = 0, kSkip = 1, kNorm = 2, kStepScalars = 3 };
 constexpr int64_t kChunk = 64 * 1024;
 
 // 8-bit states: elements a block covers per iteration, before rounding down to whole
-// quantization blocks, and iterations per work item.
+// quantization blocks, and iterations per work item. A quantization block wider than the span
+// (block_size > kQuantSpan) is swept twice by one block instead (see quant8_wide).
 constexpr int kQuantVec = 16;
 constexpr int64_t kQuantSpan = int64_t(kThreads) * kQuantVec;
 constexpr int64_t kQuantSpansPerChunk = 8;
-constexpr int64_t kMaxBlockSize = kQuantSpan;
 
 // Elements per work item: kChunk, or for 8-bit states (block_size > 0) whole quantization
-// blocks. The table builder and the launchers both use this.
+// blocks: kQuantSpansPerChunk spans, or for wide blocks as many as fit in as many elements (at
+// least one). The table builder and the launchers both use this.
 inline int64_t chunk_elements(int64_t block_size) {
   if (block_size <= 0) return kChunk;
-  return (kQuantSpan / block_size) * block_size * kQuantSpansPerChunk;
+  if (block_size <= kQuantSpan) return (kQuantSpan / block_size) * block_size * kQuantSpansPerChunk;
+  const int64_t blocks = kQuantSpan * kQuantSpansPerChunk / block_size;
+  return (blocks > 0 ? blocks : 1) * block_size;
 }
 
 // What every multi-tensor launch shares.
@@ -120,7 +123,7 @@ enum LambPasses : int { kLambMoments = 1, kLambApply = 2, kLambBoth = 3 };
 
 // 8-bit block-wise states.
 struct Quant {
-  int block_size;         // elements per absmax; 0: fp32 states
+  int64_t block_size;     // elements per absmax (a multiple of 32); 0: fp32 states
   const float* codebook;  // [4, 256]: signed values, unsigned values, signed midpoints,
                           // unsigned midpoints (255 each, padded)
 };

@@ -11,6 +11,8 @@
 // 16-byte words of every other stream), a block covers whole quantization blocks per iteration
 // (block_size / 16 threads each), and the new absmax of a quantization block is a max over its
 // threads: warp shuffles when they are a power of two within a warp, shared memory otherwise.
+// A quantization block wider than a block's span (block_size > kQuantSpan = 4096) is swept
+// twice by the whole block instead (quant8_wide).
 #pragma once
 
 #include "multi_tensor.cuh"
@@ -63,6 +65,7 @@ __device__ __forceinline__ void store_codes(uint8_t* dst, const int (&src)[N], i
 
 // Quantization geometry of a launch: a block handles `span` elements per iteration, whole
 // quantization blocks of `threads_per_qblock` threads each.
+// (block_size <= kQuantSpan; wider blocks take quant8_wide.)
 struct QuantGeometry {
   int block_size;
   int threads_per_qblock;
@@ -93,6 +96,108 @@ __device__ __forceinline__ float qblock_max(float x, const QuantGeometry& geo, f
   return m;
 }
 
+// The family's update of the n elements at i (n <= kQuantVec): p_ and s_ get the new param and
+// fp32 states (the states dequantized with the quantization block's current absmax); nothing is
+// written. Elements past n are zero in, never stored.
+template <typename Family, bool V, typename P, int S = Family::kStates, int N = kQuantVec>
+__device__ __forceinline__ void update_elements(float (&p_)[N], float (&s_)[S][N], const MultiTensor& mt,
+                                                const int64_t* row, const P* p, uint8_t* const (&codes)[S],
+                                                float* const (&absmax)[S], int64_t qblock, const float (*book)[256],
+                                                const typename Family::Step& step, float grad_mult, int64_t i,
+                                                int n) {
+  float g_[N];
+  int c_[N];
+  load<V>(p_, p + i, n);
+  load_grad<V>(g_, mt.grad, row[kGrad], i, n);
+#pragma unroll
+  for (int k = 0; k < S; ++k) {
+    load_codes<V>(c_, codes[k] + i, n);
+    const float* values = book[Family::is_signed(k) ? kSignedValues : kUnsignedValues];
+    const float scale = global(absmax[k] + qblock);
+#pragma unroll
+    for (int j = 0; j < N; ++j) s_[k][j] = values[c_[j]] * scale;
+  }
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    float e[S];
+#pragma unroll
+    for (int k = 0; k < S; ++k) e[k] = s_[k][j];
+    Family::math(p_[j], g_[j] * grad_mult, e, step);
+#pragma unroll
+    for (int k = 0; k < S; ++k) s_[k][j] = e[k];
+  }
+}
+
+// Quantization blocks wider than a block's span (block_size > kQuantSpan) in [begin, end): the
+// whole block sweeps each one twice. First for its new absmax (the states computed, nothing
+// written), then computing the same values again (the same inputs and operations: the same
+// bits) and writing the param and the codes; the absmax last, once every thread has read the
+// old one. The states of a whole quantization block do not fit in registers across the
+// reduction: reading the param, grad and codes twice is the price of block sizes this large.
+template <typename Family, bool SR, typename P, int S = Family::kStates>
+__device__ __forceinline__ void quant8_wide(const MultiTensor& mt, const int64_t* row, const typename Family::Step& step,
+                                            uint32_t key, P* p, uint8_t* const (&codes)[S], float* const (&absmax)[S],
+                                            const float (*book)[256], float grad_mult, bool aligned, int64_t begin,
+                                            int64_t end, int64_t block_size) {
+  constexpr int N = kQuantVec;
+  for (int64_t first = begin; first < end; first += block_size) {  // block-uniform
+    const int64_t last = end < first + block_size ? end : first + block_size;
+    const int64_t qblock = first / block_size;
+    float new_absmax[S];
+    {
+      float local[S];
+#pragma unroll
+      for (int k = 0; k < S; ++k) local[k] = 0.f;
+      for (int64_t i = first + int64_t(threadIdx.x) * N; i < last; i += kQuantSpan) {
+        const int n = last - i < N ? int(last - i) : N;
+        float p_[N], s_[S][N];
+        if (n == N && aligned) {
+          update_elements<Family, true>(p_, s_, mt, row, p, codes, absmax, qblock, book, step, grad_mult, i, n);
+        } else {
+          update_elements<Family, false>(p_, s_, mt, row, p, codes, absmax, qblock, book, step, grad_mult, i, n);
+        }
+#pragma unroll
+        for (int k = 0; k < S; ++k)
+#pragma unroll
+          for (int j = 0; j < N; ++j)
+            if (j < n) local[k] = MaxNan{}(local[k], fabsf(s_[k][j]));
+      }
+#pragma unroll
+      for (int k = 0; k < S; ++k) new_absmax[k] = block_reduce(local[k], MaxNan{});
+    }
+    for (int64_t i = first + int64_t(threadIdx.x) * N; i < last; i += kQuantSpan) {
+      const int n = last - i < N ? int(last - i) : N;
+      auto write = [&](auto vec) {
+        constexpr bool V = decltype(vec)::value;
+        float p_[N], s_[S][N];
+        update_elements<Family, V>(p_, s_, mt, row, p, codes, absmax, qblock, book, step, grad_mult, i, n);
+        store_param<SR, V>(p + i, p_, n, i, key);
+#pragma unroll
+        for (int k = 0; k < S; ++k) {
+          const float* midpoints = book[Family::is_signed(k) ? kSignedMidpoints : kUnsignedMidpoints];
+          const float scale = new_absmax[k] > 0.f ? new_absmax[k] : 1.f;
+          float x_[N];
+          int c_[N];
+#pragma unroll
+          for (int j = 0; j < N; ++j) x_[j] = s_[k][j] / scale;
+          quantize(x_, c_, midpoints);
+          store_codes<V>(codes[k] + i, c_, n);
+        }
+      };
+      if (n == N && aligned) {
+        write(Tag<true>{});
+      } else {
+        write(Tag<false>{});
+      }
+    }
+    __syncthreads();  // every thread has read the old absmax
+    if (threadIdx.x == 0) {
+#pragma unroll
+      for (int k = 0; k < S; ++k) global(absmax[k] + qblock) = new_absmax[k];
+    }
+  }
+}
+
 // A thread keeps kStates x 16 fp32 states across the absmax reduction: at 128 registers (two
 // blocks per SM) ptxas spills them, so one block per SM lets it use the registers it needs.
 template <typename Family, typename P, bool SR>
@@ -106,7 +211,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
 
   const float grad_mult = mt.scalars[kGradMult];
-  const QuantGeometry geo(q.block_size);
+  const QuantGeometry geo(q.block_size <= kQuantSpan ? int(q.block_size) : kQuantVec);  // (narrow blocks only)
   for (int64_t w = blockIdx.x; w < mt.n_work; w += gridDim.x) {
     const int2 item = reinterpret_cast<const int2*>(mt.work)[w];
     const int64_t* row = mt.table + int64_t(item.x) * kRowWidth;
@@ -125,6 +230,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     const bool aligned = row[kAligned] != 0;
     const int64_t begin = int64_t(item.y) * mt.chunk;
     const int64_t end = numel < begin + mt.chunk ? numel : begin + mt.chunk;
+    if (q.block_size > kQuantSpan) {
+      quant8_wide<Family, SR>(mt, row, step, key, p, codes, absmax, book, grad_mult, aligned, begin, end,
+                              q.block_size);
+      advance_step(mt, row, item.x, t);
+      continue;
+    }
 
     // Block-uniform loop: every thread reaches the reductions.
     for (int64_t base = begin; base < end; base += geo.span) {
@@ -134,27 +245,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       float s_[S][N];
       auto update = [&](auto vec) {
         constexpr bool V = decltype(vec)::value;
-        float p_[N], g_[N];
-        int c_[N];
-        load<V>(p_, p + i, n);
-        load_grad<V>(g_, mt.grad, row[kGrad], i, n);
-#pragma unroll
-        for (int k = 0; k < S; ++k) {
-          load_codes<V>(c_, codes[k] + i, n);
-          const float* values = book[Family::is_signed(k) ? kSignedValues : kUnsignedValues];
-          const float scale = global(absmax[k] + qblock);
-#pragma unroll
-          for (int j = 0; j < N; ++j) s_[k][j] = values[c_[j]] * scale;
-        }
-#pragma unroll
-        for (int j = 0; j < N; ++j) {
-          float e[S];
-#pragma unroll
-          for (int k = 0; k < S; ++k) e[k] = s_[k][j];
-          Family::math(p_[j], g_[j] * grad_mult, e, step);
-#pragma unroll
-          for (int k = 0; k < S; ++k) s_[k][j] = e[k];
-        }
+        float p_[N];
+        update_elements<Family, V>(p_, s_, mt, row, p, codes, absmax, qblock, book, step, grad_mult, i, n);
         store_param<SR, V>(p + i, p_, n, i, key);  // the param needs no absmax: written now, its registers freed
       };
       if (n == N && aligned) {

@@ -1,6 +1,7 @@
 """Small steps of every cuda kernel, for compute-sanitizer (tests/test_cuda_gpu.py runs this file
 under memcheck and racecheck): odd sizes, every family, 8-bit states with both absmax
-reductions (block_size 256: warp shuffles; 96: shared memory), LAMB over several chunks
+reductions (block_size 256: warp shuffles; 96: shared memory) and blocks wider than a thread
+block's span (4128: swept twice, with stochastic rounding of bf16 params), LAMB over several chunks
 (also as its sharded path: two passes apart, the norms summed over the shards in between),
 clipping and a skipped step, the norms and the stand-alone quantizer.
 
@@ -42,6 +43,7 @@ def run() -> None:
         (fusedopt.AdamW8bit, torch.bfloat16, dict(amsgrad=True, min_8bit_size=256)),
         (fusedopt.Adam8bit, torch.float32, dict(block_size=96, min_8bit_size=256)),
         (fusedopt.Lion8bit, torch.float32, dict(block_size=4096, min_8bit_size=256)),
+        (fusedopt.AdamW8bit, torch.bfloat16, dict(block_size=4128, min_8bit_size=256, stochastic_rounding=True)),
     ]
     for cls, dtype, kwargs in cases:
         _steps(cls, dtype, kwargs, device)
@@ -57,7 +59,7 @@ def run() -> None:
         cuda_backend.global_norm(tensors, norm_type)
     ops = cuda_backend._ops()
     book = cuda_backend.codebook(device)
-    for block_size in (32, 96, 256, 4096):
+    for block_size in (32, 96, 256, 4096, 8192):
         ops.quantize_blockwise(torch.randn(5000, device=device), book, True, block_size)
     torch.cuda.synchronize()
 

@@ -52,26 +52,7 @@ def emulated(lib, request):
         yield lib
 
 
-def _known_bug(case) -> str | None:
-    """Why a grid case fails on the cuda backend (a bug found by this file and not fixed yet),
-    else None."""
-    groups = (case.kwargs, {**case.kwargs, **case.group_b})
-    if any(g.get("block_size", 256) > 4096 for g in groups):
-        return ("cuda backend limitation: block_size above 4096 (kMaxBlockSize) is accepted by the "
-                "optimizer but make_table rejects it at the first step")
-    return None
-
-
-def _grid_params():
-    params = []
-    for case in test_backends.CASES:
-        bug = _known_bug(case)
-        marks = [pytest.mark.xfail(strict=True, reason=bug)] if bug else []
-        params.append(pytest.param(case, id=case.id, marks=marks))
-    return params
-
-
-@pytest.mark.parametrize("case", _grid_params())
+@pytest.mark.parametrize("case", [pytest.param(case, id=case.id) for case in test_backends.CASES])
 def test_against_reference(emulated, case):
     emulator.reset_stats(emulated)
     test_backends._check(case, "cpu", "cuda")
@@ -89,7 +70,7 @@ def test_clip_grad_norm(emulated):
     test_backends.test_clip_grad_norm("cpu", "cuda")
 
 
-@pytest.mark.parametrize("block_size", [32, 64, 96, 256, 2048, 4096])
+@pytest.mark.parametrize("block_size", [32, 64, 96, 256, 2048, 4096, 4128, 8192])
 @pytest.mark.parametrize("signed", [True, False])
 def test_quantizer_codes_are_the_reference_codes(emulated, block_size, signed):
     test_cuda_gpu.test_quantizer_codes_are_the_reference_codes(torch.device("cpu"), block_size, signed)

@@ -52,7 +52,7 @@ def assert_identical(opt_a, params_a, opt_b, params_b, what=""):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("block_size", [32, 64, 96, 256, 2048, 4096])
+@pytest.mark.parametrize("block_size", [32, 64, 96, 256, 2048, 4096, 4128, 8192])
 @pytest.mark.parametrize("signed", [True, False])
 def test_quantizer_codes_are_the_reference_codes(device, block_size, signed):
     gen = torch.Generator().manual_seed(block_size)
@@ -80,6 +80,9 @@ EIGHT_BIT = [
     ("Adam8bit", torch.float32, dict(block_size=4096, maximize=True)),
     ("Lion8bit", torch.bfloat16, dict(block_size=256, weight_decay=0.1)),
     ("Lion8bit", torch.float32, dict(block_size=32)),
+    # blocks wider than a thread block's span (4096), swept twice: one of 4096 + 32 elements
+    ("AdamW8bit", torch.bfloat16, dict(block_size=4128, weight_decay=0.1)),
+    ("Lion8bit", torch.float16, dict(block_size=8192)),
 ]
 # (No max_grad_norm here: the clip coefficient comes from each backend's own norm, which may
 # differ in the last bit, and so would every gradient. The grid covers clipping.)
