@@ -77,7 +77,10 @@ def store_state(state, codes_ptr, absmax_ptr, o, blocks, mask, row_mask, mids):
     magnitude = tl.abs(state)
     if mask is not None:
         magnitude = tl.where(mask, magnitude, 0.0)
-    absmax = tl.max(magnitude, axis=1)
+    # tl.max drops NaNs (compiled and interpreted); a block holding a NaN has a NaN absmax, as
+    # the reference's amax (and the CUDA backend's MaxNan) give it
+    nans = tl.max((magnitude != magnitude).to(tl.int32), axis=1)
+    absmax = tl.where(nans > 0, float("nan"), tl.max(magnitude, axis=1))
     safe = tl.where(absmax > 0, absmax, 1.0)
     x = tl.div_rn(state, safe[:, None])
     code = tl.zeros(x.shape, tl.int32)
