@@ -30,7 +30,7 @@ __device__ __forceinline__ void adam_math(float& p, float g, float& m, float& v,
   v = s.beta2 * v + s.one_minus_beta2 * g * g;
   float v_hat = v;
   if (AMSGRAD) {
-    v_max = fmaxf(v_max, v);
+    v_max = (v_max > v || v_max != v_max) ? v_max : v;  // torch.maximum: NaN wins (fmaxf drops it)
     v_hat = v_max;
   }
   const float denom = sqrtf(v_hat) / s.bias_correction2_sqrt + s.eps;

@@ -11,8 +11,8 @@ struct LionStep {
   float decay;  // 1 - lr * weight_decay
 };
 
-// torch.sign: -1, 0 or 1, and NaN stays NaN.
-__device__ __forceinline__ float sign(float x) { return x > 0.f ? 1.f : (x < 0.f ? -1.f : x); }
+// torch.sign (the reference uses it): -1, 0 or 1, and 0 for NaN.
+__device__ __forceinline__ float sign(float x) { return x > 0.f ? 1.f : (x < 0.f ? -1.f : 0.f); }
 
 // DESIGN.md "The math": p *= 1 - lr*wd; c = b1*m + (1-b1)*g; p -= lr*sign(c); m = b2*m + (1-b2)*g.
 __device__ __forceinline__ void lion_math(float& p, float g, float& m, const LionStep& s) {

@@ -25,6 +25,7 @@ import torch
 import fusedopt
 import test_backends
 import test_cuda_gpu
+import test_nonfinite_8bit
 import test_stochastic_rounding
 from cuda_emu import emulator
 from fusedopt import backends
@@ -126,6 +127,11 @@ def test_stochastic_rounding_draws_the_reference_bits(emulated_once, cls, kwargs
 def test_stochastic_rounding_properties(emulated_once, test):
     """test_stochastic_rounding.py's checks (unbiased, reproducible) on the cuda backend."""
     test("cpu", "cuda")
+
+
+@pytest.mark.parametrize("cls, kwargs", test_nonfinite_8bit.CASES, ids=[c for c, _ in test_nonfinite_8bit.CASES])
+def test_nan_grad_without_skip(emulated_once, cls, kwargs):
+    test_nonfinite_8bit.check_nan_grad_without_skip(cls, kwargs, "cuda")
 
 
 # --------------------------------------------------------------------------------------------
