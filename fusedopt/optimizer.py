@@ -15,7 +15,7 @@ import numbers
 import operator
 from collections import defaultdict
 from dataclasses import dataclass, field
-from itertools import chain
+from itertools import chain, repeat
 from typing import Any, Callable
 
 import torch
@@ -76,6 +76,9 @@ class _GroupPlan:
     signature: tuple  # what the layout depends on besides tensor identities
     entries: list  # (key, indices into group["params"], backend module) per batch
     batches: list | None  # Batch per entry; None until states exist
+    # What the batches hold of ``opt.state``, to see it replaced: the group's params that have
+    # batches, their state dicts, and (name, the tensors under it) for every state name.
+    held: tuple | None = None
 
 
 def state_dtype(param: torch.Tensor) -> torch.dtype:
@@ -386,6 +389,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         for gi, (group, plan) in enumerate(zip(self.param_groups, plans)):
             if plan.batches is None:
                 plan.batches = [self._batch(gi, group, key, idx, plan.grads) for key, idx, _ in plan.entries]
+                plan.held = self._held(group, plan.entries)
             elif plan is not self._plans.get(gi):  # new grad tensors in the same layout
                 grads = plan.grads
                 for batch, (key, idx, _) in zip(plan.batches, plan.entries):
@@ -428,6 +432,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         old = self._plans.get(gi)
         if old is not None and (old.group is not group or len(old.grads) != len(grads)):
             old = None
+        if old is not None and not self._holds_current_state(old):
+            old = None  # a state dict or tensor was replaced or removed: batches anew
         if old is not None and old.names == names and all(map(operator.is_, grads, old.grads)):
             return old
         previous = old.grads if old is not None else [None] * len(grads)
@@ -441,7 +447,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         signature = (names, present, tuple(grads[i].dtype for i in present), backends.requested(self.backend),
                      bool(group.get("master_weights", False)))
         if old is not None and old.signature == signature:
-            return _GroupPlan(group, grads, names, signature, old.entries, old.batches)
+            return _GroupPlan(group, grads, names, signature, old.entries, old.batches, old.held)
         missing = [i for i in present if self._missing_state(params[i], group, names)]
         if missing and backends.capturing(params[missing[0]].device):
             raise RuntimeError(
@@ -462,6 +468,28 @@ class FusedOptimizer(torch.optim.Optimizer):
             kind = self._family + ("8bit" if key[3] else "")
             entries.append((key, idx, backends.resolve(self.backend, key[0], tensors, kind)))
         return _GroupPlan(group, grads, names, signature, entries, None)
+
+    def _held(self, group: dict, entries: list) -> tuple:
+        """What a plan's batches hold of ``self.state`` (see :meth:`_holds_current_state`)."""
+        params = [group["params"][i] for _, idx, _ in entries for i in idx]
+        dicts = [self.state[p] for p in params]
+        names = sorted({name for d in dicts for name in d})
+        return params, dicts, [(name, [d.get(name) for d in dicts]) for name in names]
+
+    def _holds_current_state(self, plan: "_GroupPlan") -> bool:
+        """Whether ``opt.state`` still has the dicts and tensors the plan's batches step: False
+        after ``opt.state[p][name] = new_tensor`` (states moved away and back, say), ``del
+        opt.state[p]``, ``opt.state[p] = {}`` or ``opt.state = defaultdict(dict)``. As in
+        torch.optim, the step then uses what is there (creating what is missing). In-place
+        changes (``zero_()``, ``copy_()``) need nothing. Identity checks in C loops: about
+        0.25 ms per thousand params (5 ms a step at 20,000 params, measured on a busy 2-core
+        machine), the price of torch.optim's semantics."""
+        if plan.held is None:
+            return True
+        params, dicts, tensors = plan.held
+        if not all(map(operator.is_, map(self.state.get, params), dicts)):
+            return False
+        return all(all(map(operator.is_, map(dict.get, dicts, repeat(name)), held)) for name, held in tensors)
 
     def _check_grad(self, gi: int, pi: int, p: torch.Tensor, g: torch.Tensor) -> None:
         """Raise the error that describes what is wrong with gradient ``g`` of param ``p``."""

@@ -456,3 +456,51 @@ def test_auto_resolves_per_kind_of_step(monkeypatch):
     asked.clear()
     fusedopt.clip_grad_norm_([big], 1.0)
     assert asked == ["norm"]
+
+
+def _replace_state(opt, p, change: str) -> None:
+    """Replace part of ``opt.state`` as user code does between steps (the same on any optimizer)."""
+    if change == "tensor":  # e.g. states moved to the host and back: new tensors
+        opt.state[p]["exp_avg"] = opt.state[p]["exp_avg"] * 0.5
+    elif change == "dict":
+        opt.state[p] = {k: v.clone() * (0.5 if k == "exp_avg_sq" else 1.0) for k, v in opt.state[p].items()}
+    elif change == "del":  # the param starts over (its state is created again)
+        del opt.state[p]
+    elif change == "all":
+        from collections import defaultdict
+
+        opt.state = defaultdict(dict)
+
+
+@pytest.mark.parametrize("change", ["tensor", "dict", "del", "all"])
+@pytest.mark.parametrize("grads", ["same", "new"])  # zeroed in place (the plan is reused) or set_to_none
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_replaced_state_is_what_the_next_step_uses(backend, grads, change):
+    """A state tensor or dict replaced (or removed) between steps is what the next step reads and
+    updates, as in torch.optim, even though fusedopt reuses the last step's batches and launch
+    tables when nothing else changed."""
+    reason = backends.unavailable_reason(backend, torch.device("cpu"))
+    if reason is not None:
+        pytest.skip(f"backend {backend!r}: {reason}")
+    gen = torch.Generator().manual_seed(3)
+    init = [torch.randn(n, generator=gen) for n in (7, 300, 4097)]
+    ours, theirs = [p.clone() for p in init], [p.clone() for p in init]
+    opt = fusedopt.AdamW(ours, lr=1e-2, backend=backend)
+    topt = torch.optim.AdamW(theirs, lr=1e-2)
+    for step in range(5):
+        values = [torch.randn(p.shape, generator=gen) for p in init]
+        for p, q, v in zip(ours, theirs, values):
+            if grads == "same" and p.grad is not None:
+                p.grad.copy_(v)
+                q.grad.copy_(v)
+            else:
+                p.grad, q.grad = v.clone(), v.clone()
+        if step == 3:
+            _replace_state(opt, ours[1], change)
+            _replace_state(topt, theirs[1], change)
+        opt.step()
+        topt.step()
+        for i, (p, q) in enumerate(zip(ours, theirs)):
+            assert_close(p, q, torch.float32, f"step {step} param {i}")
+            for key, value in topt.state[q].items():
+                assert_close(opt.state[p][key], value, torch.float32, f"step {step} param {i} {key}")
