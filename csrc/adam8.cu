@@ -9,8 +9,8 @@ cudaError_t launch_adam8(const MultiTensor& mt, const AdamHyper& h, ScalarKind p
   return dispatch_param(param, mt.stochastic, [&](auto p, auto sr) {
     using P = typename decltype(p)::type;
     constexpr bool SR = decltype(sr)::value;
-    if (amsgrad) return launch(quant8_kernel<Adam<true>, P, SR>, mt.n_work, stream, mt, Adam<true>{h}, quant);
-    return launch(quant8_kernel<Adam<false>, P, SR>, mt.n_work, stream, mt, Adam<false>{h}, quant);
+    if (amsgrad) return launch_quant8<Adam<true>, P, SR>(mt, Adam<true>{h}, quant, stream);
+    return launch_quant8<Adam<false>, P, SR>(mt, Adam<false>{h}, quant, stream);
   });
 }
 

@@ -12,7 +12,8 @@
 // (block_size / 16 threads each), and the new absmax of a quantization block is a max over its
 // threads: warp shuffles when they are a power of two within a warp, shared memory otherwise.
 // A quantization block wider than a block's span (block_size > kQuantSpan = 4096) is swept
-// twice by the whole block instead (quant8_wide).
+// twice by the whole block instead (quant8_wide), in a kernel of its own (quant8_wide_kernel)
+// so that the narrow kernels keep their registers.
 #pragma once
 
 #include "multi_tensor.cuh"
@@ -198,20 +199,25 @@ __device__ __forceinline__ void quant8_wide(const MultiTensor& mt, const int64_t
   }
 }
 
-// A thread keeps kStates x 16 fp32 states across the absmax reduction: at 128 registers (two
-// blocks per SM) ptxas spills them, so one block per SM lets it use the registers it needs.
-template <typename Family, typename P, bool SR>
-__global__ void __launch_bounds__(kThreads, 1)
-    quant8_kernel(MultiTensor mt, Family family, Quant q) {
+// Whether a launch's quantization blocks are wider than a block's span: they take the other
+// kernel (quant8_wide_kernel), chosen on the host by launch_quant8.
+__host__ __device__ __forceinline__ bool wide_blocks(const Quant& q) { return q.block_size > kQuantSpan; }
+
+// The body of both kernels. WIDE is a template parameter, not a branch on q.block_size: both
+// paths in one kernel took the amsgrad kernels from 168 registers to 246-255 (sm_80/sm_90),
+// though each path alone needs at most 168.
+template <typename Family, typename P, bool SR, bool WIDE>
+__device__ __forceinline__ void quant8_body(const MultiTensor& mt, const Family& family, const Quant& q) {
   constexpr int S = Family::kStates, N = kQuantVec;
   __shared__ float book[4][256];
   __shared__ float scratch[kThreads];
+  if (wide_blocks(q) != WIDE) __trap();  // the host picked the wrong kernel: fail loudly
   if (mt.scalars[kSkip] != 0.f) return;
   for (int i = threadIdx.x; i < 4 * 256; i += kThreads) (&book[0][0])[i] = q.codebook[i];
   __syncthreads();
 
   const float grad_mult = mt.scalars[kGradMult];
-  const QuantGeometry geo(q.block_size <= kQuantSpan ? int(q.block_size) : kQuantVec);  // (narrow blocks only)
+  const QuantGeometry geo(WIDE ? kQuantVec : int(q.block_size));  // (narrow blocks only)
   for (int64_t w = blockIdx.x; w < mt.n_work; w += gridDim.x) {
     const int2 item = reinterpret_cast<const int2*>(mt.work)[w];
     const int64_t* row = mt.table + int64_t(item.x) * kRowWidth;
@@ -230,7 +236,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const bool aligned = row[kAligned] != 0;
     const int64_t begin = int64_t(item.y) * mt.chunk;
     const int64_t end = numel < begin + mt.chunk ? numel : begin + mt.chunk;
-    if (q.block_size > kQuantSpan) {
+    if constexpr (WIDE) {
       quant8_wide<Family, SR>(mt, row, step, key, p, codes, absmax, book, grad_mult, aligned, begin, end,
                               q.block_size);
       advance_step(mt, row, item.x, t);
@@ -288,6 +294,27 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     advance_step(mt, row, item.x, t);
   }
+}
+
+// A thread keeps kStates x 16 fp32 states across the absmax reduction: at 128 registers (two
+// blocks per SM) ptxas spills them, so one block per SM lets it use the registers it needs.
+// For block_size <= kQuantSpan (every common setting).
+template <typename Family, typename P, bool SR>
+__global__ void __launch_bounds__(kThreads, 1) quant8_kernel(MultiTensor mt, Family family, Quant q) {
+  quant8_body<Family, P, SR, false>(mt, family, q);
+}
+
+// block_size > kQuantSpan: each quantization block swept twice (quant8_wide).
+template <typename Family, typename P, bool SR>
+__global__ void __launch_bounds__(kThreads, 1) quant8_wide_kernel(MultiTensor mt, Family family, Quant q) {
+  quant8_body<Family, P, SR, true>(mt, family, q);
+}
+
+// The launch of a batch's 8-bit update: the kernel for its block size.
+template <typename Family, typename P, bool SR>
+cudaError_t launch_quant8(const MultiTensor& mt, const Family& family, const Quant& q, cudaStream_t stream) {
+  if (wide_blocks(q)) return launch(quant8_wide_kernel<Family, P, SR>, mt.n_work, stream, mt, family, q);
+  return launch(quant8_kernel<Family, P, SR>, mt.n_work, stream, mt, family, q);
 }
 
 }  // namespace fusedopt

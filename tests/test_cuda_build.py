@@ -29,6 +29,7 @@ pytestmark = pytest.mark.skipif(build.cannot_build() is not None, reason=f"canno
 KERNELS = {
     "elementwise_kernel": True,
     "quant8_kernel": True,
+    "quant8_wide_kernel": True,
     "lamb_moments_kernel": True,
     "lamb_apply_kernel": True,
     "norm_partials_kernel": False,

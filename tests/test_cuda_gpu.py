@@ -81,7 +81,7 @@ EIGHT_BIT = [
     ("Lion8bit", torch.bfloat16, dict(block_size=256, weight_decay=0.1)),
     ("Lion8bit", torch.float32, dict(block_size=32)),
     # blocks wider than a thread block's span (4096), swept twice: one of 4096 + 32 elements
-    ("AdamW8bit", torch.bfloat16, dict(block_size=4128, weight_decay=0.1)),
+    ("AdamW8bit", torch.bfloat16, dict(block_size=4128, weight_decay=0.1, amsgrad=True)),
     ("Lion8bit", torch.float16, dict(block_size=8192)),
 ]
 # (No max_grad_norm here: the clip coefficient comes from each backend's own norm, which may

@@ -119,6 +119,8 @@ cudaError_t occupancy(int* blocks, Kernel, int block_size, size_t smem) {
   ::cuda_emu::shfl((mask), (value), ::cuda_emu::lane() ^ int(lane_mask))
 #define __shfl_sync(mask, value, src_lane) ::cuda_emu::shfl((mask), (value), int(src_lane))
 #define __threadfence() ((void)0)
+// A trap fails the launch, as on a GPU (cudaErrorLaunchFailure).
+#define __trap() ::cuda_emu::fault("__trap()", nullptr, 0)
 
 // Global memory: every access through these is bounds- and alignment-checked.
 template <typename T>
