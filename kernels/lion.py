@@ -24,7 +24,7 @@ def lion_math(p, g, m, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, decay
     the order of operations is the reference's (``fusedopt.reference.lion_math``)."""
     p = p * decay
     c = beta1 * m + one_minus_beta1 * g
-    sign = tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, 0.0))  # torch.sign: 0 for 0 and for NaN
+    sign = (c > 0).to(tl.float32) - (c < 0).to(tl.float32)  # torch.sign: 0 for 0 and for NaN
     p = p - lr * sign
     m = beta2 * m + one_minus_beta2 * g
     return p, m
