@@ -26,6 +26,7 @@ import fusedopt
 import test_backends
 import test_cuda_gpu
 import test_nonfinite_8bit
+import test_optimizer
 import test_stochastic_rounding
 from cuda_emu import emulator
 from fusedopt import backends
@@ -132,6 +133,12 @@ def test_stochastic_rounding_properties(emulated_once, test):
 @pytest.mark.parametrize("cls, kwargs", test_nonfinite_8bit.CASES, ids=[c for c, _ in test_nonfinite_8bit.CASES])
 def test_nan_grad_without_skip(emulated_once, cls, kwargs):
     test_nonfinite_8bit.check_nan_grad_without_skip(cls, kwargs, "cuda")
+
+
+@pytest.mark.parametrize("change", ["tensor", "dict", "del", "all"])
+@pytest.mark.parametrize("grads", ["same", "new"])
+def test_replaced_state_is_what_the_next_step_uses(emulated_once, grads, change):
+    test_optimizer.test_replaced_state_is_what_the_next_step_uses("cuda", grads, change)
 
 
 # --------------------------------------------------------------------------------------------
