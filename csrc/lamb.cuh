@@ -123,7 +123,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) lamb_apply_kernel(MultiT
     const float t = global(address<const float>(row[kStep])) + 1.f;
     const LambStep step = lamb_step(h, t);
     const float lr_r = step.lr * trust_ratio(h.norms[2 * item.x], h.norms[2 * item.x + 1]);
-    const uint32_t key = row_key<SR>(mt, row, t);
+    const Rounding key = row_key<SR>(mt, row, t);
     P* p = address<P>(row[kParam]);
     const float* m = address<const float>(row[kState0]);
     const float* v = address<const float>(row[kState1]);

@@ -124,10 +124,12 @@ __device__ __forceinline__ void store(T* dst, const float (&src)[N], int n) {
 
 // ---- stochastic rounding of bf16 params (fusedopt.reference: rounding_noise, round_stochastic_bf16) ----
 //
-// Element i of a tensor gets the 16 noise bits mix32(key ^ mix32(low32(i) ^ mix32(high32(i)))),
-// key = mix32(mix32(mix32(seed ^ 0x9E3779B9) ^ t) ^ salt) for step t (after the increment) and
-// the param's salt (its position in its group): the same bits as the reference and Triton
-// backends draw. The fp32 bits plus the noise, truncated to the high 16 bits; NaN stays NaN.
+// Element j of a tensor gets the 16 noise bits mix32(key ^ mix32(low32(i) ^ mix32(high32(i)))),
+// i = offset + j its index in the full param (offset: where a shard starts in it, 0 for a whole
+// tensor), key = mix32(mix32(mix32(seed ^ 0x9E3779B9) ^ t) ^ salt) for step t (after the
+// increment) and the param's salt (its position in its group): the same bits as the reference
+// and Triton backends draw. The fp32 bits plus the noise, truncated to the high 16 bits; NaN
+// stays NaN.
 
 // lowbias32, the 32-bit finaliser every backend uses.
 __host__ __device__ __forceinline__ uint32_t mix32(uint32_t x) {
@@ -162,14 +164,24 @@ __device__ __forceinline__ __nv_bfloat16 to_bf16_stochastic(float x, uint32_t ke
   return __ushort_as_bfloat16(static_cast<unsigned short>(rounded >> 16));
 }
 
+// What a row's stochastic rounding draws from: the key of this step and the row's offset (where
+// the tensor starts in its full param). Both 0 without SR: never read.
+struct Rounding {
+  uint32_t key;
+  int64_t offset;
+};
+
 // A param's store: round to nearest (store), or with SR (bf16 params only) stochastically, the
-// noise of element `index + j` for src[j] under `key`. The same 16-byte packs either way.
+// noise of full-param element `r.offset + index + j` for src[j] under `r.key`. The same 16-byte
+// packs either way.
 template <bool SR, bool VEC, int N, typename T>
-__device__ __forceinline__ void store_param(T* dst, const float (&src)[N], int n, int64_t index, uint32_t key) {
+__device__ __forceinline__ void store_param(T* dst, const float (&src)[N], int n, int64_t index, const Rounding& r) {
   if constexpr (!SR) {
     store<VEC>(dst, src, n);
   } else {
     static_assert(sizeof(T) == 2 && !std::is_same<T, __half>::value, "stochastic rounding is for bf16 params");
+    const uint32_t key = r.key;
+    index += r.offset;
     if constexpr (VEC) {
       Pack<T, N> v;
 #pragma unroll
@@ -183,10 +195,11 @@ __device__ __forceinline__ void store_param(T* dst, const float (&src)[N], int n
   }
 }
 
-// The key of a table row at step t (0 without SR: never read).
+// The rounding of a table row at step t (zeros without SR: never read).
 template <bool SR>
-__device__ __forceinline__ uint32_t row_key(const MultiTensor& mt, const int64_t* row, float t) {
-  return SR ? rounding_key(mt.seed, uint32_t(t), uint32_t(row[kSalt])) : 0u;
+__device__ __forceinline__ Rounding row_key(const MultiTensor& mt, const int64_t* row, float t) {
+  if constexpr (SR) return {rounding_key(mt.seed, uint32_t(t), uint32_t(row[kSalt])), row[kOffset]};
+  return {0u, 0};
 }
 
 // The grads of a batch may be fp32, bf16 or fp16 whatever the params are (fp32 grads of bf16
@@ -321,7 +334,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) elementwise_kernel(Multi
     const int64_t numel = row[kNumel];
     const float t = global(address<const float>(row[kStep])) + 1.f;
     const typename Family::Step step = family.step(t);
-    const uint32_t key = row_key<SR>(mt, row, t);
+    const Rounding key = row_key<SR>(mt, row, t);
     P* p = address<P>(row[kParam]);
     float* s[S];
 #pragma unroll

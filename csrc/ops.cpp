@@ -4,8 +4,9 @@
 //
 // Ops (schemas in TORCH_LIBRARY below; fake implementations in fusedopt/cuda_backend.py):
 //   make_table   (host) the [tensors, kRowWidth] int64 address table (with each param's salt: its
-//                position in its group) and the (tensor, chunk) work list of a batch, as CPU
-//                tensors; the backend caches them on the device.
+//                position in its group, and offset: where a shard starts in its full param) and
+//                the (tensor, chunk) work list of a batch, as CPU tensors; the backend caches
+//                them on the device.
 //   adam_, lamb_, lion_   one optimizer step over a batch, in place; bf16 params are rounded to
 //                nearest, or with stochastic_rounding under the group's seed (the reference's bits).
 //   lamb_moments_, lamb_apply_   lamb_'s two passes apart, for sharded params (FSDP2): the
@@ -318,7 +319,7 @@ std::tuple<Tensor, Tensor> make_table(TensorList params, TensorList grads, Tenso
                                       TensorList exp_avg_sqs, TensorList max_exp_avg_sqs,
                                       TensorList exp_avg_absmaxes, TensorList exp_avg_sq_absmaxes,
                                       TensorList max_exp_avg_sq_absmaxes, TensorList steps, int64_t block_size,
-                                      at::IntArrayRef salts) {
+                                      at::IntArrayRef salts, at::IntArrayRef offsets) {
   const char* op = "make_table";
   check_block_size(block_size, op);
   const size_t n = params.size();
@@ -327,6 +328,10 @@ std::tuple<Tensor, Tensor> make_table(TensorList params, TensorList grads, Tenso
   for (size_t i = 0; i < salts.size(); ++i)
     TORCH_CHECK(salts[i] >= 0 && salts[i] <= int64_t(UINT32_MAX), "fusedopt.", op, ": salts[", i,
                 "] must be in [0, 2**32), got ", salts[i]);
+  TORCH_CHECK(offsets.empty() || offsets.size() == n, "fusedopt.", op, ": offsets has ", offsets.size(),
+              " entries; expected none or one per param (", n, ")");
+  for (size_t i = 0; i < offsets.size(); ++i)
+    TORCH_CHECK(offsets[i] >= 0, "fusedopt.", op, ": offsets[", i, "] must be >= 0, got ", offsets[i]);
   const Streams s{params, grads, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs},
                   {exp_avg_absmaxes, exp_avg_sq_absmaxes, max_exp_avg_sq_absmaxes}, steps};
   // Each list is empty (the stream is not used) or holds one tensor per param.
@@ -361,6 +366,7 @@ std::tuple<Tensor, Tensor> make_table(TensorList params, TensorList grads, Tenso
     }
     row[kStep] = address(steps, i);
     row[kSalt] = salts.empty() ? 0 : salts[i];
+    row[kOffset] = offsets.empty() ? 0 : offsets[i];
     bool aligned = true;
     for (int c : {kParam, kGrad, kState0, kState1, kState2}) aligned = aligned && row[c] % 16 == 0;
     row[kAligned] = aligned;
@@ -579,7 +585,7 @@ FUSEDOPT_LIBRARY(FUSEDOPT_NAMESPACE, m) {
   m.def(
       "make_table(Tensor[] params, Tensor[] grads, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, "
       "Tensor[] max_exp_avg_sqs, Tensor[] exp_avg_absmaxes, Tensor[] exp_avg_sq_absmaxes, "
-      "Tensor[] max_exp_avg_sq_absmaxes, Tensor[] steps, int block_size, int[] salts=[]) -> (Tensor, Tensor)");
+      "Tensor[] max_exp_avg_sq_absmaxes, Tensor[] steps, int block_size, int[] salts=[], int[] offsets=[]) -> (Tensor, Tensor)");
   m.def(
       "adam_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] exp_avg_absmaxes, Tensor(f!)[] exp_avg_sq_absmaxes, "

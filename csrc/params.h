@@ -26,6 +26,8 @@ enum Column : int {
   kAbsmax2,
   kStep,       // 0-d fp32 step count
   kSalt,       // the param's position in its group: salts its stochastic-rounding noise
+  kOffset,     // the index of the tensor's first element in its full param (a shard's start,
+               // FSDP2): element j draws the noise of element kOffset + j
   kRowWidth
 };
 
@@ -65,7 +67,8 @@ struct MultiTensor {
   int* counters;         // [tensors] finished chunks; zero between launches
   ScalarKind grad;       // element type of every grad (a runtime switch: see load_grad)
   // bf16 params stored with stochastic rounding (a compile-time choice of the kernel: see
-  // dispatch_param), the noise keyed by the group's seed, the step and the row's kSalt.
+  // dispatch_param), the noise keyed by the group's seed, the step and the row's kSalt, and
+  // drawn for each element's index in the full param (the row's kOffset plus its index).
   bool stochastic = false;
   uint32_t seed = 0;
 };

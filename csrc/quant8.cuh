@@ -137,7 +137,7 @@ __device__ __forceinline__ void update_elements(float (&p_)[N], float (&s_)[S][N
 // reduction: reading the param, grad and codes twice is the price of block sizes this large.
 template <typename Family, bool SR, typename P, int S = Family::kStates>
 __device__ __forceinline__ void quant8_wide(const MultiTensor& mt, const int64_t* row, const typename Family::Step& step,
-                                            uint32_t key, P* p, uint8_t* const (&codes)[S], float* const (&absmax)[S],
+                                            const Rounding& key, P* p, uint8_t* const (&codes)[S], float* const (&absmax)[S],
                                             const float (*book)[256], float grad_mult, bool aligned, int64_t begin,
                                             int64_t end, int64_t block_size) {
   constexpr int N = kQuantVec;
@@ -224,7 +224,7 @@ __device__ __forceinline__ void quant8_body(const MultiTensor& mt, const Family&
     const int64_t numel = row[kNumel];
     const float t = global(address<const float>(row[kStep])) + 1.f;
     const typename Family::Step step = family.step(t);
-    const uint32_t key = row_key<SR>(mt, row, t);
+    const Rounding key = row_key<SR>(mt, row, t);
     P* p = address<P>(row[kParam]);
     uint8_t* codes[S];
     float* absmax[S];

@@ -100,11 +100,13 @@ _STATE_NAMES = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 class _Plan:
     """A batch's device tables: addresses (``table``, with each param's salt: its position in its
-    group), work items (``work``) and the per-tensor counters the kernels use to find the block
-    that finishes a tensor (zero between launches)."""
+    group, and offset: where the tensor starts in its full param, ``Batch.offsets``), work items
+    (``work``) and the per-tensor counters the kernels use to find the block that finishes a
+    tensor (zero between launches). ``rounding``: ``(salts, offsets)``."""
 
-    def __init__(self, ops, lists: dict, block_size: int, salts: list[int], device: torch.device):
-        table, work = ops.make_table(*(lists[k] for k in _TABLE_LISTS), block_size, salts)
+    def __init__(self, ops, lists: dict, block_size: int, rounding: tuple, device: torch.device):
+        salts, offsets = rounding
+        table, work = ops.make_table(*(lists[k] for k in _TABLE_LISTS), block_size, salts, offsets)
         self.table = _to_device(table, device)
         self.work = _to_device(work, device)
         self.counters = torch.zeros(len(lists["params"]), dtype=torch.int32, device=device)
@@ -138,12 +140,14 @@ def _plan(batch, lists: dict) -> _Plan:
     block_size = batch.block_size if batch.quantized else 0
     tensors = list(chain.from_iterable(lists[k] for k in _TABLE_LISTS))
     salts = [int(s) for s in batch.positions]
-    key = (block_size, tuple(t.data_ptr() for t in tensors), tuple(p.numel() for p in batch.params), tuple(salts))
+    offsets = [int(o) for o in batch.offsets]
+    key = (block_size, tuple(t.data_ptr() for t in tensors), tuple(p.numel() for p in batch.params), tuple(salts),
+           tuple(offsets))
     cache = batch.cache
     if cache.get("key") == key:
         return cache["plan"]
     device = batch.params[0].device
-    plan = _Plan(_ops(), lists, block_size, salts, device)
+    plan = _Plan(_ops(), lists, block_size, (salts, offsets), device)
     if not backends.capturing(device):  # see backends.capturing
         cache["plan"], cache["key"] = plan, key
     return plan
@@ -283,7 +287,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake(lib + "make_table")
     def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, exp_avg_absmaxes, exp_avg_sq_absmaxes,
-          max_exp_avg_sq_absmaxes, steps, block_size, salts=()):
+          max_exp_avg_sq_absmaxes, steps, block_size, salts=(), offsets=()):
         chunk = torch.ops.fusedopt.chunk_size(block_size)
         n_work = sum(max(1, -(-p.numel() // chunk)) for p in params)
         width = torch.ops.fusedopt.table_width()

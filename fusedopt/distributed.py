@@ -41,6 +41,33 @@ def shard_groups(t: torch.Tensor) -> tuple:
     return tuple(mesh.get_group(i) for i, pl in enumerate(t.placements) if pl.is_shard())
 
 
+def flat_offset(t: torch.Tensor) -> int:
+    """Where this rank's shard of ``t`` starts in the full tensor's flattened (row-major)
+    elements, when the shard is a contiguous range of them: every mesh dimension ``t`` is
+    sharded on shards dim 0 (``Shard(0)``, FSDP2's default), split as ``torch.chunk`` splits
+    (the last ranks may get fewer rows, or none). 0 for any other tensor: not a DTensor,
+    replicated, or sharded on another dim (a shard is then no range of the flat tensor).
+    Stochastic rounding adds it to each element's index in the shard."""
+    if not is_dtensor(t) or t.dim() == 0:
+        return 0
+    mesh = t.device_mesh
+    coordinate = mesh.get_coordinate()
+    if coordinate is None:
+        return 0
+    begin, rows = 0, t.shape[0]
+    for i, placement in enumerate(t.placements):
+        if not placement.is_shard():
+            continue
+        if type(placement) is not Shard or placement.dim not in (0, -t.dim()):
+            return 0  # Shard(d > 0), _StridedShard: local indices (see DOC_STORAGE)
+        chunk = -(-rows // mesh.size(i))
+        start = min(coordinate[i] * chunk, rows)
+        begin, rows = begin + start, min(chunk, rows - start)
+    if rows != t.to_local().shape[0]:  # not the layout described above: local indices
+        return 0
+    return begin * (t.numel() // t.shape[0]) if t.shape[0] else 0
+
+
 def shard_key(t: torch.Tensor) -> tuple:
     """A deterministic, hashable name for :func:`shard_groups` (the ranks of each group)."""
     import torch.distributed as dist

@@ -45,6 +45,9 @@ class Batch:
         cache: backend-owned storage that lives as long as this batch key (address tables).
         positions: each param's index in ``group["params"]`` (what salts its stochastic
             rounding noise; the batch's own tensors may be shards, not the group's objects).
+        offsets: each tensor's first element's index in its full param (FSDP2 shards on dim 0:
+            see ``distributed.flat_offset``): stochastic rounding's noise is drawn for element
+            ``offsets[i] + j``, so a sharded param rounds as the unsharded one. Empty: all 0.
         all_reduce: for sharded (FSDP2 DTensor) params, an in-place sum over the shards of a
             tensor of partial sums (LAMB's per-tensor ``||p||^2``, ``||u||^2``); None otherwise.
             Tensors in a batch are always the local shards.
@@ -63,6 +66,7 @@ class Batch:
     cache: dict = field(default_factory=dict)
     all_reduce: Callable[[torch.Tensor], None] | None = None
     positions: list[int] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
     outputs: list[torch.Tensor] | None = None
 
 
@@ -95,8 +99,11 @@ DOC_STORAGE = """        stochastic_rounding: store bfloat16 params with stochas
             probability equal to the discarded fraction, so updates smaller than a bf16 ulp
             are not lost on average) instead of round-to-nearest. Reproducible: the noise is a
             hash of the group's ``"seed"`` (0 unless the group sets one), the param's step,
-            its position in the group and the element. float32 params are stored exactly;
-            float16 params are refused.
+            its position in the group and the element's index in the full param, so a param
+            sharded on dim 0 (FSDP2's default ``Shard(0)``, even or not) rounds bit for bit as
+            the unsharded one. Sharded on another dim, a shard's elements are indexed within
+            the shard (every rank draws the same noise for the same local index). float32
+            params are stored exactly; float16 params are refused.
         master_weights: keep an fp32 copy of every bfloat16/float16 param (state
             ``"master_param"``, 4 more bytes per param): the update is applied to the copy,
             and the param is rewritten from it with round-to-nearest, so updates smaller than
@@ -564,6 +571,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             cache=self._caches.setdefault((gi, key), {}),
             all_reduce=distributed.all_reduce_sum(distributed.shard_groups(params[0])),
             positions=list(idx),
+            offsets=[distributed.flat_offset(p) for p in params] if key[4] else [],
             outputs=[local(p) for p in params] if master else None,
         )
 

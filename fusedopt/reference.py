@@ -146,16 +146,18 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def rounding_noise(seed: int, t: torch.Tensor, salt: int, numel: int) -> torch.Tensor:
+def rounding_noise(seed: int, t: torch.Tensor, salt: int, numel: int, offset: int = 0) -> torch.Tensor:
     """The 16 random bits of each element of a tensor at step ``t`` (a device tensor):
     ``mix32(key ^ mix32(low32(i) ^ mix32(high32(i))))`` with
     ``key = mix32(mix32(mix32(seed ^ 0x9E3779B9) ^ t) ^ salt)``, where ``salt`` is the param's
-    position in its group and ``i`` the element's index."""
+    position in its group and ``i = offset + j`` the element's index in the full param
+    (``offset``: where a shard starts in it, see ``Batch.offsets``; ``j``: the index in the
+    tensor)."""
     device = t.device
     key = mix32(torch.full((), (seed ^ 0x9E3779B9) & _M32, dtype=torch.int64, device=device))
     key = mix32(key ^ t.to(torch.int64))
     key = mix32(key ^ (salt & _M32))
-    index = torch.arange(numel, dtype=torch.int64, device=device)
+    index = torch.arange(offset, offset + numel, dtype=torch.int64, device=device)
     return mix32(key ^ mix32((index & _M32) ^ mix32(index >> 32))) & 0xFFFF
 
 
@@ -178,7 +180,8 @@ def _store(batch, i: int, new: torch.Tensor, keep: torch.Tensor, t: torch.Tensor
     """Write the updated fp32 (or float64) param ``new`` into param ``i`` where ``keep``."""
     param = batch.params[i]
     if salts is not None:
-        noise = rounding_noise(int(batch.group.get("seed", 0)), t, salts[i], param.numel())
+        offset = batch.offsets[i] if batch.offsets else 0
+        noise = rounding_noise(int(batch.group.get("seed", 0)), t, salts[i], param.numel(), offset)
         stored = round_stochastic_bf16(new.float(), noise).view(param.shape)
     else:
         stored = new.to(param.dtype)

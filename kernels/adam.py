@@ -105,7 +105,7 @@ def adam_kernel(table, work, steps, scalars, hyper_values,
                 AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, DECOUPLED: tl.constexpr,
                 STOCHASTIC: tl.constexpr, HYPER_IN_MEMORY: tl.constexpr, ALIGNED: tl.constexpr,
                 CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    """Table row: param, grad, exp_avg, exp_avg_sq, [max_exp_avg_sq], step, numel, salt."""
+    """Table row: param, grad, exp_avg, exp_avg_sq, [max_exp_avg_sq], step, numel, salt, offset."""
     skip = tl.load(scalars + SKIP)
     if skip == 0:
         tensor, chunk, row, start, n = common.work_item(table, work, WIDTH, CHUNK)
@@ -116,18 +116,19 @@ def adam_kernel(table, work, steps, scalars, hyper_values,
                             weight_decay, decay, HYPER_IN_MEMORY)
         grad_mult = tl.load(scalars + GRAD_MULT)
         key = common.step_key(seed, steps, tensor, row, WIDTH, STOCHASTIC)
+        first = common.first_index(row, start, WIDTH, STOCHASTIC)
 
         if n >= CHUNK:
             for off in range(0, CHUNK, BLOCK):
                 _adam_block(p_ptr + off, g_ptr + off, m_ptr + off, v_ptr + off, v_max_ptr + off, None,
-                            start + off, key, grad_mult, beta1, one_minus_beta1, beta2, one_minus_beta2,
+                            first + off, key, grad_mult, beta1, one_minus_beta1, beta2, one_minus_beta2,
                             eps, weight_decay, decay, step_size, bias_correction2_sqrt, P_DTYPE, AMSGRAD,
                             MAXIMIZE, DECOUPLED, STOCHASTIC, BLOCK)
         else:
             tail = n.to(tl.int32)
             for off in range(0, tail, BLOCK):
                 _adam_block(p_ptr + off, g_ptr + off, m_ptr + off, v_ptr + off, v_max_ptr + off,
-                            tl.arange(0, BLOCK) < tail - off, start + off, key, grad_mult, beta1,
+                            tl.arange(0, BLOCK) < tail - off, first + off, key, grad_mult, beta1,
                             one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay, step_size,
                             bias_correction2_sqrt, P_DTYPE, AMSGRAD, MAXIMIZE, DECOUPLED, STOCHASTIC, BLOCK)
 
@@ -174,7 +175,7 @@ def adam8bit_kernel(table, work, steps, scalars, hyper_values, code_values, code
                     BLOCK_SIZE: tl.constexpr, BLOCK_PAD: tl.constexpr, ROWS: tl.constexpr,
                     TILES: tl.constexpr):
     """Table row: param, grad, exp_avg, exp_avg_sq, [max_exp_avg_sq] (uint8 codes), their
-    absmax, step, numel, salt. ``code_values`` / ``code_mids``: see ``table.codebooks``."""
+    absmax, step, numel, salt, offset. ``code_values`` / ``code_mids``: see ``table.codebooks``."""
     skip = tl.load(scalars + SKIP)
     if skip == 0:
         CHUNK: tl.constexpr = TILES * ROWS * BLOCK_SIZE
@@ -188,11 +189,12 @@ def adam8bit_kernel(table, work, steps, scalars, hyper_values, code_values, code
                             weight_decay, decay, HYPER_IN_MEMORY)
         grad_mult = tl.load(scalars + GRAD_MULT)
         key = common.step_key(seed, steps, tensor, row, WIDTH, STOCHASTIC)
+        first = common.first_index(row, start, WIDTH, STOCHASTIC)
         first_block = chunk * (TILES * ROWS)
         if n >= CHUNK:
             for it in range(TILES):
                 _adam8bit_tile(p_ptr, g_ptr, m_ptr, v_ptr, v_max_ptr, m_absmax_ptr, v_absmax_ptr,
-                               v_max_absmax_ptr, it * (ROWS * BLOCK_SIZE), n, first_block, start, key,
+                               v_max_absmax_ptr, it * (ROWS * BLOCK_SIZE), n, first_block, first, key,
                                code_values, code_mids, grad_mult, beta1, one_minus_beta1, beta2,
                                one_minus_beta2, eps, weight_decay, decay, step_size, bias_correction2_sqrt,
                                P_DTYPE, AMSGRAD, MAXIMIZE, DECOUPLED, STOCHASTIC, BLOCK_SIZE, BLOCK_PAD,
@@ -201,7 +203,7 @@ def adam8bit_kernel(table, work, steps, scalars, hyper_values, code_values, code
             tail = n.to(tl.int32)
             for base in range(0, tail, ROWS * BLOCK_SIZE):
                 _adam8bit_tile(p_ptr, g_ptr, m_ptr, v_ptr, v_max_ptr, m_absmax_ptr, v_absmax_ptr,
-                               v_max_absmax_ptr, base, tail, first_block, start, key, code_values, code_mids,
+                               v_max_absmax_ptr, base, tail, first_block, first, key, code_values, code_mids,
                                grad_mult, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
                                decay, step_size, bias_correction2_sqrt, P_DTYPE, AMSGRAD, MAXIMIZE,
                                DECOUPLED, STOCHASTIC, BLOCK_SIZE, BLOCK_PAD, ROWS, True)
@@ -226,7 +228,7 @@ def step(batch) -> None:
     streams = [batch.params, batch.grads] + [batch.state[n] for n in names] + [batch.steps]
     stochastic = table.stochastic(batch)
     tab = table.lookup(batch.cache, "adam", streams, vector_streams=len(streams) - 1, chunk=table.CHUNK,
-                       extra=table.salts(batch) if stochastic else None)
+                       extra=table.rounding(batch) if stochastic else None)
     device = batch.params[0].device
     values, in_memory, hyper_tensor = table.prologue(batch, tab, hyper_values(group, device), beta1_index=1, beta2_index=3)
     scalars = batch.scalars
@@ -254,7 +256,7 @@ def step8bit(batch) -> None:
                + [batch.state[n + "_absmax"] for n in names] + [batch.steps])
     stochastic = table.stochastic(batch)
     tab = table.lookup(batch.cache, "adam8bit", streams, vector_streams=2 + len(names),
-                       chunk=quant.chunk(batch.block_size), extra=table.salts(batch) if stochastic else None)
+                       chunk=quant.chunk(batch.block_size), extra=table.rounding(batch) if stochastic else None)
     device = batch.params[0].device
     values, in_memory, hyper_tensor = table.prologue(batch, tab, hyper_values(group, device), beta1_index=1, beta2_index=3)
     scalars = batch.scalars

@@ -59,13 +59,14 @@ def work_item(table, work, WIDTH: tl.constexpr, CHUNK: tl.constexpr):
     """This program's work item, decoded: ``(tensor, chunk, row, start, n)``, the tensor's
     index, the chunk's index in it, the tensor's table row, the chunk's first element, and the
     elements from there to the end of the tensor (``n >= CHUNK`` on every chunk but the last).
-    A row is ``WIDTH`` columns, of which the last two are the element count and the salt."""
+    A row is ``WIDTH`` columns, of which the last three are the element count, the salt and
+    the offset (see ``table.rounding``)."""
     item = tl.load(work + tl.program_id(0))
     tensor = (item >> 32).to(tl.int32)
     chunk = item & 0xFFFFFFFF
     row = table + tensor * WIDTH
     start = chunk * CHUNK
-    n = tl.load(row + WIDTH - 2) - start
+    n = tl.load(row + WIDTH - 3) - start
     return tensor, chunk, row, start, n
 
 
@@ -112,10 +113,21 @@ def step_key(seed, steps, tensor, row, WIDTH: tl.constexpr, STOCHASTIC: tl.const
     ``t`` and the row's salt); 0 without ``STOCHASTIC``."""
     if STOCHASTIC:
         t = tl.load(steps + tensor * STEP_WIDTH + T_COL)
-        key = rounding_key(seed, t, tl.load(row + WIDTH - 1))
+        key = rounding_key(seed, t, tl.load(row + WIDTH - 2))
     else:
         key = 0
     return key
+
+
+@triton.jit
+def first_index(row, start, WIDTH: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """The index in the full param of a chunk's first element (``start``): its index in the
+    tensor plus the row's offset, where the tensor (a shard) starts in the param (int64; the
+    rounding noise's element index). ``start`` without ``STOCHASTIC``."""
+    if STOCHASTIC:
+        return start + tl.load(row + WIDTH - 1)
+    else:
+        return start
 
 
 @triton.jit
@@ -172,8 +184,8 @@ def to_dtype(x, index, key, DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr):
 @triton.jit
 def store_param(p_ptr, o, p, mask, index, key, P_DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr):
     """Store fp32 ``p`` at ``p_ptr + o`` in the param's dtype (see :func:`to_dtype`); ``index``
-    is the position of ``p_ptr``'s element in its tensor (with ``key``, what salts stochastic
-    rounding)."""
+    is the position of ``p_ptr``'s element in its full param (see :func:`first_index`; with
+    ``key``, what salts stochastic rounding)."""
     if P_DTYPE == tl.float32:
         tl.store(p_ptr + o, p, mask=mask)
     else:

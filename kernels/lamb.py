@@ -72,7 +72,7 @@ def lamb_moments_kernel(table, work, steps, scalars, hyper_values, partials,
                         WIDTH: tl.constexpr, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
                         BIAS_CORRECTION: tl.constexpr, HYPER_IN_MEMORY: tl.constexpr,
                         ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    """Pass 1. Table row: param, grad, exp_avg, exp_avg_sq, step, numel, salt. Slot
+    """Pass 1. Table row: param, grad, exp_avg, exp_avg_sq, step, numel, salt, offset. Slot
     ``partials[program]`` gets the chunk's ``(sum p^2, sum u^2)``."""
     skip = tl.load(scalars + SKIP)
     if skip == 0:
@@ -160,15 +160,16 @@ def lamb_apply_kernel(table, work, steps, scalars, hyper_values, ratios, lr, eps
         bias_correction1, bias_correction2 = common.bias_corrections(steps, tensor)
         lr_r = lr * tl.load(ratios + tensor)
         key = common.step_key(seed, steps, tensor, row, WIDTH, STOCHASTIC)
+        first = common.first_index(row, start, WIDTH, STOCHASTIC)
         if n >= CHUNK:
             for off in range(0, CHUNK, BLOCK):
-                _apply_block(p_ptr + off, m_ptr + off, v_ptr + off, None, start + off, key, lr_r, eps,
+                _apply_block(p_ptr + off, m_ptr + off, v_ptr + off, None, first + off, key, lr_r, eps,
                              weight_decay, bias_correction1, bias_correction2, P_DTYPE, BIAS_CORRECTION,
                              STOCHASTIC, BLOCK)
         else:
             tail = n.to(tl.int32)
             for off in range(0, tail, BLOCK):
-                _apply_block(p_ptr + off, m_ptr + off, v_ptr + off, tl.arange(0, BLOCK) < tail - off, start + off,
+                _apply_block(p_ptr + off, m_ptr + off, v_ptr + off, tl.arange(0, BLOCK) < tail - off, first + off,
                              key, lr_r, eps, weight_decay, bias_correction1, bias_correction2, P_DTYPE,
                              BIAS_CORRECTION, STOCHASTIC, BLOCK)
 
@@ -189,7 +190,7 @@ def step(batch) -> None:
     streams = [batch.params, batch.grads, batch.state["exp_avg"], batch.state["exp_avg_sq"], batch.steps]
     stochastic = table.stochastic(batch)
     tab = table.lookup(batch.cache, "lamb", streams, vector_streams=4, chunk=table.CHUNK,
-                       extra=table.salts(batch) if stochastic else None)
+                       extra=table.rounding(batch) if stochastic else None)
     device = batch.params[0].device
     values, in_memory, hyper_tensor = table.prologue(batch, tab, hyper_values(group, device), beta1_index=1, beta2_index=3)
     scalars = batch.scalars

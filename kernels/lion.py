@@ -62,7 +62,7 @@ def lion_kernel(table, work, steps, scalars, hyper_values,
                 WIDTH: tl.constexpr, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
                 STOCHASTIC: tl.constexpr, HYPER_IN_MEMORY: tl.constexpr, ALIGNED: tl.constexpr,
                 CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    """Table row: param, grad, exp_avg, step, numel, salt."""
+    """Table row: param, grad, exp_avg, step, numel, salt, offset."""
     skip = tl.load(scalars + SKIP)
     if skip == 0:
         tensor, chunk, row, start, n = common.work_item(table, work, WIDTH, CHUNK)
@@ -71,14 +71,15 @@ def lion_kernel(table, work, steps, scalars, hyper_values,
             hyper_values, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, decay, HYPER_IN_MEMORY)
         grad_mult = tl.load(scalars + GRAD_MULT)
         key = common.step_key(seed, steps, tensor, row, WIDTH, STOCHASTIC)
+        first = common.first_index(row, start, WIDTH, STOCHASTIC)
         if n >= CHUNK:
             for off in range(0, CHUNK, BLOCK):
-                _lion_block(p_ptr + off, g_ptr + off, m_ptr + off, None, start + off, key, grad_mult, lr,
+                _lion_block(p_ptr + off, g_ptr + off, m_ptr + off, None, first + off, key, grad_mult, lr,
                             beta1, one_minus_beta1, beta2, one_minus_beta2, decay, P_DTYPE, STOCHASTIC, BLOCK)
         else:
             tail = n.to(tl.int32)
             for off in range(0, tail, BLOCK):
-                _lion_block(p_ptr + off, g_ptr + off, m_ptr + off, tl.arange(0, BLOCK) < tail - off, start + off,
+                _lion_block(p_ptr + off, g_ptr + off, m_ptr + off, tl.arange(0, BLOCK) < tail - off, first + off,
                             key, grad_mult, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, decay, P_DTYPE,
                             STOCHASTIC, BLOCK)
 
@@ -110,7 +111,7 @@ def lion8bit_kernel(table, work, steps, scalars, hyper_values, code_values, code
                     STOCHASTIC: tl.constexpr, HYPER_IN_MEMORY: tl.constexpr, ALIGNED: tl.constexpr,
                     BLOCK_SIZE: tl.constexpr, BLOCK_PAD: tl.constexpr, ROWS: tl.constexpr,
                     TILES: tl.constexpr):
-    """Table row: param, grad, exp_avg (uint8 codes), exp_avg_absmax, step, numel, salt."""
+    """Table row: param, grad, exp_avg (uint8 codes), exp_avg_absmax, step, numel, salt, offset."""
     skip = tl.load(scalars + SKIP)
     if skip == 0:
         CHUNK: tl.constexpr = TILES * ROWS * BLOCK_SIZE
@@ -121,16 +122,17 @@ def lion8bit_kernel(table, work, steps, scalars, hyper_values, code_values, code
             hyper_values, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, decay, HYPER_IN_MEMORY)
         grad_mult = tl.load(scalars + GRAD_MULT)
         key = common.step_key(seed, steps, tensor, row, WIDTH, STOCHASTIC)
+        first = common.first_index(row, start, WIDTH, STOCHASTIC)
         first_block = chunk * (TILES * ROWS)
         if n >= CHUNK:
             for it in range(TILES):
-                _lion8bit_tile(p_ptr, g_ptr, m_ptr, m_absmax_ptr, it * (ROWS * BLOCK_SIZE), n, first_block, start,
+                _lion8bit_tile(p_ptr, g_ptr, m_ptr, m_absmax_ptr, it * (ROWS * BLOCK_SIZE), n, first_block, first,
                                key, code_values, code_mids, grad_mult, lr, beta1, one_minus_beta1, beta2,
                                one_minus_beta2, decay, P_DTYPE, STOCHASTIC, BLOCK_SIZE, BLOCK_PAD, ROWS, False)
         else:
             tail = n.to(tl.int32)
             for base in range(0, tail, ROWS * BLOCK_SIZE):
-                _lion8bit_tile(p_ptr, g_ptr, m_ptr, m_absmax_ptr, base, tail, first_block, start, key, code_values,
+                _lion8bit_tile(p_ptr, g_ptr, m_ptr, m_absmax_ptr, base, tail, first_block, first, key, code_values,
                                code_mids, grad_mult, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, decay,
                                P_DTYPE, STOCHASTIC, BLOCK_SIZE, BLOCK_PAD, ROWS, True)
 
@@ -151,7 +153,7 @@ def step(batch) -> None:
     streams = [batch.params, batch.grads, batch.state["exp_avg"], batch.steps]
     stochastic = table.stochastic(batch)
     tab = table.lookup(batch.cache, "lion", streams, vector_streams=3, chunk=table.CHUNK,
-                       extra=table.salts(batch) if stochastic else None)
+                       extra=table.rounding(batch) if stochastic else None)
     device = batch.params[0].device
     values, in_memory, hyper_tensor = table.prologue(batch, tab, hyper_values(group, device))
     scalars = batch.scalars
@@ -174,7 +176,7 @@ def step8bit(batch) -> None:
     streams = [batch.params, batch.grads, batch.state["exp_avg"], batch.state["exp_avg_absmax"], batch.steps]
     stochastic = table.stochastic(batch)
     tab = table.lookup(batch.cache, "lion8bit", streams, vector_streams=3, chunk=quant.chunk(batch.block_size),
-                       extra=table.salts(batch) if stochastic else None)
+                       extra=table.rounding(batch) if stochastic else None)
     device = batch.params[0].device
     values, in_memory, hyper_tensor = table.prologue(batch, tab, hyper_values(group, device))
     scalars = batch.scalars

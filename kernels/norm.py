@@ -54,8 +54,8 @@ def _reduce(acc, ORD: tl.constexpr):
 def norm_partial_kernel(table, work, partials, offset, G_DTYPE: tl.constexpr, ORD: tl.constexpr,
                         ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     """Slot ``offset + program`` gets the partial of one chunk (sum of squares, sum of
-    magnitudes or max magnitude). Table row: grad, numel, unused."""
-    tensor, chunk, row, start, n = common.work_item(table, work, 3, CHUNK)
+    magnitudes or max magnitude). Table row: grad, numel, two unused (salt, offset)."""
+    tensor, chunk, row, start, n = common.work_item(table, work, 4, CHUNK)
     g_ptr, _, _ = common.column_ptrs(row, start, 0, 1, G_DTYPE, ALIGNED)
     o = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], tl.float32)

@@ -1,8 +1,10 @@
 """Launch tables: how one kernel launch reaches every tensor of a batch.
 
 A :class:`Table` is a device tensor of int64 rows, one per tensor: the address of each of its
-streams (param, grad, states, step, ...), then its element count and an extra integer (the
-param's position in its group, which salts stochastic rounding). Its work list has one
+streams (param, grad, states, step, ...), then its element count and two integers of
+stochastic rounding (the param's position in its group, which salts the noise, and the
+tensor's first element's index in its full param, which a shard's element indices start
+from; both 0 without stochastic rounding). Its work list has one
 ``(tensor << 32) | chunk`` item per chunk of ``chunk`` elements, tensor by tensor, so a launch
 over 20,000 tensors is still one launch with one program per chunk.
 
@@ -53,7 +55,8 @@ def lookup(cache: dict, name: str, streams: Sequence[Sequence[torch.Tensor]], ve
     its key changes.
 
     The first ``vector_streams`` columns are read with vector accesses and decide ``aligned``.
-    ``extra`` is one more integer per tensor (stored after the element count).
+    ``extra`` is a ``(salt, offset)`` pair per tensor (see :func:`rounding`), stored after the
+    element count; zeros when None.
     """
     key = key_of(streams, chunk, extra)
     entry = cache.get(name)
@@ -91,12 +94,12 @@ def build(streams: Sequence[Sequence[torch.Tensor]], vector_streams: int, chunk:
     device = streams[0][0].device
     _, addresses, numels, _ = key if key is not None else key_of(streams, chunk, extra)
     n = len(numels)
-    width = len(streams) + 2
+    width = len(streams) + 3
     rows = torch.empty((n, width), dtype=torch.int64)
     rows[:, : len(streams)] = torch.tensor(addresses, dtype=torch.int64).view(len(streams), n).t()
     sizes = torch.tensor(numels, dtype=torch.int64)
     rows[:, len(streams)] = sizes
-    rows[:, len(streams) + 1] = torch.tensor(list(extra), dtype=torch.int64) if extra is not None else 0
+    rows[:, len(streams) + 1:] = torch.tensor(list(extra), dtype=torch.int64).view(n, 2) if extra is not None else 0
     chunks = (sizes + (chunk - 1)).div(chunk, rounding_mode="floor")
     first = torch.zeros(n + 1, dtype=torch.int64)
     torch.cumsum(chunks, 0, out=first[1:])
@@ -201,10 +204,13 @@ def seed(group) -> int:
     return int(group.get("seed", 0)) & 0xFFFFFFFF
 
 
-def salts(batch) -> list[int]:
-    """Each param's position in its group: with the seed, the step and the element index, what
-    makes its rounding noise (the same in every backend)."""
-    return list(batch.positions)
+def rounding(batch) -> list[tuple[int, int]]:
+    """Each tensor's ``(salt, offset)``: the param's position in its group and the index of the
+    tensor's first element in the full param (``batch.offsets``; 0 unless it is a shard). With
+    the seed, the step and the element's index in the tensor, what makes its rounding noise
+    (the same in every backend)."""
+    offsets = batch.offsets or [0] * len(batch.positions)
+    return list(zip(batch.positions, offsets))
 
 
 def prologue(batch, tab: Table, values, beta1_index: int | None = None, beta2_index: int | None = None):
@@ -228,7 +234,7 @@ def launch_steps(tab: Table, scalars: torch.Tensor, hyper_tensor: torch.Tensor, 
     beta2 = values[beta2_index] if beta2_index is not None else 0.0
     step_kernel[(-(-tab.n_tensors // STEP_BLOCK),)](
         tab.rows, tab.steps, tab.n_tensors, scalars, hyper_tensor, beta1, beta2,
-        WIDTH=tab.width, STEP_COL=tab.width - 3,
+        WIDTH=tab.width, STEP_COL=tab.width - 4,
         BETA1_INDEX=beta1_index or 0, BETA2_INDEX=beta2_index or 0,
         HYPER_IN_MEMORY=in_memory and beta1_index is not None, BLOCK=STEP_BLOCK,
     )

@@ -178,7 +178,8 @@ def test_make_table(ops):
     base = torch.zeros(300)
     params[2] = base[1:256]  # storage offset of 4 bytes: not 16-byte aligned
     salts = [3 * i + 1 for i in range(len(sizes))]
-    table, work = ops.make_table(params, grads, m, v, [], [], [], [], steps, 0, salts)
+    offsets = [0, 2**32 + 5, 7, 0, 1, 3 * chunk]
+    table, work = ops.make_table(params, grads, m, v, [], [], [], [], steps, 0, salts, offsets)
     assert table.dtype == torch.int64 and table.shape == (len(sizes), ops.table_width())
     assert work.dtype == torch.int32
     for i, n in enumerate(sizes):
@@ -190,6 +191,7 @@ def test_make_table(ops):
         assert row[7:11] == [0, 0, 0, 0]  # no max_exp_avg_sq, no absmax
         assert row[11] == steps[i].data_ptr()
         assert row[12] == salts[i]  # what salts stochastic rounding: the param's position in its group
+        assert row[13] == offsets[i]  # where a shard starts in its full param: the noise's element index
     expected = [(i, c) for i, n in enumerate(sizes) for c in range(max(1, -(-n // chunk)))]
     assert [tuple(w) for w in work.tolist()] == expected
 
@@ -353,7 +355,7 @@ INVALID = [
     ("adam_", {"block_size": 256}, ("block_size", None, -32), r"block_size must be .*, got -32"),
     ("adam_", {}, ("scalars", None, torch.zeros(2)), r"scalars must be a contiguous tensor of 3 elements"),
     ("adam_", {}, ("scalars", None, torch.zeros(3, dtype=torch.float64)), r"scalars must be Float, got Double"),
-    ("adam_", {}, ("table", None, torch.zeros(2, 5, dtype=torch.int64)), r"table must be a contiguous \[2, 13\] tensor"),
+    ("adam_", {}, ("table", None, torch.zeros(2, 5, dtype=torch.int64)), r"table must be a contiguous \[2, 14\] tensor"),
     ("adam_", {}, ("table", None, torch.zeros(2, 13, dtype=torch.int32)), r"table must be Long, got Int"),
     ("adam_", {}, ("work", None, torch.zeros(3, 2, dtype=torch.int64)), r"work must be Int, got Long"),
     ("adam_", {}, ("counters", None, torch.zeros(5, dtype=torch.int32)), r"counters must be a contiguous zero-filled tensor of 2 elements"),
@@ -438,6 +440,10 @@ def test_invalid_make_table(ops):
         ops.make_table(p, p, [], [], [], [], [], [], [], 0, [0])
     with pytest.raises(RuntimeError, match=r"fusedopt.make_table: salts\[1\] must be in \[0, 2\*\*32\), got -1"):
         ops.make_table(p, p, [], [], [], [], [], [], [], 0, [0, -1])
+    with pytest.raises(RuntimeError, match=r"fusedopt.make_table: offsets has 3 entries; expected none or one per param \(2\)"):
+        ops.make_table(p, p, [], [], [], [], [], [], [], 0, [], [0, 1, 2])
+    with pytest.raises(RuntimeError, match=r"fusedopt.make_table: offsets\[0\] must be >= 0, got -4"):
+        ops.make_table(p, p, [], [], [], [], [], [], [], 0, [0, 1], [-4, 0])
     with pytest.raises(RuntimeError, match=r"fusedopt.make_table: params\[1\] has dtype Long"):
         ops.make_table([p[0], torch.zeros(3, dtype=torch.long)], [], [], [], [], [], [], [], [], 0)
 

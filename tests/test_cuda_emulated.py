@@ -177,3 +177,11 @@ def test_an_out_of_bounds_access_faults(lib):
         with pytest.raises(RuntimeError, match="out-of-bounds access"):
             ops.adam_([p], [grad], [m], [v], [], [], [], [], [step], scalars, table, work,
                       torch.zeros(1, dtype=torch.int32), None, hyper, hyper_tensors, False, False, True, 0)
+
+
+@pytest.mark.parametrize("block_size", [0, 256, 8192], ids=["32bit", "8bit", "8bit-wide"])
+def test_stochastic_rounding_of_shards_draws_their_full_param_indices(emulated_once, block_size):
+    """A batch of shards at nonzero offsets in their params (one past 2**32): the op stores the
+    reference's bits, drawn for the elements' indices in the full params (see
+    test_stochastic_rounding.check_shard_offsets). 8192: the wide-block kernel."""
+    test_stochastic_rounding.check_shard_offsets("cuda", block_size)

@@ -129,6 +129,60 @@ def test_fsdp2_matches_unsharded(name):
     _spawn(_fsdp_matches_unsharded, name)
 
 
+# Stochastic rounding draws each element's noise from its index in the FULL param: a param
+# sharded on dim 0 (FSDP2's Shard(0)) rounds exactly as the unsharded one, bit for bit. Shapes
+# with a dim 0 that 2 does not divide: 37 rows are 19 + 18, 5 are 3 + 2, and the last rank
+# holds none of the single row of [1, 300]. The grads are set directly (the same full tensor,
+# sharded as the param is), so only the optimizer is compared.
+_SR_SHAPES = [(37, 24), (1, 300), (5,), (64, 40)]
+_SR_OPTIMIZERS = {
+    "AdamW": lambda ps, backend: fusedopt.AdamW([{"params": ps, "seed": 3}], lr=1e-2, weight_decay=0.1,
+                                                backend=backend, stochastic_rounding=True),
+    "Lion": lambda ps, backend: fusedopt.Lion(ps, lr=1e-3, weight_decay=0.1, backend=backend,
+                                              stochastic_rounding=True),
+}
+
+
+def _sr_params(sharded: bool):
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    for k, shape in enumerate(_SR_SHAPES):
+        module.register_parameter(f"p{k}", torch.nn.Parameter(torch.randn(shape).to(torch.bfloat16)))
+    if sharded:
+        _shard(module)
+    return list(module.parameters())
+
+
+def _sr_sharded_matches_unsharded(rank, backend):
+    from torch.distributed.tensor import distribute_tensor
+
+    for name, make in _SR_OPTIMIZERS.items():
+        sharded, plain = _sr_params(True), _sr_params(False)
+        opt_s, opt_p = make(sharded, backend), make(plain, backend)
+        gen = torch.Generator().manual_seed(9)  # the same grads on every rank
+        for step in range(4):
+            for ps, pp in zip(sharded, plain):
+                g = torch.randn(pp.shape, generator=gen).to(torch.bfloat16)
+                pp.grad = g
+                ps.grad = distribute_tensor(g, ps.device_mesh, ps.placements)
+                assert ps.grad.to_local().shape == ps.to_local().shape
+            opt_s.step()
+            opt_p.step()
+            for k, (ps, pp) in enumerate(zip(sharded, plain)):
+                full = ps.full_tensor()
+                where = f"rank {rank} {backend} {name} step {step + 1} param {k} {tuple(pp.shape)}"
+                assert torch.equal(full.view(torch.int16), pp.detach().view(torch.int16)), (
+                    f"{where}: {int((full != pp).sum())} of {pp.numel()} elements differ from the unsharded run")
+        assert sharded[1].to_local().numel() == (300 if rank == 0 else 0)  # the empty shard took part
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_fsdp2_stochastic_rounding_matches_unsharded_bit_for_bit(backend):
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the triton backend takes CPU tensors only under TRITON_INTERPRET=1 (set without a GPU)")
+    _spawn(_sr_sharded_matches_unsharded, backend)
+
+
 def _clip_matches(rank, norm_type):
     sharded, plain = _model(), _model()
     _shard(sharded)

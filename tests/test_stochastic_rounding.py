@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import fusedopt
-from fusedopt import backends
+from fusedopt import backends, quant, reference
+from fusedopt.optimizer import Batch
 
 BACKENDS = ("reference", "triton", "cuda")
 DEVICES = ("cpu", pytest.param("cuda", marks=pytest.mark.gpu))
@@ -97,3 +98,61 @@ def test_checks():
         fusedopt.LAMB([{"params": [torch.zeros(3)], "seed": 2**32}], stochastic_rounding=True)
     with pytest.raises(TypeError, match="seed"):
         fusedopt.Adam([{"params": [torch.zeros(3)], "seed": 1.5}])
+
+
+# --------------------------------------------------------------------------------------------
+# Shards: element j of a tensor that starts at element ``offset`` of its full param (a dim-0
+# shard under FSDP2, ``Batch.offsets``) draws the noise of full-param element ``offset + j``.
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_shard_draws_the_noise_of_its_elements_in_the_full_param():
+    t = torch.tensor(5.0)
+    full = reference.rounding_noise(7, t, 3, 1000)
+    assert torch.equal(reference.rounding_noise(7, t, 3, 600, 400), full[400:])
+    assert torch.equal(reference.rounding_noise(7, t, 3, 1000, 0), full)
+    high = 2**32 + 17  # the index's high word counts
+    assert not torch.equal(reference.rounding_noise(7, t, 3, 100, high), full[17:117])
+
+
+SHARD_SIZES = (20_011, 4_099, 255)
+SHARD_OFFSETS = (3, 2**32 + 8_005, 123_457)  # where each tensor starts in its full param
+
+
+def lion_shard_batch(block_size: int, offsets):
+    """A Lion batch (8-bit states when ``block_size``) of bf16 shards at ``offsets`` in their
+    params, one step from fixed random values, as the optimizer would build it."""
+    gen = torch.Generator().manual_seed(11)
+    params = [torch.randn(n, generator=gen).to(torch.bfloat16) for n in SHARD_SIZES]
+    grads = [torch.randn(n, generator=gen).to(torch.bfloat16) for n in SHARD_SIZES]
+    if block_size:
+        m = [torch.full((n,), quant.zero_code(True), dtype=torch.uint8) for n in SHARD_SIZES]
+        state = {"exp_avg": m, "exp_avg_absmax": [torch.zeros(quant.num_blocks(n, block_size)) for n in SHARD_SIZES]}
+    else:
+        state = {"exp_avg": [torch.zeros(n) for n in SHARD_SIZES]}
+    group = dict(lr=3e-3, betas=(0.9, 0.99), weight_decay=0.1, stochastic_rounding=True, seed=5)
+    return Batch(params, grads, state, [torch.full((), 2.0) for _ in SHARD_SIZES], group,
+                 torch.tensor([1.0, 0.0, 0.0]), quantized=bool(block_size), block_size=block_size or 256,
+                 positions=[0, 2, 3], offsets=list(offsets))
+
+
+def check_shard_offsets(backend: str, block_size: int) -> None:
+    """One Lion step over a batch of shards: ``backend`` stores the reference's bits (Lion's
+    fp32 values are exact, so the stored bf16 bits are too when the noise is the same), and
+    other bits than with the shards' own indices (the check can fail)."""
+    module = backends.load(backend)[0]
+    out = {}
+    for name, offsets in (("reference", SHARD_OFFSETS), (backend, SHARD_OFFSETS), ("local", (0, 0, 0))):
+        batch = lion_shard_batch(block_size, offsets)
+        (reference if name == "reference" else module).lion(batch)
+        out[name] = batch.params
+    for i, (got, ref, local) in enumerate(zip(out[backend], out["reference"], out["local"])):
+        assert torch.equal(got.view(torch.int16), ref.view(torch.int16)), (
+            f"{backend} param {i}: {int((got != ref).sum())} of {got.numel()} elements have other bits")
+        assert not torch.equal(got, local), f"{backend} param {i}: the bits of offset 0"
+
+
+@pytest.mark.parametrize("block_size", [0, 256], ids=["32bit", "8bit"])
+def test_shard_offsets_triton(block_size):
+    _skip_unavailable("triton", "cpu")
+    check_shard_offsets("triton", block_size)
