@@ -64,6 +64,20 @@ __device__ __forceinline__ void store_codes(uint8_t* dst, const int (&src)[N], i
   }
 }
 
+// A state's new fp32 values, quantized against the block's new absmax (an all-zero block,
+// absmax 0, divides by 1 and gets the zero code) and stored as codes.
+template <bool VEC, int N>
+__device__ __forceinline__ void requantize(uint8_t* dst, const float (&s)[N], float new_absmax, const float* midpoints,
+                                           int n) {
+  const float scale = new_absmax > 0.f ? new_absmax : 1.f;
+  float x[N];
+  int code[N];
+#pragma unroll
+  for (int j = 0; j < N; ++j) x[j] = s[j] / scale;
+  quantize(x, code, midpoints);
+  store_codes<VEC>(dst, code, n);
+}
+
 // Quantization geometry of a launch: a block handles `span` elements per iteration, whole
 // quantization blocks of `threads_per_qblock` threads each.
 // (block_size <= kQuantSpan; wider blocks take quant8_wide.)
@@ -174,16 +188,9 @@ __device__ __forceinline__ void quant8_wide(const MultiTensor& mt, const int64_t
         update_elements<Family, V>(p_, s_, mt, row, p, codes, absmax, qblock, book, step, grad_mult, i, n);
         store_param<SR, V>(p + i, p_, n, i, key);
 #pragma unroll
-        for (int k = 0; k < S; ++k) {
-          const float* midpoints = book[Family::is_signed(k) ? kSignedMidpoints : kUnsignedMidpoints];
-          const float scale = new_absmax[k] > 0.f ? new_absmax[k] : 1.f;
-          float x_[N];
-          int c_[N];
-#pragma unroll
-          for (int j = 0; j < N; ++j) x_[j] = s_[k][j] / scale;
-          quantize(x_, c_, midpoints);
-          store_codes<V>(codes[k] + i, c_, n);
-        }
+        for (int k = 0; k < S; ++k)
+          requantize<V>(codes[k] + i, s_[k], new_absmax[k],
+                        book[Family::is_signed(k) ? kSignedMidpoints : kUnsignedMidpoints], n);
       };
       if (n == N && aligned) {
         write(Tag<true>{});
@@ -275,14 +282,8 @@ __device__ __forceinline__ void quant8_body(const MultiTensor& mt, const Family&
         constexpr bool V = decltype(vec)::value;
 #pragma unroll
         for (int k = 0; k < S; ++k) {
-          const float* midpoints = book[Family::is_signed(k) ? kSignedMidpoints : kUnsignedMidpoints];
-          const float scale = new_absmax[k] > 0.f ? new_absmax[k] : 1.f;
-          float x_[N];
-          int c_[N];
-#pragma unroll
-          for (int j = 0; j < N; ++j) x_[j] = s_[k][j] / scale;
-          quantize(x_, c_, midpoints);
-          store_codes<V>(codes[k] + i, c_, n);
+          requantize<V>(codes[k] + i, s_[k], new_absmax[k],
+                        book[Family::is_signed(k) ? kSignedMidpoints : kUnsignedMidpoints], n);
           if (threadIdx.x % geo.threads_per_qblock == 0) global(absmax[k] + qblock) = new_absmax[k];
         }
       };
