@@ -99,9 +99,11 @@ DOC_STORAGE = """        stochastic_rounding: store bfloat16 params with stochas
             probability equal to the discarded fraction, so updates smaller than a bf16 ulp
             are not lost on average) instead of round-to-nearest. Reproducible: the noise is a
             hash of the group's ``"seed"`` (0 unless the group sets one), the param's step,
-            its position in the group and the element's index in the full param, so a param
-            sharded on dim 0 (FSDP2's default ``Shard(0)``, even or not) rounds bit for bit as
-            the unsharded one. Sharded on another dim, a shard's elements are indexed within
+            its position in the group and the element's index in the full param, in the
+            param's memory order (the row-major index of a contiguous param; a
+            ``channels_last`` param's elements are indexed in channels-last order, see
+            ``fusedopt.layout``), so a param sharded on dim 0 (FSDP2's default ``Shard(0)``,
+            even or not) rounds bit for bit as the unsharded one. Sharded on another dim, a shard's elements are indexed within
             the shard (every rank draws the same noise for the same local index). float32
             params are stored exactly; float16 params are refused.
         master_weights: keep an fp32 copy of every bfloat16/float16 param (state
