@@ -341,3 +341,21 @@ def test_the_cuda_ops_check_layouts(on):
         adam(torch.randn(1, 4).expand(6, 4))
     with pytest.raises(RuntimeError, match=r"adam_: params\[0\] must be non-overlapping and dense"):
         adam(torch.randn(6, 4), torch.randn(6, 8)[:, ::2])
+
+
+@pytest.mark.parametrize("cls", ["AdamW", "AdamW8bit"])
+def test_a_channels_last_model_is_flat_memory_to_the_kernels(cls):
+    """A conv model in channels_last: autograd's grads and fusedopt's states share each
+    param's strides, so the kernels get the batch as it is: no gathered copy."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 5, 3)).to(
+        memory_format=torch.channels_last)
+    opt = getattr(fusedopt, cls)(model.parameters(), **(EIGHT_BIT if cls.endswith("8bit") else {}))
+    x = torch.randn(2, 3, 9, 9).contiguous(memory_format=torch.channels_last)
+    model(x).square().mean().backward()
+    opt.step()
+    weight = model[0].weight
+    assert not weight.is_contiguous() and weight.grad.stride() == weight.stride()
+    (batch,) = [b for plan in opt._plans.values() for b in plan.batches if any(p is weight for p in b.params)]
+    gathered = layout.gather(batch)
+    assert gathered.batch is batch and not gathered.back
