@@ -35,7 +35,8 @@ import weakref
 
 import torch
 
-__all__ = ["dense", "strides", "same", "same_layout", "flat", "unflat", "to_layout", "overlap_error", "Gathered", "gather"]
+__all__ = ["dense", "strides", "same", "same_layout", "flat", "unflat", "to_layout", "overlap_error",
+           "Gathered", "gather"]
 
 _is_contiguous = torch.Tensor.is_contiguous
 

@@ -103,8 +103,9 @@ DOC_STORAGE = """        stochastic_rounding: store bfloat16 params with stochas
             param's memory order (the row-major index of a contiguous param; a
             ``channels_last`` param's elements are indexed in channels-last order, see
             ``fusedopt.layout``), so a param sharded on dim 0 (FSDP2's default ``Shard(0)``,
-            even or not) rounds bit for bit as the unsharded one. Sharded on another dim, a shard's elements are indexed within
-            the shard (every rank draws the same noise for the same local index). float32
+            even or not) rounds bit for bit as the unsharded one. Sharded on another dim, a
+            shard's elements are indexed within the shard (every rank draws the same noise
+            for the same local index). float32
             params are stored exactly; float16 params are refused.
         master_weights: keep an fp32 copy of every bfloat16/float16 param (state
             ``"master_param"``, 4 more bytes per param): the update is applied to the copy,
