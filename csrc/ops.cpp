@@ -18,6 +18,7 @@
 // dtypes, shapes and layouts, then devices.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_strided.h>
 #include <torch/library.h>
 
 // FUSEDOPT_CUDA_EMULATION: the test-only build of tests/cuda_emu/, whose kernels run on the host:
@@ -94,10 +95,24 @@ void check_dtype(const Tensor& t, const Name& name, at::ScalarType dtype, const 
   TORCH_CHECK(t.scalar_type() == dtype, "fusedopt.", op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
 }
 
+// Read and written as flat memory from its address: every element at its own address, no
+// gaps (strides a permutation of a contiguous layout: transposed, channels_last, ...).
 void check_dense(const Tensor& t, const Name& name, const char* op) {
   TORCH_CHECK(t.layout() == at::kStrided, "fusedopt.", op, ": ", name, " must be a dense tensor, got ", t.layout());
-  TORCH_CHECK(t.is_contiguous(), "fusedopt.", op, ": ", name,
-              " must be contiguous (it is read and written through its address)");
+  TORCH_CHECK(t.is_non_overlapping_and_dense(), "fusedopt.", op, ": ", name,
+              " must be non-overlapping and dense (it is read and written as flat memory through its address), "
+              "got sizes ", t.sizes(), " and strides ", t.strides());
+}
+
+// A param's grad and states are read element for element with it as flat memory: they must lie
+// in its layout (the same strides on every dimension of more than one element).
+void check_layout(const Tensor& t, const Name& name, const Tensor& p, const Name& pname, const char* op) {
+  if (t.is_contiguous() && p.is_contiguous()) return;
+  bool same = t.sizes() == p.sizes();
+  for (int64_t d = 0; same && d < p.dim(); ++d) same = p.size(d) == 1 || t.stride(d) == p.stride(d);
+  TORCH_CHECK(same, "fusedopt.", op, ": ", name, " has sizes ", t.sizes(), " and strides ", t.strides(), " but ",
+              pname, " has sizes ", p.sizes(), " and strides ", p.strides(),
+              "; a param's grad and states must be laid out as the param");
 }
 
 void check_numel(const Tensor& t, const Name& name, int64_t numel, const Name& of, const char* op) {
@@ -184,12 +199,14 @@ void check_streams(const Streams& s, int num_states, int64_t block_size, OnDevic
                   s.grads[i].scalar_type(), " but grads[0] is ", kind_name(grad_kind), "; a batch has one grad dtype");
       check_dense(s.grads[i], gname, op);
       check_numel(s.grads[i], gname, numel, pname, op);
+      check_layout(s.grads[i], gname, p, pname, op);
     }
     for (int k = 0; k < num_states; ++k) {
       const Name name{kStateNames[k], int64_t(i)};
       check_dtype(s.states[k][i], name, block_size > 0 ? at::kByte : at::kFloat, op);
       check_dense(s.states[k][i], name, op);
       check_numel(s.states[k][i], name, numel, pname, op);
+      check_layout(s.states[k][i], name, p, pname, op);
       if (block_size > 0) {
         const Name aname{kAbsmaxNames[k], int64_t(i)};
         check_dtype(s.absmaxes[k][i], aname, at::kFloat, op);
@@ -565,7 +582,8 @@ std::tuple<Tensor, Tensor> quantize_blockwise(const Tensor& x, const Tensor& cod
   const at::Device device = on_device.check(op);
 
   FUSEDOPT_DEVICE_GUARD(device);
-  Tensor codes = at::empty(x.sizes(), x.options().dtype(at::kByte));
+  // Blocks over x's memory order: the codes lie in its layout (fusedopt.quant).
+  Tensor codes = at::empty_strided(x.sizes(), x.strides(), x.options().dtype(at::kByte));
   Tensor absmax = at::empty({num_blocks(x.numel(), block_size)}, x.options());
   C10_CUDA_CHECK(launch_quantize(x.data_ptr<float>(), x.numel(), is_signed,
                                  Quant{block_size, codebook.data_ptr<float>()}, codes.data_ptr<uint8_t>(),

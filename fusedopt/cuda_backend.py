@@ -29,7 +29,7 @@ from itertools import chain
 
 import torch
 
-from . import backends, build, quant, reference
+from . import backends, build, layout, quant, reference
 
 NAME = "cuda"
 DESCRIPTION = "CUDA C++ multi-tensor kernels (csrc/), compiled with nvcc on first use or by `python -m fusedopt build`"
@@ -86,9 +86,7 @@ def unsupported(tensor: torch.Tensor) -> str | None:
         return f"it takes CUDA tensors, got a {tensor.device.type} tensor"
     if tensor.dtype not in _DTYPES:
         return f"it takes float32, bfloat16 and float16 tensors, got {tensor.dtype}"
-    if not tensor.is_contiguous():
-        return "it takes contiguous tensors (it updates storage in place through addresses)"
-    return None
+    return None  # any layout: dense ones as flat memory, others through copies (fusedopt.layout)
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,6 +195,21 @@ def _rounding(batch) -> tuple[bool, int]:
 # --------------------------------------------------------------------------------------------
 
 
+def _flat(fn):
+    """``fn`` on a batch whose every tensor of a param is flat memory in the param's layout:
+    gathered copies where one is not, scattered back after the op (see fusedopt.layout). The
+    op checks it: a dense param, and grads and states with its strides."""
+
+    def run(batch) -> None:
+        gathered = layout.gather(batch)
+        fn(gathered.batch)
+        gathered.scatter()
+
+    run.__name__, run.__doc__ = fn.__name__, fn.__doc__
+    return run
+
+
+@_flat
 def adam(batch) -> None:
     group = batch.group
     amsgrad = group["amsgrad"]
@@ -211,6 +224,7 @@ def adam(batch) -> None:
     )
 
 
+@_flat
 def lion(batch) -> None:
     group = batch.group
     lists = _lists(batch, 1)
@@ -224,6 +238,7 @@ def lion(batch) -> None:
     )
 
 
+@_flat
 def lamb(batch) -> None:
     """LAMB over one batch: one op (two kernels), or for sharded params (``batch.all_reduce``)
     the moments pass, each tensor's ``||p||^2`` and ``||u||^2`` summed over its shards, then the
@@ -259,9 +274,11 @@ def global_norm(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor:
     if not tensors:
         raise ValueError("global_norm needs at least one tensor")
     norm_type = float(norm_type)
-    tensors = list(tensors)
     if norm_type not in (1.0, 2.0, math.inf):
-        return reference.global_norm(tensors, norm_type)
+        return reference.global_norm(list(tensors), norm_type)
+    # A norm is the same in any memory order: dense tensors as they lie, others (an expanded
+    # grad) through a contiguous copy.
+    tensors = [t if layout.dense(t) else t.contiguous() for t in tensors]
     key = tuple((t.data_ptr(), t.numel(), t.dtype) for t in tensors)
     plan = _norm_plans.get(key)
     if plan is None:

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import backends, compiled, distributed, quant
+from . import backends, compiled, distributed, layout, quant
 from .scalars import GRAD_MULT, SIZE
 
 _PARAM_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -99,10 +99,13 @@ DOC_STORAGE = """        stochastic_rounding: store bfloat16 params with stochas
             probability equal to the discarded fraction, so updates smaller than a bf16 ulp
             are not lost on average) instead of round-to-nearest. Reproducible: the noise is a
             hash of the group's ``"seed"`` (0 unless the group sets one), the param's step,
-            its position in the group and the element's index in the full param, so a param
-            sharded on dim 0 (FSDP2's default ``Shard(0)``, even or not) rounds bit for bit as
-            the unsharded one. Sharded on another dim, a shard's elements are indexed within
-            the shard (every rank draws the same noise for the same local index). float32
+            its position in the group and the element's index in the full param, in the
+            param's memory order (the row-major index of a contiguous param; a
+            ``channels_last`` param's elements are indexed in channels-last order, see
+            ``fusedopt.layout``), so a param sharded on dim 0 (FSDP2's default ``Shard(0)``,
+            even or not) rounds bit for bit as the unsharded one. Sharded on another dim, a
+            shard's elements are indexed within the shard (every rank draws the same noise
+            for the same local index). float32
             params are stored exactly; float16 params are refused.
         master_weights: keep an fp32 copy of every bfloat16/float16 param (state
             ``"master_param"``, 4 more bytes per param): the update is applied to the copy,
@@ -281,6 +284,15 @@ def run_batches(family: str, work, scalars: dict) -> None:
         if batch.outputs is not None:
             # Round to nearest from the fp32 masters (a skipped step rewrites the same bits).
             torch._foreach_copy_(batch.outputs, batch.params)
+
+
+def _laid_out_as(p: torch.Tensor, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A copy of ``value`` (shaped as ``p``, on its device) in ``dtype`` and in ``p``'s layout,
+    as the state tensors made for ``p`` (a state loaded from a checkpoint in another layout,
+    e.g. contiguous for a ``channels_last`` param). Sharded (DTensor) states keep theirs."""
+    if distributed.is_dtensor(p) or distributed.is_dtensor(value):
+        return value.to(dtype).clone(memory_format=torch.contiguous_format)
+    return torch.empty_like(p, dtype=dtype).copy_(value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -468,6 +480,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             key = (p.device, p.dtype, grads[i].dtype, self._is_quantized(p, group), distributed.shard_key(p),
                    has_master(p, group))
             buckets.setdefault(key, []).append(i)
+        for i in present:
+            reason = layout.overlap_error(distributed.local(params[i]))
+            if reason is not None:
+                raise RuntimeError(f"param {i} of group {gi} cannot be stepped: {reason}")
         entries = []
         for key in sorted(buckets, key=str):
             idx = buckets[key]
@@ -530,7 +546,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         if "step" not in state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         if has_master(p, group) and MASTER not in state:
-            state[MASTER] = p.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+            state[MASTER] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
         quantized = self._is_quantized(p, group)
         for name in names:
             if name in state:
@@ -540,14 +556,16 @@ class FusedOptimizer(torch.optim.Optimizer):
                 # and absmax are DTensors too, so a distributed checkpoint saves every shard.
                 shard = distributed.local(p)
                 signed = quant.signed_state(name)
-                codes = torch.full(shard.shape, quant.zero_code(signed), dtype=torch.uint8, device=p.device)
+                codes = torch.full_like(shard, quant.zero_code(signed), dtype=torch.uint8)  # the param's layout
                 blocks = quant.num_blocks(shard.numel(), group["block_size"])
                 absmax = torch.zeros(blocks, dtype=torch.float32, device=p.device)
                 if distributed.is_dtensor(p):
                     codes, absmax = distributed.like(p, codes), distributed.blockwise(p, absmax)
                 state[name], state[name + "_absmax"] = codes, absmax
             else:
-                state[name] = torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.contiguous_format)
+                # In the param's layout, as torch.optim: a dense param, its grad and its states
+                # are then flat memory to a kernel (see fusedopt.layout).
+                state[name] = torch.zeros_like(p, dtype=state_dtype(p))
         return state
 
     def _batch(self, gi, group, key, idx, grads) -> Batch:
@@ -646,8 +664,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if has_master(p, group) and isinstance(value, torch.Tensor):
                     if value.numel() != p.numel():
                         raise ValueError(f"state {key!r} has {value.numel()} elements but its param has {p.numel()}")
-                    out[key] = value.to(p.device, torch.float32).reshape(p.shape).clone(
-                        memory_format=torch.contiguous_format)
+                    out[key] = _laid_out_as(p, value.to(p.device).reshape(p.shape), torch.float32)
                 continue
             if key == "step":
                 out["step"] = torch.as_tensor(value, dtype=torch.float32).reshape(()).to(p.device).clone()
@@ -672,17 +689,20 @@ class FusedOptimizer(torch.optim.Optimizer):
                             f"state {key + '_absmax'!r} has {blocks} blocks; block_size={block_size} "
                             f"gives {quant.num_blocks(shard, block_size)} for a param (shard) of {shard} elements"
                         )
-                    if quantized:
-                        out[key] = value.to(p.device).reshape(p.shape).clone()
+                    value = value.reshape(p.shape)
+                    if quantized and (distributed.is_dtensor(p) or layout.same_layout(value, p)):
+                        out[key] = value.to(p.device).clone()  # the same blocks: codes as saved
                         out[key + "_absmax"] = absmax.to(p.device, torch.float32).clone()
                         continue
-                    value = quant.dequantize_blockwise(value.reshape(p.shape), absmax, signed, block_size)
+                    # Blocks over the saved codes' memory order; requantized below over the param's.
+                    value = quant.dequantize_blockwise(value, absmax, signed, block_size)
                 value = value.to(p.device).reshape(p.shape)
                 if quantized:
-                    codes, scales = quant.quantize_blockwise(value, signed, block_size)
+                    # Blocks run over the param's memory order (see fusedopt.layout).
+                    codes, scales = quant.quantize_blockwise(_laid_out_as(p, value, torch.float32), signed, block_size)
                     out[key], out[key + "_absmax"] = codes, scales
                 else:
-                    out[key] = value.to(state_dtype(p)).clone(memory_format=torch.contiguous_format)
+                    out[key] = _laid_out_as(p, value, state_dtype(p))
         return out
 
     def __setstate__(self, state: dict) -> None:

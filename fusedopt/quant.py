@@ -2,7 +2,9 @@
 Quantization", ICLR 2022).
 
 A state tensor of ``n`` elements is stored as ``n`` uint8 codes plus one fp32 ``absmax`` per
-block of ``block_size`` consecutive elements (the last block may be short). An element's value
+block of ``block_size`` consecutive elements (the last block may be short): consecutive in
+memory, in the layout of the param (row-major for a contiguous param; a ``channels_last``
+param's codes are ``channels_last``, see :mod:`fusedopt.layout`). An element's value
 is ``codebook[code] * absmax[block]``. The codebook is the *dynamic tree* map: seven decades
 ``10^-6 .. 10^0``, each split into linearly spaced fractions, plus ``0`` and ``1`` — signed for
 the first moment, unsigned (twice as fine) for the second. The 256 values are bit-identical to
@@ -26,6 +28,8 @@ import functools
 import math
 
 import torch
+
+from . import layout
 
 __all__ = [
     "dynamic_map",
@@ -110,8 +114,9 @@ def num_blocks(numel: int, block_size: int) -> int:
 
 
 def _blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
-    """``x`` flattened and zero-padded to whole blocks, as ``[blocks, block_size]``."""
-    flat = x.reshape(-1)
+    """``x`` flattened in the memory order of its layout (see :mod:`fusedopt.layout`) and
+    zero-padded to whole blocks, as ``[blocks, block_size]``."""
+    flat = layout.flat(x)
     pad = num_blocks(flat.numel(), block_size) * block_size - flat.numel()
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
@@ -132,8 +137,12 @@ def quantize_blockwise(
     code (see the module docstring). An all-zero block keeps ``absmax = 0`` and encodes as the zero code:
     nothing divides by zero. Writes into ``codes_out`` / ``absmax_out`` when given.
 
+    Blocks run over the memory order of ``x``'s layout (row-major for a contiguous ``x``; see
+    :mod:`fusedopt.layout`): what the kernels see of a state laid out as its param.
+
     Returns:
-        ``(codes, absmax)``: codes shaped like ``x`` (uint8), absmax of shape ``[blocks]``.
+        ``(codes, absmax)``: codes shaped and laid out like ``x`` (uint8), absmax of shape
+        ``[blocks]``.
 
     Example:
         >>> x = torch.randn(1000)
@@ -148,7 +157,7 @@ def quantize_blockwise(
     safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
     normed = (blocks / safe[:, None]).reshape(-1)[: x.numel()]
     codes = torch.bucketize(normed, midpoints(signed, x.device), right=False).to(torch.uint8)
-    codes = codes.view(x.shape)
+    codes = layout.unflat(codes, x.shape, layout.strides(x))
     if codes_out is not None:
         codes_out.copy_(codes)
         codes = codes_out
@@ -164,7 +173,8 @@ def dequantize_blockwise(
     signed: bool,
     block_size: int = 256,
 ) -> torch.Tensor:
-    """fp32 values ``codebook[codes] * absmax[block]``, shaped like ``codes``."""
-    values = dynamic_map(signed, codes.device)[codes.reshape(-1).long()]
+    """fp32 values ``codebook[codes] * absmax[block]``, shaped and laid out like ``codes``
+    (blocks over the memory order of its layout, as :func:`quantize_blockwise` makes them)."""
+    values = dynamic_map(signed, codes.device)[layout.flat(codes).long()]
     scale = absmax.to(torch.float32).repeat_interleave(block_size)[: codes.numel()]
-    return (values * scale).view(codes.shape)
+    return layout.unflat(values * scale, codes.shape, layout.strides(codes))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from . import quant
+from . import layout, quant
 from .scalars import GRAD_MULT, SKIP
 
 # --------------------------------------------------------------------------------------------
@@ -87,11 +87,19 @@ def compute_dtype(param: torch.Tensor) -> torch.dtype:
     return torch.float64 if param.dtype == torch.float64 else torch.float32
 
 
+def _in_param_layout(batch, i: int, t: torch.Tensor) -> torch.Tensor:
+    """``t`` laid out as param ``i`` (see :mod:`fusedopt.layout`): 8-bit blocks run over the
+    param's memory order, whatever the layout of the state tensor holding the codes."""
+    order = layout.strides(batch.params[i])
+    return t if layout.dense(t) and layout.same(t, order) else layout.to_layout(t, order)
+
+
 def _load(batch, name: str, i: int, dtype: torch.dtype) -> torch.Tensor:
     s = batch.state[name][i]
     if batch.quantized:
         return quant.dequantize_blockwise(
-            s, batch.state[name + "_absmax"][i], quant.signed_state(name), batch.block_size
+            _in_param_layout(batch, i, s), batch.state[name + "_absmax"][i], quant.signed_state(name),
+            batch.block_size,
         ).to(dtype)
     return s.to(dtype)
 
@@ -101,6 +109,7 @@ def _commit(batch, name: str, i: int, new: torch.Tensor, keep: torch.Tensor) -> 
     dst = batch.state[name][i]
     if batch.quantized:
         absmax_dst = batch.state[name + "_absmax"][i]
+        new = _in_param_layout(batch, i, new.to(torch.float32))
         codes, absmax = quant.quantize_blockwise(new, quant.signed_state(name), batch.block_size)
         dst.copy_(torch.where(keep, codes, dst))
         absmax_dst.copy_(torch.where(keep, absmax, absmax_dst))
@@ -151,8 +160,9 @@ def rounding_noise(seed: int, t: torch.Tensor, salt: int, numel: int, offset: in
     ``mix32(key ^ mix32(low32(i) ^ mix32(high32(i))))`` with
     ``key = mix32(mix32(mix32(seed ^ 0x9E3779B9) ^ t) ^ salt)``, where ``salt`` is the param's
     position in its group and ``i = offset + j`` the element's index in the full param
-    (``offset``: where a shard starts in it, see ``Batch.offsets``; ``j``: the index in the
-    tensor)."""
+    (``offset``: where a shard starts in it, see ``Batch.offsets``; ``j``: the element's
+    position in the memory order of the tensor's layout, see :mod:`fusedopt.layout`: the
+    row-major index for a contiguous tensor). Returned in that memory order (1-d)."""
     device = t.device
     key = mix32(torch.full((), (seed ^ 0x9E3779B9) & _M32, dtype=torch.int64, device=device))
     key = mix32(key ^ t.to(torch.int64))
@@ -163,8 +173,9 @@ def rounding_noise(seed: int, t: torch.Tensor, salt: int, numel: int, offset: in
 
 def round_stochastic_bf16(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """fp32 ``x`` to bf16, rounded up (in magnitude) with probability equal to the discarded
-    fraction: add 16 random bits below the bf16 mantissa, then truncate. NaN stays NaN."""
-    bits = x.contiguous().view(torch.int32).to(torch.int64) & _M32
+    fraction: add 16 random bits below the bf16 mantissa, then truncate. NaN stays NaN.
+    ``noise``: one value per element, shaped as ``x`` (or 1-d in ``x``'s row-major order)."""
+    bits = x.view(torch.int32).to(torch.int64) & _M32
     rounded = ((bits + noise.view(x.shape)) & _M32) >> 16
     rounded = torch.where(rounded >= 0x8000, rounded - 0x10000, rounded).to(torch.int16)
     return torch.where(torch.isnan(x), x.to(torch.bfloat16), rounded.view(torch.bfloat16))
@@ -182,7 +193,8 @@ def _store(batch, i: int, new: torch.Tensor, keep: torch.Tensor, t: torch.Tensor
     if salts is not None:
         offset = batch.offsets[i] if batch.offsets else 0
         noise = rounding_noise(int(batch.group.get("seed", 0)), t, salts[i], param.numel(), offset)
-        stored = round_stochastic_bf16(new.float(), noise).view(param.shape)
+        noise = layout.unflat(noise, param.shape, layout.strides(param))  # drawn in memory order
+        stored = round_stochastic_bf16(new.float(), noise)
     else:
         stored = new.to(param.dtype)
     param.copy_(torch.where(keep, stored, param))

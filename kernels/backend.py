@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import triton  # noqa: F401  (an ImportError here is the "not importable" reason)
 
+from .. import layout
 from . import adam as _adam
 from . import common
 from . import lamb as _lamb
@@ -49,11 +50,10 @@ def available(device: torch.device) -> str | None:
 
 
 def unsupported(tensor: torch.Tensor) -> str | None:
-    """Why the kernels cannot take ``tensor`` (a param or a grad), or None."""
+    """Why the kernels cannot take ``tensor`` (a param or a grad), or None. Any layout runs:
+    dense tensors as flat memory, others through gathered copies (:mod:`fusedopt.layout`)."""
     if tensor.dtype not in _DTYPES:
         return f"the kernels compute in fp32 and take float32, bfloat16 and float16 tensors, not {tensor.dtype}"
-    if not tensor.is_contiguous():
-        return f"the kernels take contiguous tensors; got one of shape {tuple(tensor.shape)} with strides {tensor.stride()}"
     return None
 
 
@@ -62,12 +62,20 @@ def _on_device(fn):
         device = batch.params[0].device
         if device.type == "cuda" and device.index != torch.cuda.current_device():
             with torch.cuda.device(device):
-                return fn(batch)
-        return fn(batch)
+                return _flat(fn, batch)
+        return _flat(fn, batch)
 
     run.__name__ = fn.__name__
     run.__doc__ = fn.__doc__
     return run
+
+
+def _flat(fn, batch) -> None:
+    """``fn`` on ``batch`` with every tensor of a param flat memory in the param's layout
+    (gathered copies where one is not, scattered back after the launch: fusedopt.layout)."""
+    gathered = layout.gather(batch)
+    fn(gathered.batch)
+    gathered.scatter()
 
 
 @_on_device

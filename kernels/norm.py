@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import reference
+from .. import layout, reference
 from . import common, table
 
 BLOCK = common.block(2048, 8192)
@@ -106,13 +106,15 @@ def _tables(tensors: list[torch.Tensor]) -> list[tuple[torch.dtype, table.Table]
 def global_norm(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor:
     """``norm_type``-norm of all ``tensors`` together as a 0-d fp32 tensor on their device.
 
-    Orders other than 1, 2 and inf, and tensors the kernels do not take (float64,
-    non-contiguous), are left to the reference."""
+    Orders other than 1, 2 and inf, and tensors the kernels do not take (float64), are left
+    to the reference. A norm is the same in any memory order: dense tensors are read as they
+    lie, others (an expanded grad) through a contiguous copy."""
     from .backend import unsupported
 
     order = _ORDS.get(float(norm_type))
     if order is None or any(unsupported(t) is not None for t in tensors):
         return reference.global_norm(tensors, norm_type)
+    tensors = [t if layout.dense(t) else t.contiguous() for t in tensors]
     device = tensors[0].device
     tables = _tables(tensors)
     total = sum(tab.n_work for _, tab in tables)

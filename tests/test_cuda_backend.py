@@ -80,9 +80,8 @@ def test_available_when_it_can_build(monkeypatch, tmp_path):
     [
         (torch.zeros(4), "CUDA tensors"),
         (torch.zeros(4, device="meta", dtype=torch.float64), "float64"),
-        (torch.zeros(4, 4, device="meta").t(), "contiguous"),
     ],
-    ids=["cpu", "float64", "transposed"],
+    ids=["cpu", "float64"],
 )
 def test_unsupported(tensor, words, monkeypatch):
     # meta tensors stand in for CUDA ones (is_cuda is all that differs)
@@ -96,6 +95,9 @@ def test_supported(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         assert cuda_backend.unsupported(torch.zeros(3, 5, device="meta", dtype=dtype)) is None
+    # any layout: dense ones as flat memory, others through copies (tests/test_layouts.py)
+    assert cuda_backend.unsupported(torch.zeros(4, 4, device="meta").t()) is None
+    assert cuda_backend.unsupported(torch.zeros(4, 8, device="meta")[:, ::2]) is None
 
 
 def test_codebook_layout():
@@ -339,11 +341,12 @@ INVALID = [
     ("adam_", {"p_dtype": torch.bfloat16, "g_dtype": torch.float32}, None, r"params\[0\] must be a CUDA tensor"),
     ("adam_", {}, ("params", 1, torch.zeros(5, dtype=torch.float16)), r"params\[1\] is Half but params\[0\] is float32"),
     ("adam_", {}, ("grads", 1, torch.zeros(7)), r"grads\[1\] has 7 elements; params\[1\] has 5"),
-    ("adam_", {}, ("params", 1, _noncontiguous(5)), r"params\[1\] must be contiguous"),
-    ("adam_", {}, ("grads", 0, _noncontiguous(300)), r"grads\[0\] must be contiguous"),
+    ("adam_", {}, ("params", 1, _noncontiguous(5)), r"params\[1\] must be non-overlapping and dense"),
+    ("adam_", {}, ("grads", 0, _noncontiguous(300)), r"grads\[0\] must be non-overlapping and dense"),
     ("adam_", {}, ("exp_avgs", 0, torch.zeros(300, dtype=torch.float16)), r"exp_avgs\[0\] must be Float, got Half"),
     ("adam_", {}, ("exp_avg_sqs", 1, torch.zeros(6)), r"exp_avg_sqs\[1\] has 6 elements; params\[1\] has 5"),
-    ("adam_", {"amsgrad": True}, ("max_exp_avg_sqs", 1, _noncontiguous(5)), r"max_exp_avg_sqs\[1\] must be contiguous"),
+    ("adam_", {"amsgrad": True}, ("max_exp_avg_sqs", 1, _noncontiguous(5)), r"max_exp_avg_sqs\[1\] must be non-overlapping and dense"),
+    ("adam_", {}, ("exp_avgs", 0, torch.zeros(20, 15).t()), r"exp_avgs\[0\] has sizes \[15, 20\] and strides \[1, 15\] but params\[0\] has sizes \[300\] and strides \[1\]; a param's grad and states must be laid out as the param"),
     ("adam_", {}, ("steps", 0, torch.zeros((), dtype=torch.int64)), r"steps\[0\] must be Float, got Long"),
     ("adam_", {}, ("steps", 1, torch.zeros(2)), r"steps\[1\] must have one element, got 2"),
     ("adam_", {"block_size": 256}, ("exp_avgs", 1, torch.zeros(5)), r"exp_avgs\[1\] must be Byte, got Float"),
@@ -398,7 +401,7 @@ INVALID = [
     ("global_norm", {}, ("tensors", None, []), r"tensors must hold at least one tensor"),
     ("global_norm", {}, ("norm_type", None, 3.0), r"norm_type must be 1, 2 or inf, got 3"),
     ("global_norm", {}, ("tensors", 1, torch.zeros(5, dtype=torch.float64)), r"tensors\[1\] has dtype Double"),
-    ("global_norm", {}, ("tensors", 2, _noncontiguous(70000)), r"tensors\[2\] must be contiguous"),
+    ("global_norm", {}, ("tensors", 2, _noncontiguous(70000)), r"tensors\[2\] must be non-overlapping and dense"),
     ("global_norm", {}, ("table", None, torch.zeros(3, 13, dtype=torch.int32)), r"table must be Long"),
     ("global_norm", {}, None, r"tensors\[0\] must be a CUDA tensor"),
 ]

@@ -189,8 +189,6 @@ def emulated_cuda_backend(lib):
             return f"the emulated cuda backend takes CPU tensors, got a {tensor.device.type} tensor"
         if tensor.dtype not in cuda_backend._DTYPES:
             return f"it takes float32, bfloat16 and float16 tensors, got {tensor.dtype}"
-        if not tensor.is_contiguous():
-            return "it takes contiguous tensors (it updates storage in place through addresses)"
         return None
 
     def hyper(values, device):
