@@ -86,6 +86,11 @@ class _GroupPlan:
     held: tuple | None = None
 
 
+#: What a plan holds in place of a gradient it released (see ``FusedOptimizer.zero_grad``):
+#: never the same object as a gradient, so the next step checks every gradient it gets.
+_RELEASED = object()
+
+
 def state_dtype(param: torch.Tensor) -> torch.dtype:
     """fp32 states for fp32 and 16-bit params, float64 states for float64 params."""
     return torch.float64 if param.dtype == torch.float64 else torch.float32
@@ -460,6 +465,9 @@ class FusedOptimizer(torch.optim.Optimizer):
 
         # Every check happens while planning, before any state changes.
         plans = [self._plan_group(gi, group) for gi, group in enumerate(self.param_groups)]
+        if len(self._plans) > len(plans):  # groups removed: hold none of their tensors
+            for gi in [gi for gi in self._plans if gi >= len(plans)]:
+                del self._plans[gi]
         work = []
         for gi, (group, plan) in enumerate(zip(self.param_groups, plans)):
             if plan.batches is None:
@@ -485,7 +493,18 @@ class FusedOptimizer(torch.optim.Optimizer):
         one graph."""
         if torch.compiler.is_compiling():
             return compiled.zero_grad(self, set_to_none)
-        return super().zero_grad(set_to_none)
+        super().zero_grad(set_to_none)
+        if set_to_none:
+            self._release_grads()
+
+    def _release_grads(self) -> None:
+        """Drop the plans' references to the gradients, so that ``zero_grad()`` frees them as
+        torch.optim's does (before the next forward, not at the next step). The next step checks
+        its new gradients and reuses the batches, as it would anyway after ``set_to_none``."""
+        for plan in self._plans.values():
+            plan.grads = [_RELEASED] * len(plan.grads)
+            for batch in plan.batches or ():
+                batch.grads = []
 
     def _init_group(self, params: list, grads: list, states: list, steps: list, outputs: list):
         """Under ``torch.compile``, Dynamo runs this eagerly, not traced: checks, state creation

@@ -13,10 +13,12 @@ original optimizer stepping on the same gradients.
 from __future__ import annotations
 
 import copy
+import gc
 import inspect
 import io
 import pickle
 import re
+import weakref
 
 import pytest
 import torch
@@ -611,6 +613,42 @@ def test_step_closure(cls, backend):
         assert_close(loss.detach(), expected.detach(), torch.float32, f"step {step} loss")
         assert_identical(w.detach(), v.detach(), f"step {step} param")
     assert calls == [True, True]
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=name)
+def test_no_references_kept_to_grads_or_removed_params(cls, backend):
+    """As with torch.optim, ``opt.zero_grad()`` frees the gradients (before the next forward,
+    not at the next step), and a param whose group was removed and whose state was deleted is
+    freed at the next step; the steps stay those of an optimizer never zeroed."""
+    gen = torch.Generator().manual_seed(7)
+    init = [_randn(gen, n) for n in (100, 9)]
+    ps = [torch.nn.Parameter(p.clone()) for p in init]
+    twin_ps = [torch.nn.Parameter(p.clone()) for p in init]
+    extra = torch.nn.Parameter(_randn(gen, 70))
+    opt = cls([{"params": ps}, {"params": [extra]}], **_kw(cls, backend))
+    twin = cls(twin_ps, **_kw(cls, backend))
+    for step in range(3):
+        grads = [_randn(gen, *p.shape) for p in init]
+        for p, q, g in zip(ps, twin_ps, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        if step == 0:
+            extra.grad = _randn(gen, 70)
+        opt.step()
+        twin.step()
+        released = [weakref.ref(p.grad) for p in ps]
+        opt.zero_grad()
+        gc.collect()
+        assert all(r() is None for r in released), f"step {step}: a zeroed grad is still referenced"
+        if step == 0:
+            removed = weakref.ref(extra)
+            opt.param_groups.pop()
+            del opt.state[extra], extra
+    gc.collect()
+    assert removed() is None, "a removed param is still referenced"
+    for i, (p, q) in enumerate(zip(ps, twin_ps)):
+        assert_identical(p.detach(), q.detach(), f"param {i}")
+        for key, value in twin.state[q].items():
+            assert_identical(opt.state[p][key], value, f"param {i} {key}")
 
 
 SCHEDULERS = {
