@@ -5,6 +5,7 @@ from __future__ import annotations
 from .optimizer import (
     DOC_LR,
     DOC_STORAGE,
+    DOC_TORCH_FLAGS,
     FusedOptimizer,
     check_betas,
     check_block_size,
@@ -14,7 +15,9 @@ from .optimizer import (
     check_min_8bit_size,
     check_master_weights,
     check_stochastic_rounding,
+    check_torch_flags,
     check_weight_decay,
+    torch_flags,
 )
 
 _MATH = r"""
@@ -39,7 +42,7 @@ _ARGS = r"""
         weight_decay: L2 penalty (Adam) or decoupled decay (AdamW).
         amsgrad: use the maximum of past second moments (Reddi et al., 2018).
         maximize: maximize the objective instead of minimizing it.
-        max_grad_norm: clip the global 2-norm of all gradients to this value inside the step
+""" + DOC_TORCH_FLAGS + r"""        max_grad_norm: clip the global 2-norm of all gradients to this value inside the step
             (``None``: no clipping). The unclipped norm is kept on the device as
             ``last_grad_norm``; a non-finite norm skips the step.
         backend: ``"auto"``, ``"triton"``, ``"cuda"`` or ``"reference"`` (the environment
@@ -54,10 +57,12 @@ _ARGS_8BIT = r"""        block_size: elements per quantization block, one fp32 a
 class _AdamFamily(FusedOptimizer):
     _family = "adam"
 
-    def __init__(self, params, lr, betas, eps, weight_decay, amsgrad, *, maximize,
-                 decoupled_weight_decay, max_grad_norm, backend, stochastic_rounding, **extra):
+    def __init__(self, params, lr, betas, eps, weight_decay, amsgrad, *, foreach, maximize, capturable,
+                 differentiable, fused, decoupled_weight_decay, max_grad_norm, backend, stochastic_rounding,
+                 **extra):
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
                         weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+                        **torch_flags(foreach, capturable, differentiable, fused),
                         decoupled_weight_decay=decoupled_weight_decay,
                         stochastic_rounding=stochastic_rounding, **extra)
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, backend=backend)
@@ -69,6 +74,7 @@ class _AdamFamily(FusedOptimizer):
         check_weight_decay(group["weight_decay"])
         for flag in ("amsgrad", "maximize", "decoupled_weight_decay"):
             check_flag(flag, group[flag])
+        check_torch_flags(group)
         check_stochastic_rounding(group)
         check_master_weights(group)
         if self._quantized:
@@ -97,10 +103,11 @@ class Adam(_AdamFamily):
     )
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 amsgrad=False, *, maximize=False, decoupled_weight_decay=False,
-                 max_grad_norm=None, backend="auto",
+                 amsgrad=False, *, foreach=None, maximize=False, capturable=False, differentiable=False,
+                 fused=None, decoupled_weight_decay=False, max_grad_norm=None, backend="auto",
                  stochastic_rounding=False, master_weights=False):
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
+                         capturable=capturable, differentiable=differentiable, fused=fused,
                          decoupled_weight_decay=decoupled_weight_decay,
                          max_grad_norm=max_grad_norm, backend=backend,
                          stochastic_rounding=stochastic_rounding, master_weights=master_weights)
@@ -121,9 +128,11 @@ class AdamW(_AdamFamily):
     )
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 amsgrad=False, *, maximize=False, max_grad_norm=None, backend="auto",
+                 amsgrad=False, *, maximize=False, foreach=None, capturable=False, differentiable=False,
+                 fused=None, max_grad_norm=None, backend="auto",
                  stochastic_rounding=False, master_weights=False):
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
+                         capturable=capturable, differentiable=differentiable, fused=fused,
                          decoupled_weight_decay=True, max_grad_norm=max_grad_norm,
                          backend=backend, stochastic_rounding=stochastic_rounding,
                          master_weights=master_weights)
@@ -154,10 +163,12 @@ class Adam8bit(_AdamFamily):
     _quantized = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 amsgrad=False, *, maximize=False, decoupled_weight_decay=False,
-                 max_grad_norm=None, backend="auto", block_size=256, min_8bit_size=4096,
+                 amsgrad=False, *, foreach=None, maximize=False, capturable=False, differentiable=False,
+                 fused=None, decoupled_weight_decay=False, max_grad_norm=None, backend="auto",
+                 block_size=256, min_8bit_size=4096,
                  stochastic_rounding=False, master_weights=False):
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
+                         capturable=capturable, differentiable=differentiable, fused=fused,
                          decoupled_weight_decay=decoupled_weight_decay,
                          max_grad_norm=max_grad_norm, backend=backend,
                          stochastic_rounding=stochastic_rounding, master_weights=master_weights,
@@ -179,9 +190,11 @@ class AdamW8bit(_AdamFamily):
     _quantized = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 amsgrad=False, *, maximize=False, max_grad_norm=None, backend="auto",
+                 amsgrad=False, *, maximize=False, foreach=None, capturable=False, differentiable=False,
+                 fused=None, max_grad_norm=None, backend="auto",
                  block_size=256, min_8bit_size=4096, stochastic_rounding=False, master_weights=False):
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
+                         capturable=capturable, differentiable=differentiable, fused=fused,
                          decoupled_weight_decay=True, max_grad_norm=max_grad_norm,
                          backend=backend, stochastic_rounding=stochastic_rounding,
                          master_weights=master_weights,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from .optimizer import (
     DOC_LR,
     DOC_STORAGE,
+    DOC_TORCH_FLAGS,
     FusedOptimizer,
     check_betas,
     check_eps,
@@ -13,7 +14,9 @@ from .optimizer import (
     check_lr,
     check_master_weights,
     check_stochastic_rounding,
+    check_torch_flags,
     check_weight_decay,
+    torch_flags,
 )
 
 
@@ -37,7 +40,7 @@ class LAMB(FusedOptimizer):
         eps: added to the denominator for numerical stability.
         weight_decay: decay added to the update before the trust ratio.
         bias_correction: divide the moments by ``1 - beta^t``.
-        max_grad_norm: clip the global 2-norm of all gradients inside the step (``None``: no
+""" + DOC_TORCH_FLAGS + r"""        max_grad_norm: clip the global 2-norm of all gradients inside the step (``None``: no
             clipping); the norm is kept on the device as ``last_grad_norm``.
         backend: ``"auto"``, ``"triton"``, ``"cuda"`` or ``"reference"``.
 """ + DOC_STORAGE + r"""
@@ -52,10 +55,11 @@ class LAMB(FusedOptimizer):
     _family = "lamb"
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=1e-2, *,
-                 bias_correction=True, max_grad_norm=None, backend="auto",
-                 stochastic_rounding=False, master_weights=False):
+                 bias_correction=True, foreach=None, capturable=False, differentiable=False, fused=None,
+                 max_grad_norm=None, backend="auto", stochastic_rounding=False, master_weights=False):
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
                         weight_decay=weight_decay, bias_correction=bias_correction,
+                        **torch_flags(foreach, capturable, differentiable, fused),
                         stochastic_rounding=stochastic_rounding, master_weights=master_weights)
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, backend=backend)
 
@@ -65,6 +69,7 @@ class LAMB(FusedOptimizer):
         check_betas(group["betas"])
         check_weight_decay(group["weight_decay"])
         check_flag("bias_correction", group["bias_correction"])
+        check_torch_flags(group)
         check_stochastic_rounding(group)
         check_master_weights(group)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from .optimizer import (
     DOC_LR,
     DOC_STORAGE,
+    DOC_TORCH_FLAGS,
     FusedOptimizer,
     check_betas,
     check_block_size,
@@ -13,7 +14,9 @@ from .optimizer import (
     check_min_8bit_size,
     check_master_weights,
     check_stochastic_rounding,
+    check_torch_flags,
     check_weight_decay,
+    torch_flags,
 )
 
 _DOC = r"""
@@ -32,7 +35,7 @@ _DOC = r"""
         params: an iterable of tensors or of param-group dicts.
 """ + DOC_LR + r"""        betas: interpolation for the update direction (beta1) and the momentum (beta2).
         weight_decay: decoupled weight decay.
-        max_grad_norm: clip the global 2-norm of all gradients inside the step (``None``: no
+""" + DOC_TORCH_FLAGS + r"""        max_grad_norm: clip the global 2-norm of all gradients inside the step (``None``: no
             clipping); the norm is kept on the device as ``last_grad_norm``.
         backend: ``"auto"``, ``"triton"``, ``"cuda"`` or ``"reference"``.
 """ + DOC_STORAGE
@@ -41,16 +44,18 @@ _DOC = r"""
 class _LionFamily(FusedOptimizer):
     _family = "lion"
 
-    def __init__(self, params, lr, betas, weight_decay, *, max_grad_norm, backend, stochastic_rounding,
-                 **extra):
+    def __init__(self, params, lr, betas, weight_decay, *, foreach, capturable, differentiable, fused,
+                 max_grad_norm, backend, stochastic_rounding, **extra):
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas,
-                        weight_decay=weight_decay, stochastic_rounding=stochastic_rounding, **extra)
+                        weight_decay=weight_decay, **torch_flags(foreach, capturable, differentiable, fused),
+                        stochastic_rounding=stochastic_rounding, **extra)
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, backend=backend)
 
     def _check_group(self, group: dict) -> None:
         check_lr(group["lr"])
         check_betas(group["betas"])
         check_weight_decay(group["weight_decay"])
+        check_torch_flags(group)
         check_stochastic_rounding(group)
         check_master_weights(group)
         if self._quantized:
@@ -71,10 +76,11 @@ class Lion(_LionFamily):
         >>> opt.step(); opt.zero_grad()
 """
 
-    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *,
-                 max_grad_norm=None, backend="auto",
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, foreach=None,
+                 capturable=False, differentiable=False, fused=None, max_grad_norm=None, backend="auto",
                  stochastic_rounding=False, master_weights=False):
-        super().__init__(params, lr, betas, weight_decay, max_grad_norm=max_grad_norm,
+        super().__init__(params, lr, betas, weight_decay, foreach=foreach, capturable=capturable,
+                         differentiable=differentiable, fused=fused, max_grad_norm=max_grad_norm,
                          backend=backend, stochastic_rounding=stochastic_rounding,
                          master_weights=master_weights)
 
@@ -93,10 +99,11 @@ class Lion8bit(_LionFamily):
 """
     _quantized = True
 
-    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *,
-                 max_grad_norm=None, backend="auto", block_size=256, min_8bit_size=4096,
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, foreach=None,
+                 capturable=False, differentiable=False, fused=None, max_grad_norm=None, backend="auto", block_size=256, min_8bit_size=4096,
                  stochastic_rounding=False, master_weights=False):
-        super().__init__(params, lr, betas, weight_decay, max_grad_norm=max_grad_norm,
+        super().__init__(params, lr, betas, weight_decay, foreach=foreach, capturable=capturable,
+                         differentiable=differentiable, fused=fused, max_grad_norm=max_grad_norm,
                          backend=backend, stochastic_rounding=stochastic_rounding,
                          master_weights=master_weights,
                          block_size=block_size, min_8bit_size=min_8bit_size)
