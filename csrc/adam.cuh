@@ -55,9 +55,9 @@ struct Adam {
     s.weight_decay = get(h.weight_decay);
     s.decay = h.decay.on_device ? 1.f - lr * s.weight_decay : h.decay.value;
     // As the reference rounds it: a number lr divided by a tensor is reciprocal() * lr in torch.
-    const float bias_correction1 = 1.f - powf(s.beta1, t);
+    const float bias_correction1 = bias_correction(h.beta1, s.beta1, t);
     s.step_size = h.lr.ptr ? lr / bias_correction1 : (1.f / bias_correction1) * lr;
-    s.bias_correction2_sqrt = sqrtf(1.f - powf(s.beta2, t));
+    s.bias_correction2_sqrt = sqrtf(bias_correction(h.beta2, s.beta2, t));
     s.maximize = h.maximize;
     s.decoupled = h.decoupled;
     return s;

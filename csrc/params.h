@@ -80,11 +80,13 @@ struct Scalar {
   const float* ptr;
 };
 
-// A beta, with 1 - beta computed in double on the host when beta is a number (as the
-// reference computes it), in fp32 on the device when it is a tensor.
+// A beta, with 1 - beta and log(beta) computed in double on the host when beta is a number (as
+// the reference computes them), on the device when it is a tensor (1 - beta in fp32, log(beta)
+// in double).
 struct Beta {
   float value;
   float one_minus;
+  double log;  // log(beta) (-inf for 0): the bias correction 1 - beta^t is -expm1(t * log)
   const float* ptr;
 };
 

@@ -218,23 +218,27 @@ def prologue(batch, tab: Table, values, beta1_index: int | None = None, beta2_in
     (:func:`hyper_args` of ``values``) and the step prologue (:func:`launch_steps`). Returns
     ``(values, in_memory, hyper_tensor)``; ``hyper_tensor`` is the batch's scalars when no value
     is a tensor (the kernels then never read it)."""
+    betas = [values[i] if i is not None else None for i in (beta1_index, beta2_index)]
     values, in_memory, values_tensor = hyper_args(values, batch.params[0].device)
     hyper_tensor = values_tensor if in_memory else batch.scalars
-    launch_steps(tab, batch.scalars, hyper_tensor, values, in_memory, beta1_index, beta2_index)
+    launch_steps(tab, batch.scalars, hyper_tensor, betas, (beta1_index, beta2_index))
     return values, in_memory, hyper_tensor
 
 
-def launch_steps(tab: Table, scalars: torch.Tensor, hyper_tensor: torch.Tensor, values, in_memory: bool,
-                 beta1_index: int | None = None, beta2_index: int | None = None) -> None:
-    """Write ``t``, ``beta1 ** t``, ``beta2 ** t`` of every tensor into ``tab.steps`` and advance
-    every step unless the step is skipped (one launch; see ``common.step_kernel``)."""
+def launch_steps(tab: Table, scalars: torch.Tensor, hyper_tensor: torch.Tensor, betas=(None, None),
+                 indices=(None, None)) -> None:
+    """Write ``t``, ``1 - beta1^t``, ``1 - beta2^t`` of every tensor into ``tab.steps`` and
+    advance every step unless the step is skipped (one launch; see ``common.step_kernel``).
+    ``betas``: the group's values (:func:`group_value`; None for a family without them), a
+    tensor one read at ``indices`` in ``hyper_tensor``; a number's log is taken here, in
+    double (see ``reference.log_beta``)."""
     from .common import step_kernel
 
-    beta1 = values[beta1_index] if beta1_index is not None else 0.0
-    beta2 = values[beta2_index] if beta2_index is not None else 0.0
+    logs = [reference.log_beta(b) if b is not None and not isinstance(b, torch.Tensor) else 0.0 for b in betas]
+    in_memory = [isinstance(b, torch.Tensor) for b in betas]
     step_kernel[(-(-tab.n_tensors // STEP_BLOCK),)](
-        tab.rows, tab.steps, tab.n_tensors, scalars, hyper_tensor, beta1, beta2,
+        tab.rows, tab.steps, tab.n_tensors, scalars, hyper_tensor, logs[0], logs[1],
         WIDTH=tab.width, STEP_COL=tab.width - 4,
-        BETA1_INDEX=beta1_index or 0, BETA2_INDEX=beta2_index or 0,
-        HYPER_IN_MEMORY=in_memory and beta1_index is not None, BLOCK=STEP_BLOCK,
+        BETA1_INDEX=indices[0] or 0, BETA2_INDEX=indices[1] or 0,
+        BETA1_IN_MEMORY=in_memory[0], BETA2_IN_MEMORY=in_memory[1], BLOCK=STEP_BLOCK,
     )

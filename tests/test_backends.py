@@ -404,3 +404,48 @@ def test_clip_grad_norm(device, backend):
     assert_close(norm, ref_norm, torch.float32, "norm")
     for i, (p, r) in enumerate(zip(params, ref_params)):
         assert_close(p.grad, r.grad, torch.float32, f"grad {i}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Bias corrections (1 - beta^t) at betas close to 1 and at a large step
+# ---------------------------------------------------------------------------------------------
+
+_B2 = (0.9, 0.99999)
+BIAS_CASES = [
+    Case("Adam", "fp32", dict(lr=10.0, betas=_B2, weight_decay=0.01, amsgrad=True), dict(betas=(0.8, 0.9999)),
+         sizes=(300, 17), sizes_b=(5,)),
+    Case("AdamW", "fp32", dict(lr=10.0, betas=_B2), dict(betas=(torch.tensor(0.9), torch.tensor(0.99999))),
+         sizes=(300, 17), sizes_b=(5,)),
+    Case("LAMB", "fp32", dict(lr=1.0, betas=_B2, weight_decay=0.1), dict(betas=(0.8, torch.tensor(0.9999))),
+         sizes=(300, 17), sizes_b=(5,)),
+    Case("AdamW8bit", "fp32", dict(lr=10.0, betas=_B2, amsgrad=True, min_8bit_size=256, block_size=128),
+         dict(betas=(torch.tensor(0.9), 0.9999)), sizes=(300, 17), sizes_b=(257,)),
+]
+
+
+def check_bias_corrections(case: Case, device: str, backend: str) -> None:
+    """Three steps from the start, then two at step 10**6, on ``backend`` and the reference.
+    With beta2 = 0.99999, ``1 - beta2 ** t`` in fp32 put the first updates off by 6.8e-4
+    (relative); ``lr`` is large so that the update, not the param, sets the tolerance."""
+    reason = backends.unavailable_reason(backend, torch.device(device))
+    if reason is not None:
+        pytest.skip(f"backend {backend!r} on {device}: {reason}")
+    ref = Runner(case, device, "reference")
+    run = Runner(case, device, backend)
+    gen = torch.Generator().manual_seed(5)
+    for step in range(5):
+        if step == 3:
+            for r in (ref, run):
+                for state in r.opt.state.values():
+                    state["step"].fill_(10**6 - 1)
+        values = _grads(case, run.params, device, gen)
+        ref.step(step, values)
+        run.step(step, values)
+        compare(case, run, ref, f"step {step}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", BIAS_CASES, ids=lambda c: c.id)
+def test_bias_corrections(case, device, backend):
+    check_bias_corrections(case, device, backend)

@@ -185,3 +185,9 @@ def test_stochastic_rounding_of_shards_draws_their_full_param_indices(emulated_o
     reference's bits, drawn for the elements' indices in the full params (see
     test_stochastic_rounding.check_shard_offsets). 8192: the wide-block kernel."""
     test_stochastic_rounding.check_shard_offsets("cuda", block_size)
+
+
+@pytest.mark.parametrize("case", [pytest.param(case, id=case.id) for case in test_backends.BIAS_CASES])
+def test_bias_corrections(emulated_once, case):
+    test_backends.check_bias_corrections(case, "cpu", "cuda")
+
