@@ -191,3 +191,7 @@ def test_stochastic_rounding_of_shards_draws_their_full_param_indices(emulated_o
 def test_bias_corrections(emulated_once, case):
     test_backends.check_bias_corrections(case, "cpu", "cuda")
 
+
+@pytest.mark.parametrize("cls", ["Adam8bit", "AdamW8bit"])
+def test_second_moment_overflow(emulated_once, cls):
+    test_nonfinite_8bit.check_second_moment_overflow(cls, "cuda")
