@@ -16,7 +16,8 @@ struct AdamStep {
 };
 
 // DESIGN.md "The math": g = -g if maximize; Adam: g += wd*p; AdamW: p *= 1 - lr*wd;
-// m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g^2; amsgrad: v_max = max(v_max, v), used as v;
+// m = b1*m + (1-b1)*g (NaN where m is infinite, as torch's lerp); v = b2*v + (1-b2)*g^2;
+// amsgrad: v_max = max(v_max, v), used as v;
 // p -= (lr / (1-b1^t)) * m / (sqrt(v) / sqrt(1-b2^t) + eps).
 template <bool AMSGRAD>
 __device__ __forceinline__ void adam_math(float& p, float g, float& m, float& v, float& v_max, const AdamStep& s) {
@@ -26,7 +27,8 @@ __device__ __forceinline__ void adam_math(float& p, float g, float& m, float& v,
   } else if (s.weight_decay != 0.f) {
     g = g + s.weight_decay * p;
   }
-  m = s.beta1 * m + s.one_minus_beta1 * g;
+  // torch updates m by lerp, m + (1 - b1) * (g - m): NaN where m is infinite
+  m = fabsf(m) == INFINITY ? NAN : s.beta1 * m + s.one_minus_beta1 * g;
   v = s.beta2 * v + s.one_minus_beta2 * g * g;
   float v_hat = v;
   if (AMSGRAD) {

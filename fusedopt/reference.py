@@ -46,6 +46,15 @@ def one_minus_power(beta, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (-torch.expm1(t * log_beta(beta))).to(dtype)
 
 
+def _add_decay(x, p, weight_decay):
+    """``x + weight_decay * p``, or ``x`` where ``weight_decay == 0``: torch's Adam skips the
+    term (``if weight_decay != 0``), so that ``0 * inf`` never makes a NaN of an infinite
+    param's gradient. A tensor weight decay is decided on the device (no host sync)."""
+    if isinstance(weight_decay, torch.Tensor):
+        return torch.where(weight_decay != 0, x + weight_decay * p, x)
+    return x + weight_decay * p if weight_decay != 0 else x
+
+
 def adam_math(p, g, m, v, v_max, *, t, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
               decoupled):
     """Adam / AdamW (torch semantics). Returns ``(p, m, v, v_max)``; ``v_max`` is None unless
@@ -54,9 +63,10 @@ def adam_math(p, g, m, v, v_max, *, t, lr, beta1, beta2, eps, weight_decay, amsg
         g = -g
     if decoupled:
         p = p * (1 - lr * weight_decay)
-    elif weight_decay != 0:
-        g = g + weight_decay * p
-    m = beta1 * m + (1 - beta1) * g
+    else:
+        g = _add_decay(g, p, weight_decay)
+    # torch updates m by lerp, m + (1 - beta1) * (g - m): NaN where m is infinite
+    m = torch.where(torch.isinf(m), torch.nan, beta1 * m + (1 - beta1) * g)
     v = beta2 * v + (1 - beta2) * g * g
     if amsgrad:
         v_max = torch.maximum(v_max, v)
@@ -78,7 +88,7 @@ def lamb_math(p, g, m, v, *, t, lr, beta1, beta2, eps, weight_decay, bias_correc
         v_hat = v / one_minus_power(beta2, t, p.dtype)
     else:
         m_hat, v_hat = m, v
-    u = m_hat / (torch.sqrt(v_hat) + eps) + weight_decay * p
+    u = _add_decay(m_hat / (torch.sqrt(v_hat) + eps), p, weight_decay)
     if all_reduce is None:
         p_norm = torch.linalg.vector_norm(p)
         u_norm = torch.linalg.vector_norm(u)

@@ -25,6 +25,7 @@ import torch
 import fusedopt
 import test_backends
 import test_cuda_gpu
+import test_nonfinite
 import test_nonfinite_8bit
 import test_optimizer
 import test_stochastic_rounding
@@ -190,6 +191,12 @@ def test_stochastic_rounding_of_shards_draws_their_full_param_indices(emulated_o
 @pytest.mark.parametrize("case", [pytest.param(case, id=case.id) for case in test_backends.BIAS_CASES])
 def test_bias_corrections(emulated_once, case):
     test_backends.check_bias_corrections(case, "cpu", "cuda")
+
+
+@pytest.mark.parametrize("kind", list(test_nonfinite.KINDS))
+@pytest.mark.parametrize("family", list(test_nonfinite.FAMILIES))
+def test_nonfinite_values(emulated_once, family, kind):
+    test_nonfinite.check_backend(family, kind, "cuda")
 
 
 @pytest.mark.parametrize("cls", ["Adam8bit", "AdamW8bit"])
