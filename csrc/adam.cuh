@@ -10,8 +10,8 @@ namespace fusedopt {
 struct AdamStep {
   float beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay;
   float decay;                  // AdamW: 1 - lr * weight_decay
-  float step_size;              // lr / (1 - beta1^t)
-  float bias_correction2_sqrt;  // sqrt(1 - beta2^t)
+  float step_size;              // lr / (1 - beta1^t), in double rounded once
+  float bias_correction2_sqrt;  // sqrt(1 - beta2^t), in double rounded once
   bool maximize, decoupled;
 };
 
@@ -56,10 +56,9 @@ struct Adam {
     s.eps = get(h.eps);
     s.weight_decay = get(h.weight_decay);
     s.decay = h.decay.on_device ? 1.f - lr * s.weight_decay : h.decay.value;
-    // As the reference rounds it: a number lr divided by a tensor is reciprocal() * lr in torch.
-    const float bias_correction1 = bias_correction(h.beta1, s.beta1, t);
-    s.step_size = h.lr.ptr ? lr / bias_correction1 : (1.f / bias_correction1) * lr;
-    s.bias_correction2_sqrt = sqrtf(bias_correction(h.beta2, s.beta2, t));
+    // In double, each rounded once to fp32, as the reference (and torch's for-loop) takes them.
+    s.step_size = float(get_double(h.lr) / one_minus_power(h.beta1, s.beta1, t));
+    s.bias_correction2_sqrt = float(sqrt(one_minus_power(h.beta2, s.beta2, t)));
     s.maximize = h.maximize;
     s.decoupled = h.decoupled;
     return s;

@@ -26,8 +26,8 @@ __device__ __forceinline__ LambStep lamb_step(const LambHyper& h, float t) {
   get(h.beta2, s.beta2, s.one_minus_beta2);
   s.eps = get(h.eps);
   s.weight_decay = get(h.weight_decay);
-  s.bias_correction1 = h.bias_correction ? bias_correction(h.beta1, s.beta1, t) : 1.f;
-  s.bias_correction2 = h.bias_correction ? bias_correction(h.beta2, s.beta2, t) : 1.f;
+  s.bias_correction1 = h.bias_correction ? float(one_minus_power(h.beta1, s.beta1, t)) : 1.f;
+  s.bias_correction2 = h.bias_correction ? float(one_minus_power(h.beta2, s.beta2, t)) : 1.f;
   return s;
 }
 

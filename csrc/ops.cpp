@@ -266,7 +266,7 @@ void check_codebook(const std::optional<Tensor>& codebook, int64_t block_size, O
 struct Hyper {
   std::vector<double> values;
   std::vector<const float*> ptrs;
-  Scalar scalar(int i) const { return Scalar{float(values[i]), ptrs[i]}; }
+  Scalar scalar(int i) const { return Scalar{values[i], ptrs[i]}; }
   Beta beta(int i) const {
     const double log = values[i] > 0 ? std::log(values[i]) : -std::numeric_limits<double>::infinity();
     return Beta{float(values[i]), float(1.0 - values[i]), log, ptrs[i]};

@@ -74,9 +74,10 @@ struct MultiTensor {
 };
 
 // A hyper-parameter: a value fixed at launch, or read on the device from a 1-element fp32
-// tensor (a tensor lr changes between steps without the host reading it).
+// tensor (a tensor lr changes between steps without the host reading it). The value is the
+// host's double (the kernels compute in its fp32 rounding, except Adam's step size).
 struct Scalar {
-  float value;
+  double value;
   const float* ptr;
 };
 

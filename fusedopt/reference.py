@@ -35,15 +35,21 @@ def log_beta(beta):
     return math.log(beta) if beta > 0 else -math.inf
 
 
-def one_minus_power(beta, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``1 - beta^t`` as ``-expm1(t * log(beta))`` in float64, rounded once to ``dtype``.
+def one_minus_power(beta, t: torch.Tensor) -> torch.Tensor:
+    """``1 - beta^t`` as ``-expm1(t * log(beta))``, a float64 tensor.
 
     ``beta`` is a Python number (exact double, as torch.optim's for-loop computes ``beta ** t``
     on the host) or a tensor; ``t`` a float64 step count on the device. ``1 - beta ** t`` in
     fp32 cancels: fp32(0.99999) is off from 0.99999 by 1.4e-5 of ``1 - beta``, so the first
     update was 6.8e-4 too large relative to float64 math; here the result is within an ulp of
-    ``dtype`` (no host sync: the step count never leaves the device)."""
-    return (-torch.expm1(t * log_beta(beta))).to(dtype)
+    float64 (no host sync: the step count never leaves the device). What is derived from it
+    (Adam's step size and square root, LAMB's divisors) is rounded once to the compute dtype."""
+    return -torch.expm1(t * log_beta(beta))
+
+
+def _float64(value):
+    """A hyper-parameter in float64: a Python number as it is, a tensor cast."""
+    return value.to(torch.float64) if isinstance(value, torch.Tensor) else value
 
 
 def _add_decay(x, p, weight_decay):
@@ -71,10 +77,12 @@ def adam_math(p, g, m, v, v_max, *, t, lr, beta1, beta2, eps, weight_decay, amsg
     if amsgrad:
         v_max = torch.maximum(v_max, v)
     v_hat = v_max if amsgrad else v
-    bias_correction1 = one_minus_power(beta1, t, p.dtype)
-    bias_correction2_sqrt = torch.sqrt(one_minus_power(beta2, t, p.dtype))
+    # lr / (1 - beta1^t) and sqrt(1 - beta2^t) in float64, each rounded once, as torch's for-loop
+    # takes them (in double on the host)
+    step_size = (_float64(lr) / one_minus_power(beta1, t)).to(p.dtype)
+    bias_correction2_sqrt = torch.sqrt(one_minus_power(beta2, t)).to(p.dtype)
     denom = torch.sqrt(v_hat) / bias_correction2_sqrt + eps
-    p = p - (lr / bias_correction1) * m / denom
+    p = p - step_size * m / denom
     return p, m, v, v_max
 
 
@@ -84,8 +92,8 @@ def lamb_math(p, g, m, v, *, t, lr, beta1, beta2, eps, weight_decay, bias_correc
     m = beta1 * m + (1 - beta1) * g
     v = beta2 * v + (1 - beta2) * g * g
     if bias_correction:
-        m_hat = m / one_minus_power(beta1, t, p.dtype)
-        v_hat = v / one_minus_power(beta2, t, p.dtype)
+        m_hat = m / one_minus_power(beta1, t).to(p.dtype)
+        v_hat = v / one_minus_power(beta2, t).to(p.dtype)
     else:
         m_hat, v_hat = m, v
     u = _add_decay(m_hat / (torch.sqrt(v_hat) + eps), p, weight_decay)

@@ -193,6 +193,10 @@ def test_bias_corrections(emulated_once, case):
     test_backends.check_bias_corrections(case, "cpu", "cuda")
 
 
+def test_step_size_rounded_once(emulated_once):
+    test_backends.check_step_size_rounded_once("cuda")
+
+
 @pytest.mark.parametrize("kind", list(test_nonfinite.KINDS))
 @pytest.mark.parametrize("family", list(test_nonfinite.FAMILIES))
 def test_nonfinite_values(emulated_once, family, kind):
