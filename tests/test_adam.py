@@ -499,4 +499,3 @@ def test_bias_corrections_match_float64(variant, beta2):
             assert_close(q, expected, torch.float32, f"{name} t={t} param against float64")
         if "torch" in runs:
             assert_close(runs["fusedopt"], runs["torch"], torch.float32, f"t={t} param against torch")
-
