@@ -10,13 +10,14 @@ namespace fusedopt {
 struct AdamStep {
   float beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay;
   float decay;                  // AdamW: 1 - lr * weight_decay
-  float step_size;              // lr / (1 - beta1^t)
-  float bias_correction2_sqrt;  // sqrt(1 - beta2^t)
+  float step_size;              // lr / (1 - beta1^t), in double rounded once
+  float bias_correction2_sqrt;  // sqrt(1 - beta2^t), in double rounded once
   bool maximize, decoupled;
 };
 
 // DESIGN.md "The math": g = -g if maximize; Adam: g += wd*p; AdamW: p *= 1 - lr*wd;
-// m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g^2; amsgrad: v_max = max(v_max, v), used as v;
+// m = b1*m + (1-b1)*g (NaN where m is infinite, as torch's lerp); v = b2*v + (1-b2)*g^2;
+// amsgrad: v_max = max(v_max, v), used as v;
 // p -= (lr / (1-b1^t)) * m / (sqrt(v) / sqrt(1-b2^t) + eps).
 template <bool AMSGRAD>
 __device__ __forceinline__ void adam_math(float& p, float g, float& m, float& v, float& v_max, const AdamStep& s) {
@@ -26,7 +27,8 @@ __device__ __forceinline__ void adam_math(float& p, float g, float& m, float& v,
   } else if (s.weight_decay != 0.f) {
     g = g + s.weight_decay * p;
   }
-  m = s.beta1 * m + s.one_minus_beta1 * g;
+  // torch updates m by lerp, m + (1 - b1) * (g - m): NaN where m is infinite
+  m = fabsf(m) == INFINITY ? NAN : s.beta1 * m + s.one_minus_beta1 * g;
   v = s.beta2 * v + s.one_minus_beta2 * g * g;
   float v_hat = v;
   if (AMSGRAD) {
@@ -54,10 +56,9 @@ struct Adam {
     s.eps = get(h.eps);
     s.weight_decay = get(h.weight_decay);
     s.decay = h.decay.on_device ? 1.f - lr * s.weight_decay : h.decay.value;
-    // As the reference rounds it: a number lr divided by a tensor is reciprocal() * lr in torch.
-    const float bias_correction1 = 1.f - powf(s.beta1, t);
-    s.step_size = h.lr.ptr ? lr / bias_correction1 : (1.f / bias_correction1) * lr;
-    s.bias_correction2_sqrt = sqrtf(1.f - powf(s.beta2, t));
+    // In double, each rounded once to fp32, as the reference (and torch's for-loop) takes them.
+    s.step_size = float(get_double(h.lr) / one_minus_power(h.beta1, s.beta1, t));
+    s.bias_correction2_sqrt = float(sqrt(one_minus_power(h.beta2, s.beta2, t)));
     s.maximize = h.maximize;
     s.decoupled = h.decoupled;
     return s;

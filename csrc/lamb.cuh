@@ -26,8 +26,8 @@ __device__ __forceinline__ LambStep lamb_step(const LambHyper& h, float t) {
   get(h.beta2, s.beta2, s.one_minus_beta2);
   s.eps = get(h.eps);
   s.weight_decay = get(h.weight_decay);
-  s.bias_correction1 = h.bias_correction ? 1.f - powf(s.beta1, t) : 1.f;
-  s.bias_correction2 = h.bias_correction ? 1.f - powf(s.beta2, t) : 1.f;
+  s.bias_correction1 = h.bias_correction ? float(one_minus_power(h.beta1, s.beta1, t)) : 1.f;
+  s.bias_correction2 = h.bias_correction ? float(one_minus_power(h.beta2, s.beta2, t)) : 1.f;
   return s;
 }
 
@@ -37,11 +37,12 @@ __device__ __forceinline__ void lamb_moments(float g, float& m, float& v, const 
   v = s.beta2 * v + s.one_minus_beta2 * g * g;
 }
 
-// u = m_hat / (sqrt(v_hat) + eps) + wd*p with m_hat = m / (1-b1^t), v_hat = v / (1-b2^t).
+// u = m_hat / (sqrt(v_hat) + eps) + wd*p (the term skipped when wd == 0, as Adam's) with m_hat = m / (1-b1^t), v_hat = v / (1-b2^t).
 __device__ __forceinline__ float lamb_direction(float p, float m, float v, const LambStep& s) {
   const float m_hat = m / s.bias_correction1;
   const float v_hat = v / s.bias_correction2;
-  return m_hat / (sqrtf(v_hat) + s.eps) + s.weight_decay * p;
+  const float u = m_hat / (sqrtf(v_hat) + s.eps);
+  return s.weight_decay != 0.f ? u + s.weight_decay * p : u;  // 0 * inf would make a NaN
 }
 
 // r = ||p|| / ||u|| when both are positive, else 1.

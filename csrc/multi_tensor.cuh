@@ -33,7 +33,8 @@
 
 namespace fusedopt {
 
-__device__ __forceinline__ float get(const Scalar& s) { return s.ptr ? __ldg(s.ptr) : s.value; }
+__device__ __forceinline__ float get(const Scalar& s) { return s.ptr ? __ldg(s.ptr) : float(s.value); }
+__device__ __forceinline__ double get_double(const Scalar& s) { return s.ptr ? double(__ldg(s.ptr)) : s.value; }
 
 __device__ __forceinline__ void get(const Beta& b, float& beta, float& one_minus_beta) {
   if (b.ptr) {
@@ -43,6 +44,14 @@ __device__ __forceinline__ void get(const Beta& b, float& beta, float& one_minus
     beta = b.value;
     one_minus_beta = b.one_minus;
   }
+}
+
+// 1 - beta^t as -expm1(t * log(beta)) in double (the reference's one_minus_power): 1 -
+// powf(beta, t) in fp32 cancels (fp32(0.99999) alone is off by 1.4e-5 of 1 - beta). What is
+// derived from it is rounded once to fp32. Once per work item, so double costs nothing here.
+__device__ __forceinline__ double one_minus_power(const Beta& b, float beta, float t) {
+  const double log_beta = b.ptr ? log(double(beta)) : b.log;
+  return -expm1(double(t) * log_beta);
 }
 
 // ---- element conversions: fp32 math, storage in the tensor's own dtype (round to nearest) ----

@@ -44,6 +44,7 @@
 #define FUSEDOPT_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
 
 #include <cmath>
+#include <limits>
 #include <optional>
 #include <string>
 #include <vector>
@@ -282,8 +283,11 @@ void check_codebook(const std::optional<Tensor>& codebook, int64_t block_size, O
 struct Hyper {
   std::vector<double> values;
   std::vector<const float*> ptrs;
-  Scalar scalar(int i) const { return Scalar{float(values[i]), ptrs[i]}; }
-  Beta beta(int i) const { return Beta{float(values[i]), float(1.0 - values[i]), ptrs[i]}; }
+  Scalar scalar(int i) const { return Scalar{values[i], ptrs[i]}; }
+  Beta beta(int i) const {
+    const double log = values[i] > 0 ? std::log(values[i]) : -std::numeric_limits<double>::infinity();
+    return Beta{float(values[i]), float(1.0 - values[i]), log, ptrs[i]};
+  }
   // 1 - lr * weight_decay, from entries lr and weight_decay.
   Decay decay(int lr, int weight_decay) const {
     return Decay{float(1.0 - values[lr] * values[weight_decay]), ptrs[lr] != nullptr || ptrs[weight_decay] != nullptr};

@@ -74,17 +74,20 @@ struct MultiTensor {
 };
 
 // A hyper-parameter: a value fixed at launch, or read on the device from a 1-element fp32
-// tensor (a tensor lr changes between steps without the host reading it).
+// tensor (a tensor lr changes between steps without the host reading it). The value is the
+// host's double (the kernels compute in its fp32 rounding, except Adam's step size).
 struct Scalar {
-  float value;
+  double value;
   const float* ptr;
 };
 
-// A beta, with 1 - beta computed in double on the host when beta is a number (as the
-// reference computes it), in fp32 on the device when it is a tensor.
+// A beta, with 1 - beta and log(beta) computed in double on the host when beta is a number (as
+// the reference computes them), on the device when it is a tensor (1 - beta in fp32, log(beta)
+// in double).
 struct Beta {
   float value;
   float one_minus;
+  double log;  // log(beta) (-inf for 0): the bias correction 1 - beta^t is -expm1(t * log)
   const float* ptr;
 };
 

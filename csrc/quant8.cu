@@ -35,7 +35,7 @@ __global__ void __launch_bounds__(kThreads)
         int c_[N];
         load<false>(x_, x + i, n);
 #pragma unroll
-        for (int j = 0; j < N; ++j) x_[j] = x_[j] / scale;
+        for (int j = 0; j < N; ++j) x_[j] = normalized(x_[j], scale);
         quantize(x_, c_, midpoints);
         store_codes<false>(codes + i, c_, n);
       }
@@ -57,7 +57,7 @@ __global__ void __launch_bounds__(kThreads)
     if (n > 0) {
       const float scale = m > 0.f ? m : 1.f;
 #pragma unroll
-      for (int j = 0; j < N; ++j) x_[j] = x_[j] / scale;
+      for (int j = 0; j < N; ++j) x_[j] = normalized(x_[j], scale);
       int c_[N];
       quantize(x_, c_, midpoints);
       store_codes<false>(codes + i, c_, n);

@@ -38,6 +38,14 @@ __device__ __forceinline__ void quantize(const float (&x)[N], int (&code)[N], co
   }
 }
 
+// What the search looks up for a state value s in a block of absmax scale: s / scale, or, where
+// that is NaN (inf / inf, a NaN state), -1 for a negative s and +1 otherwise (see the module
+// docstring of fusedopt/quant.py: +-inf then decodes back to +-inf, not 0 * inf = NaN).
+__device__ __forceinline__ float normalized(float s, float scale) {
+  const float x = s / scale;
+  return x == x ? x : (s < 0.f ? -1.f : 1.f);
+}
+
 template <bool VEC, int N>
 __device__ __forceinline__ void load_codes(int (&dst)[N], const uint8_t* src, int n) {
   if constexpr (VEC) {
@@ -73,7 +81,7 @@ __device__ __forceinline__ void requantize(uint8_t* dst, const float (&s)[N], fl
   float x[N];
   int code[N];
 #pragma unroll
-  for (int j = 0; j < N; ++j) x[j] = s[j] / scale;
+  for (int j = 0; j < N; ++j) x[j] = normalized(s[j], scale);
   quantize(x, code, midpoints);
   store_codes<VEC>(dst, code, n);
 }

@@ -20,6 +20,18 @@ divides by ``sqrt(v)``: a ``v`` rounded to zero while its ``m`` is not (``v/absm
 ``1.6e-7`` whenever ``|m|/absmax(m)`` falls below about ``4e-4``) turns the next step into
 ``m / (sqrt((1 - beta2) g^2) + eps)``, an update thousands of times ``lr`` when ``g`` is small.
 Rounding such a ``v`` up to the smallest code only makes that element's step smaller.
+
+Non-finite states. ``absmax`` is NaN when the block holds a NaN (the whole block then decodes
+to NaN, whatever its codes), ``+inf`` when it holds an infinity. There ``x = state / absmax`` is
+NaN for the infinite entries (``inf / inf``), and such an ``x`` is taken as ``-1`` if the state
+is negative, else ``+1`` (so a NaN state gets the top code, 255, in both maps): ``±inf`` is
+``±1 * absmax``, the limit of the ratio, and decodes back to ``±inf``. This is what keeps Adam on
+torch's path when ``g^2`` overflows: torch keeps ``exp_avg_sq = inf`` and ``p`` unchanged
+(``m / inf = 0``); the code 0 a plain search gives NaN instead decoded to ``0 * inf = NaN`` and
+made every param of the block NaN. Every backend applies the same rule before its search, so
+the codes agree for non-finite states too. Finite entries of a block whose ``absmax`` is
+``inf`` quantize to 0 and decode to ``0 * inf = NaN``: one fp32 scale per block cannot hold
+both (torch keeps them finite; the fp32 states of a small tensor do too).
 """
 
 from __future__ import annotations
@@ -134,7 +146,8 @@ def quantize_blockwise(
 
     ``absmax = max |x|`` over each block; each element gets the nearest code of
     ``x / absmax`` (fp32), except that a positive ``x`` never gets the unsigned map's zero
-    code (see the module docstring). An all-zero block keeps ``absmax = 0`` and encodes as the zero code:
+    code, and an ``x / absmax`` that is NaN (``inf / inf``, a NaN state) counts as ``-1`` for a
+    negative ``x``, else ``+1`` (see the module docstring). An all-zero block keeps ``absmax = 0`` and encodes as the zero code:
     nothing divides by zero. Writes into ``codes_out`` / ``absmax_out`` when given.
 
     Blocks run over the memory order of ``x``'s layout (row-major for a contiguous ``x``; see
@@ -156,6 +169,9 @@ def quantize_blockwise(
     absmax = blocks.abs().amax(dim=1)
     safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
     normed = (blocks / safe[:, None]).reshape(-1)[: x.numel()]
+    # inf / inf (and a NaN state): +-1 by the state's sign (see the module docstring)
+    flat = blocks.reshape(-1)[: x.numel()]
+    normed = torch.where(torch.isnan(normed), torch.where(flat < 0, -1.0, 1.0), normed)
     codes = torch.bucketize(normed, midpoints(signed, x.device), right=False).to(torch.uint8)
     codes = layout.unflat(codes, x.shape, layout.strides(x))
     if codes_out is not None:

@@ -13,6 +13,8 @@ device, so a skipped step is decided without a host sync.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import layout, quant
@@ -20,8 +22,43 @@ from .scalars import GRAD_MULT, SKIP
 
 # --------------------------------------------------------------------------------------------
 # The math, once per family. Inputs are tensors in the compute dtype; returns new tensors.
-# ``t`` is the step count after the increment (a tensor, so it may live on the device).
+# ``t`` is the step count after the increment (a float64 tensor, so it may live on the device).
 # --------------------------------------------------------------------------------------------
+
+
+def log_beta(beta):
+    """``log(beta)`` in float64: of a Python number on the host (``-inf`` for 0), of a tensor
+    (whatever its dtype) on its device. What :func:`one_minus_power` starts from; the kernels
+    take the same value (a float64 kernel argument, or computed on the device from a tensor)."""
+    if isinstance(beta, torch.Tensor):
+        return torch.log(beta.to(torch.float64))
+    return math.log(beta) if beta > 0 else -math.inf
+
+
+def one_minus_power(beta, t: torch.Tensor) -> torch.Tensor:
+    """``1 - beta^t`` as ``-expm1(t * log(beta))``, a float64 tensor.
+
+    ``beta`` is a Python number (exact double, as torch.optim's for-loop computes ``beta ** t``
+    on the host) or a tensor; ``t`` a float64 step count on the device. ``1 - beta ** t`` in
+    fp32 cancels: fp32(0.99999) is off from 0.99999 by 1.4e-5 of ``1 - beta``, so the first
+    update was 6.8e-4 too large relative to float64 math; here the result is within an ulp of
+    float64 (no host sync: the step count never leaves the device). What is derived from it
+    (Adam's step size and square root, LAMB's divisors) is rounded once to the compute dtype."""
+    return -torch.expm1(t * log_beta(beta))
+
+
+def _float64(value):
+    """A hyper-parameter in float64: a Python number as it is, a tensor cast."""
+    return value.to(torch.float64) if isinstance(value, torch.Tensor) else value
+
+
+def _add_decay(x, p, weight_decay):
+    """``x + weight_decay * p``, or ``x`` where ``weight_decay == 0``: torch's Adam skips the
+    term (``if weight_decay != 0``), so that ``0 * inf`` never makes a NaN of an infinite
+    param's gradient. A tensor weight decay is decided on the device (no host sync)."""
+    if isinstance(weight_decay, torch.Tensor):
+        return torch.where(weight_decay != 0, x + weight_decay * p, x)
+    return x + weight_decay * p if weight_decay != 0 else x
 
 
 def adam_math(p, g, m, v, v_max, *, t, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
@@ -32,17 +69,20 @@ def adam_math(p, g, m, v, v_max, *, t, lr, beta1, beta2, eps, weight_decay, amsg
         g = -g
     if decoupled:
         p = p * (1 - lr * weight_decay)
-    elif weight_decay != 0:
-        g = g + weight_decay * p
-    m = beta1 * m + (1 - beta1) * g
+    else:
+        g = _add_decay(g, p, weight_decay)
+    # torch updates m by lerp, m + (1 - beta1) * (g - m): NaN where m is infinite
+    m = torch.where(torch.isinf(m), torch.nan, beta1 * m + (1 - beta1) * g)
     v = beta2 * v + (1 - beta2) * g * g
     if amsgrad:
         v_max = torch.maximum(v_max, v)
     v_hat = v_max if amsgrad else v
-    bias_correction1 = 1 - beta1 ** t
-    bias_correction2_sqrt = torch.sqrt(1 - beta2 ** t)
+    # lr / (1 - beta1^t) and sqrt(1 - beta2^t) in float64, each rounded once, as torch's for-loop
+    # takes them (in double on the host)
+    step_size = (_float64(lr) / one_minus_power(beta1, t)).to(p.dtype)
+    bias_correction2_sqrt = torch.sqrt(one_minus_power(beta2, t)).to(p.dtype)
     denom = torch.sqrt(v_hat) / bias_correction2_sqrt + eps
-    p = p - (lr / bias_correction1) * m / denom
+    p = p - step_size * m / denom
     return p, m, v, v_max
 
 
@@ -52,11 +92,11 @@ def lamb_math(p, g, m, v, *, t, lr, beta1, beta2, eps, weight_decay, bias_correc
     m = beta1 * m + (1 - beta1) * g
     v = beta2 * v + (1 - beta2) * g * g
     if bias_correction:
-        m_hat = m / (1 - beta1 ** t)
-        v_hat = v / (1 - beta2 ** t)
+        m_hat = m / one_minus_power(beta1, t).to(p.dtype)
+        v_hat = v / one_minus_power(beta2, t).to(p.dtype)
     else:
         m_hat, v_hat = m, v
-    u = m_hat / (torch.sqrt(v_hat) + eps) + weight_decay * p
+    u = _add_decay(m_hat / (torch.sqrt(v_hat) + eps), p, weight_decay)
     if all_reduce is None:
         p_norm = torch.linalg.vector_norm(p)
         u_norm = torch.linalg.vector_norm(u)
@@ -219,7 +259,7 @@ def adam(batch) -> None:
     for i, (param, grad, step) in enumerate(zip(batch.params, batch.grads, batch.steps)):
         dt = compute_dtype(param)
         beta1, beta2 = (_hyper(b, dt) for b in group["betas"])
-        t = (step.to(torch.float64) + 1).to(dt)
+        t = step.to(torch.float64) + 1
         p, m, v, v_max = adam_math(
             param.to(dt),
             grad.to(dt) * grad_mult.to(dt),
@@ -251,7 +291,7 @@ def lamb(batch) -> None:
     for i, (param, grad, step) in enumerate(zip(batch.params, batch.grads, batch.steps)):
         dt = compute_dtype(param)
         beta1, beta2 = (_hyper(b, dt) for b in group["betas"])
-        t = (step.to(torch.float64) + 1).to(dt)
+        t = step.to(torch.float64) + 1
         p, m, v = lamb_math(
             param.to(dt),
             grad.to(dt) * grad_mult.to(dt),
@@ -279,7 +319,7 @@ def lion(batch) -> None:
     for i, (param, grad, step) in enumerate(zip(batch.params, batch.grads, batch.steps)):
         dt = compute_dtype(param)
         beta1, beta2 = (_hyper(b, dt) for b in group["betas"])
-        t = (step.to(torch.float64) + 1).to(dt)
+        t = step.to(torch.float64) + 1
         p, m = lion_math(
             param.to(dt),
             grad.to(dt) * grad_mult.to(dt),

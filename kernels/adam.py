@@ -33,9 +33,10 @@ def adam_math(p, g, m, v, v_max, beta1, one_minus_beta1, beta2, one_minus_beta2,
         g = -g
     if DECOUPLED:
         p = p * decay
-    else:
+    elif weight_decay != 0.0:  # a runtime branch, as torch's: 0 * inf would make a NaN
         g = g + weight_decay * p
-    m = beta1 * m + one_minus_beta1 * g
+    # torch updates m by lerp, m + (1 - beta1) * (g - m): NaN where m is infinite
+    m = tl.where(tl.abs(m) == float("inf"), float("nan"), beta1 * m + one_minus_beta1 * g)
     v = beta2 * v + one_minus_beta2 * g * g
     if AMSGRAD:
         v_max = tl.maximum(v_max, v, propagate_nan=tl.PropagateNan.ALL)
@@ -51,11 +52,10 @@ def adam_math(p, g, m, v, v_max, beta1, one_minus_beta1, beta2, one_minus_beta2,
 def _tensor_scalars(steps, tensor, hyper_values, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
                     weight_decay, decay, HYPER_IN_MEMORY: tl.constexpr):
     """A tensor's runtime hyper-parameters (the kernel's arguments, or read from ``hyper_values``:
-    see table.hyper_args) and its ``step_size``, ``bias_correction2_sqrt``, derived as the reference
-    derives them: ``(beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay,
-    step_size, bias_correction2_sqrt)``."""
+    see table.hyper_args) and its ``step_size``, ``bias_correction2_sqrt`` (from the step prologue,
+    which derives them as the reference does): ``(beta1, one_minus_beta1, beta2, one_minus_beta2,
+    eps, weight_decay, decay, step_size, bias_correction2_sqrt)``."""
     if HYPER_IN_MEMORY:
-        lr = tl.load(hyper_values + 0)
         beta1 = tl.load(hyper_values + 1)
         one_minus_beta1 = tl.load(hyper_values + 2)
         beta2 = tl.load(hyper_values + 3)
@@ -63,14 +63,9 @@ def _tensor_scalars(steps, tensor, hyper_values, lr, beta1, one_minus_beta1, bet
         eps = tl.load(hyper_values + 5)
         weight_decay = tl.load(hyper_values + 6)
         decay = tl.load(hyper_values + 7)
-    bias_correction1, bias_correction2 = common.bias_corrections(steps, tensor)
-    if HYPER_IN_MEMORY:
-        step_size = tl.div_rn(lr, bias_correction1)
-    else:
-        # torch evaluates ``float / tensor`` as ``tensor.reciprocal() * float``
-        step_size = tl.div_rn(tl.full([], 1.0, tl.float32), bias_correction1) * lr
+    step_size, bias_correction2_sqrt = common.bias_corrections(steps, tensor)
     return (beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay, step_size,
-            tl.sqrt_rn(bias_correction2))
+            bias_correction2_sqrt)
 
 
 @triton.jit
@@ -230,7 +225,8 @@ def step(batch) -> None:
     tab = table.lookup(batch.cache, "adam", streams, vector_streams=len(streams) - 1, chunk=table.CHUNK,
                        extra=table.rounding(batch) if stochastic else None)
     device = batch.params[0].device
-    values, in_memory, hyper_tensor = table.prologue(batch, tab, hyper_values(group, device), beta1_index=1, beta2_index=3)
+    values, in_memory, hyper_tensor = table.prologue(batch, tab, hyper_values(group, device), beta1_index=1, beta2_index=3,
+                                                     adam=True)
     scalars = batch.scalars
     if tab.n_work == 0:
         return
@@ -258,7 +254,8 @@ def step8bit(batch) -> None:
     tab = table.lookup(batch.cache, "adam8bit", streams, vector_streams=2 + len(names),
                        chunk=quant.chunk(batch.block_size), extra=table.rounding(batch) if stochastic else None)
     device = batch.params[0].device
-    values, in_memory, hyper_tensor = table.prologue(batch, tab, hyper_values(group, device), beta1_index=1, beta2_index=3)
+    values, in_memory, hyper_tensor = table.prologue(batch, tab, hyper_values(group, device), beta1_index=1, beta2_index=3,
+                                                     adam=True)
     scalars = batch.scalars
     if tab.n_work == 0:
         return

@@ -38,8 +38,8 @@ SKIP: tl.constexpr = tl.constexpr(_SKIP)
 
 # Columns of the per-tensor step buffer written by ``step_kernel`` (fp32 each).
 T_COL: tl.constexpr = tl.constexpr(0)  # t, the step count after this step
-POW1_COL: tl.constexpr = tl.constexpr(1)  # beta1 ** t
-POW2_COL: tl.constexpr = tl.constexpr(2)  # beta2 ** t
+BC1_COL: tl.constexpr = tl.constexpr(1)  # 1 - beta1 ** t (Adam: lr / (1 - beta1 ** t))
+BC2_COL: tl.constexpr = tl.constexpr(2)  # 1 - beta2 ** t (Adam: sqrt(1 - beta2 ** t))
 STEP_WIDTH: tl.constexpr = tl.constexpr(4)
 
 
@@ -132,9 +132,10 @@ def first_index(row, start, WIDTH: tl.constexpr, STOCHASTIC: tl.constexpr):
 
 @triton.jit
 def bias_corrections(steps, tensor):
-    """``(1 - beta1^t, 1 - beta2^t)`` of this tensor, from the step buffer."""
-    bias_correction1 = 1.0 - tl.load(steps + tensor * STEP_WIDTH + POW1_COL)
-    bias_correction2 = 1.0 - tl.load(steps + tensor * STEP_WIDTH + POW2_COL)
+    """``(1 - beta1^t, 1 - beta2^t)`` of this tensor, from the step buffer (Adam's:
+    ``(lr / (1 - beta1^t), sqrt(1 - beta2^t))``, see :func:`step_kernel`)."""
+    bias_correction1 = tl.load(steps + tensor * STEP_WIDTH + BC1_COL)
+    bias_correction2 = tl.load(steps + tensor * STEP_WIDTH + BC2_COL)
     return bias_correction1, bias_correction2
 
 
@@ -193,26 +194,38 @@ def store_param(p_ptr, o, p, mask, index, key, P_DTYPE: tl.constexpr, STOCHASTIC
 
 
 @triton.jit
-def pow_int(base, t):
-    """``base ** t`` for fp32 ``base`` and integer-valued fp32 ``t`` (< 2**25), by squaring in
-    fp64 and rounded once to fp32: within an ulp of the reference's ``powf``, and the same bits
-    on the GPU and in the interpreter."""
-    b = base.to(tl.float64)
-    e = t.to(tl.int32)
-    result = tl.full(e.shape, 1.0, tl.float64)
-    while tl.max(e, axis=0) > 0:
-        result = tl.where((e & 1) != 0, result * b, result)
-        b = b * b
-        e = e >> 1
-    return result.to(tl.float32)
+def neg_expm1(x):
+    """``-expm1(x) = 1 - e^x`` for fp64 ``x <= 0``, accurate to a few ulp (Kahan's
+    ``(u - 1) * x / log(u)`` with ``u = e^x``: the rounding error of ``u`` cancels in the
+    ratio). libdevice's ``expm1`` is not available in the interpreter; this is the same code
+    on the GPU and in it."""
+    u = tl.exp(x)
+    d = u - 1.0
+    exact = (u == 1.0) | (d == -1.0)  # |x| below an ulp of 1 (then expm1(x) = x), or e^x < ulp
+    ratio = d * x / tl.log(tl.where(exact, 2.0, u))
+    return -tl.where(exact, tl.where(u == 1.0, x, d), ratio)
+
+
+@triton.jit
+def one_minus_power(log_beta, t):
+    """``1 - beta^t`` as ``-expm1(t * log(beta))`` in fp64 from fp64 ``log_beta`` and fp32 ``t``
+    (``fusedopt.reference.one_minus_power``): no cancellation, whatever ``beta``."""
+    return neg_expm1(t.to(tl.float64) * log_beta)
 
 
 @triton.jit(do_not_specialize=["n"])
-def step_kernel(table, out, n, scalars, hyper_values, beta1, beta2, WIDTH: tl.constexpr,
-                STEP_COL: tl.constexpr, BETA1_INDEX: tl.constexpr, BETA2_INDEX: tl.constexpr,
-                HYPER_IN_MEMORY: tl.constexpr, BLOCK: tl.constexpr):
-    """Before a family pass: ``t = step + 1`` and ``beta1 ** t``, ``beta2 ** t`` of every tensor
-    into ``out`` (read by the pass), and each step advanced unless the step is skipped.
+def step_kernel(table, out, n, scalars, hyper_values, lr: tl.float64, log_beta1: tl.float64,
+                log_beta2: tl.float64, WIDTH: tl.constexpr, STEP_COL: tl.constexpr, ADAM: tl.constexpr,
+                LR_IN_MEMORY: tl.constexpr, BETA1_INDEX: tl.constexpr, BETA2_INDEX: tl.constexpr,
+                BETA1_IN_MEMORY: tl.constexpr, BETA2_IN_MEMORY: tl.constexpr, BLOCK: tl.constexpr):
+    """Before a family pass: ``t = step + 1`` and ``1 - beta1^t``, ``1 - beta2^t`` of every tensor
+    into ``out`` (read by the pass), and each step advanced unless the step is skipped. With
+    ``ADAM``, ``lr / (1 - beta1^t)`` and ``sqrt(1 - beta2^t)`` instead. Each is computed in fp64
+    and rounded once to fp32, as the reference computes them (and torch's for-loop, on the host).
+
+    ``log_beta1``, ``log_beta2``: ``log(beta)`` in fp64, of the Python number on the host
+    (``fusedopt.reference.log_beta``); a beta that is a tensor (``BETA*_IN_MEMORY``) is read
+    from ``hyper_values`` and its log taken here in fp64. ``lr`` likewise (index 0).
 
     Doing this in its own launch keeps the family kernels free of the race between the
     programs that read a tensor's step and the one that would advance it."""
@@ -222,10 +235,19 @@ def step_kernel(table, out, n, scalars, hyper_values, beta1, beta2, WIDTH: tl.co
     step_ptr = tl.load(table + i.to(tl.int64) * WIDTH + STEP_COL, mask=mask, other=0).to(tl.pointer_type(tl.float32))
     step = tl.load(step_ptr, mask=mask, other=0.0)
     t = step + 1.0
-    if HYPER_IN_MEMORY:  # see table.hyper_args
-        beta1 = tl.load(hyper_values + BETA1_INDEX)
-        beta2 = tl.load(hyper_values + BETA2_INDEX)
+    if BETA1_IN_MEMORY:  # see table.hyper_args
+        log_beta1 = tl.log(tl.load(hyper_values + BETA1_INDEX).to(tl.float64))
+    if BETA2_IN_MEMORY:
+        log_beta2 = tl.log(tl.load(hyper_values + BETA2_INDEX).to(tl.float64))
+    bias_correction1 = one_minus_power(log_beta1, t)
+    bias_correction2 = one_minus_power(log_beta2, t)
+    if ADAM:
+        if LR_IN_MEMORY:
+            lr = tl.load(hyper_values).to(tl.float64)
+        # fp64 / and sqrt are IEEE-rounded (div.rn.f64, sqrt.rn.f64); div_rn, sqrt_rn are fp32 only
+        bias_correction1 = lr / bias_correction1
+        bias_correction2 = tl.sqrt(bias_correction2)
     tl.store(out + i * STEP_WIDTH + T_COL, t, mask=mask)
-    tl.store(out + i * STEP_WIDTH + POW1_COL, pow_int(beta1 + tl.zeros_like(t), t), mask=mask)
-    tl.store(out + i * STEP_WIDTH + POW2_COL, pow_int(beta2 + tl.zeros_like(t), t), mask=mask)
+    tl.store(out + i * STEP_WIDTH + BC1_COL, bias_correction1.to(tl.float32), mask=mask)
+    tl.store(out + i * STEP_WIDTH + BC2_COL, bias_correction2.to(tl.float32), mask=mask)
     tl.store(step_ptr, t, mask=i < tl.where(skip == 0, n, 0))

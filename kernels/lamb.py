@@ -32,7 +32,10 @@ def lamb_direction(p, m, v, eps, weight_decay, bias_correction1, bias_correction
     else:
         m_hat = m
         v_hat = v
-    return tl.div_rn(m_hat, tl.sqrt_rn(v_hat) + eps) + weight_decay * p
+    u = tl.div_rn(m_hat, tl.sqrt_rn(v_hat) + eps)
+    if weight_decay != 0.0:  # a runtime branch: 0 * inf would make a NaN
+        u = u + weight_decay * p
+    return u
 
 
 @triton.jit

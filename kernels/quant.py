@@ -83,6 +83,7 @@ def store_state(state, codes_ptr, absmax_ptr, o, blocks, mask, row_mask, mids):
     absmax = tl.where(nans > 0, float("nan"), tl.max(magnitude, axis=1))
     safe = tl.where(absmax > 0, absmax, 1.0)
     x = tl.div_rn(state, safe[:, None])
+    x = tl.where(x != x, tl.where(state < 0, -1.0, 1.0), x)  # inf / inf, NaN: see fusedopt.quant
     code = tl.zeros(x.shape, tl.int32)
     for level in tl.static_range(8):
         half = 128 >> level

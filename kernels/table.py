@@ -213,28 +213,39 @@ def rounding(batch) -> list[tuple[int, int]]:
     return list(zip(batch.positions, offsets))
 
 
-def prologue(batch, tab: Table, values, beta1_index: int | None = None, beta2_index: int | None = None):
+def prologue(batch, tab: Table, values, beta1_index: int | None = None, beta2_index: int | None = None,
+             adam: bool = False):
     """What every family launch over ``batch`` starts with: its runtime hyper-parameters
     (:func:`hyper_args` of ``values``) and the step prologue (:func:`launch_steps`). Returns
     ``(values, in_memory, hyper_tensor)``; ``hyper_tensor`` is the batch's scalars when no value
-    is a tensor (the kernels then never read it)."""
+    is a tensor (the kernels then never read it). ``adam``: the prologue derives Adam's step
+    size from ``values[0]``, the lr (see ``common.step_kernel``)."""
+    betas = [values[i] if i is not None else None for i in (beta1_index, beta2_index)]
+    lr = values[0] if adam else None
     values, in_memory, values_tensor = hyper_args(values, batch.params[0].device)
     hyper_tensor = values_tensor if in_memory else batch.scalars
-    launch_steps(tab, batch.scalars, hyper_tensor, values, in_memory, beta1_index, beta2_index)
+    launch_steps(tab, batch.scalars, hyper_tensor, betas, (beta1_index, beta2_index), lr)
     return values, in_memory, hyper_tensor
 
 
-def launch_steps(tab: Table, scalars: torch.Tensor, hyper_tensor: torch.Tensor, values, in_memory: bool,
-                 beta1_index: int | None = None, beta2_index: int | None = None) -> None:
-    """Write ``t``, ``beta1 ** t``, ``beta2 ** t`` of every tensor into ``tab.steps`` and advance
-    every step unless the step is skipped (one launch; see ``common.step_kernel``)."""
+def launch_steps(tab: Table, scalars: torch.Tensor, hyper_tensor: torch.Tensor, betas=(None, None),
+                 indices=(None, None), lr=None) -> None:
+    """Write ``t``, ``1 - beta1^t``, ``1 - beta2^t`` of every tensor into ``tab.steps`` (with an
+    ``lr``: Adam's ``lr / (1 - beta1^t)``, ``sqrt(1 - beta2^t)``) and advance every step unless
+    the step is skipped (one launch; see ``common.step_kernel``). ``betas`` and ``lr``: the
+    group's values (:func:`group_value`; None for a family without them), a tensor one read at
+    ``indices`` (the lr at 0) in ``hyper_tensor``; a number passes in double, a beta as its log
+    (see ``reference.log_beta``)."""
     from .common import step_kernel
 
-    beta1 = values[beta1_index] if beta1_index is not None else 0.0
-    beta2 = values[beta2_index] if beta2_index is not None else 0.0
+    def number(value):
+        return value is not None and not isinstance(value, torch.Tensor)
+
+    logs = [reference.log_beta(b) if number(b) else 0.0 for b in betas]
     step_kernel[(-(-tab.n_tensors // STEP_BLOCK),)](
-        tab.rows, tab.steps, tab.n_tensors, scalars, hyper_tensor, beta1, beta2,
-        WIDTH=tab.width, STEP_COL=tab.width - 4,
-        BETA1_INDEX=beta1_index or 0, BETA2_INDEX=beta2_index or 0,
-        HYPER_IN_MEMORY=in_memory and beta1_index is not None, BLOCK=STEP_BLOCK,
+        tab.rows, tab.steps, tab.n_tensors, scalars, hyper_tensor, float(lr) if number(lr) else 0.0, logs[0],
+        logs[1], WIDTH=tab.width, STEP_COL=tab.width - 4, ADAM=lr is not None,
+        LR_IN_MEMORY=isinstance(lr, torch.Tensor), BETA1_INDEX=indices[0] or 0, BETA2_INDEX=indices[1] or 0,
+        BETA1_IN_MEMORY=isinstance(betas[0], torch.Tensor), BETA2_IN_MEMORY=isinstance(betas[1], torch.Tensor),
+        BLOCK=STEP_BLOCK,
     )

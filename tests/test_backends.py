@@ -21,7 +21,7 @@ import torch
 
 import fusedopt
 from fusedopt import backends, quant
-from fusedopt.testing import assert_close
+from fusedopt.testing import assert_close, assert_identical
 
 BACKENDS = ("triton", "cuda")
 DEVICES = ("cpu", pytest.param("cuda", marks=pytest.mark.gpu))
@@ -404,3 +404,80 @@ def test_clip_grad_norm(device, backend):
     assert_close(norm, ref_norm, torch.float32, "norm")
     for i, (p, r) in enumerate(zip(params, ref_params)):
         assert_close(p.grad, r.grad, torch.float32, f"grad {i}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Bias corrections (1 - beta^t) at betas close to 1 and at a large step
+# ---------------------------------------------------------------------------------------------
+
+_B2 = (0.9, 0.99999)
+BIAS_CASES = [
+    Case("Adam", "fp32", dict(lr=10.0, betas=_B2, weight_decay=0.01, amsgrad=True), dict(betas=(0.8, 0.9999)),
+         sizes=(300, 17), sizes_b=(5,)),
+    Case("AdamW", "fp32", dict(lr=10.0, betas=_B2), dict(betas=(torch.tensor(0.9), torch.tensor(0.99999))),
+         sizes=(300, 17), sizes_b=(5,)),
+    Case("LAMB", "fp32", dict(lr=1.0, betas=_B2, weight_decay=0.1), dict(betas=(0.8, torch.tensor(0.9999))),
+         sizes=(300, 17), sizes_b=(5,)),
+    Case("AdamW8bit", "fp32", dict(lr=10.0, betas=_B2, amsgrad=True, min_8bit_size=256, block_size=128),
+         dict(betas=(torch.tensor(0.9), 0.9999)), sizes=(300, 17), sizes_b=(257,)),
+]
+
+
+def check_bias_corrections(case: Case, device: str, backend: str) -> None:
+    """Three steps from the start, then two at step 10**6, on ``backend`` and the reference.
+    With beta2 = 0.99999, ``1 - beta2 ** t`` in fp32 put the first updates off by 6.8e-4
+    (relative); ``lr`` is large so that the update, not the param, sets the tolerance."""
+    reason = backends.unavailable_reason(backend, torch.device(device))
+    if reason is not None:
+        pytest.skip(f"backend {backend!r} on {device}: {reason}")
+    ref = Runner(case, device, "reference")
+    run = Runner(case, device, backend)
+    gen = torch.Generator().manual_seed(5)
+    for step in range(5):
+        if step == 3:
+            for r in (ref, run):
+                for state in r.opt.state.values():
+                    state["step"].fill_(10**6 - 1)
+        values = _grads(case, run.params, device, gen)
+        ref.step(step, values)
+        run.step(step, values)
+        compare(case, run, ref, f"step {step}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", BIAS_CASES, ids=lambda c: c.id)
+def test_bias_corrections(case, device, backend):
+    check_bias_corrections(case, device, backend)
+
+
+def check_step_size_rounded_once(backend: str) -> None:
+    """Adam's ``lr / (1 - beta1^t)`` and ``sqrt(1 - beta2^t)`` are taken in double and rounded
+    once to fp32, as torch's for-loop takes them: one step from random states at steps 1..10
+    and 10**6 (beta2 0.999 to 0.99999) is, bit for bit, the fp32 formula with those two numbers.
+    (Derived in fp32 from fp32 bias corrections they carried two or three roundings: the largest
+    error of the update against float64 math was 3.1e-7 of it, torch's 2.0e-7 to 2.6e-7.)"""
+    reason = backends.unavailable_reason(backend, torch.device("cpu"))
+    if reason is not None:
+        pytest.skip(f"backend {backend!r}: {reason}")
+    for beta2 in (0.999, 0.9999, 0.99999):
+        for t in tuple(range(1, 11)) + (10**6,):
+            gen = torch.Generator().manual_seed(t)
+            p0, g, m = (torch.randn(257, generator=gen) for _ in range(3))
+            v = torch.rand(257, generator=gen) + 0.1
+            q = p0.clone()
+            opt = fusedopt.AdamW([q], lr=1e-3, betas=(0.9, beta2), weight_decay=0.0, backend=backend)
+            opt.state[q] = dict(step=torch.tensor(float(t - 1)), exp_avg=m.clone(), exp_avg_sq=v.clone())
+            q.grad = g.clone()
+            opt.step()
+            step_size = torch.tensor(1e-3 / (1 - 0.9**t), dtype=torch.float32)
+            bias_correction2_sqrt = torch.tensor(math.sqrt(1 - beta2**t), dtype=torch.float32)
+            m = 0.9 * m + (1 - 0.9) * g
+            v = beta2 * v + (1 - beta2) * g * g
+            expected = p0 - step_size * m / (torch.sqrt(v) / bias_correction2_sqrt + 1e-8)
+            assert_identical(q, expected, f"{backend} beta2={beta2} t={t} param")
+
+
+@pytest.mark.parametrize("backend", ("reference",) + BACKENDS)
+def test_step_size_rounded_once(backend):
+    check_step_size_rounded_once(backend)

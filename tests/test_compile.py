@@ -99,8 +99,11 @@ def _cases():
     out.append(("lamb-ratio", lamb.lamb_ratio_kernel, dict(BLOCK=lamb.RATIO_BLOCK), 4, [], []))
     for in_memory in (False, True):
         out.append((f"steps-{'in-memory' if in_memory else 'args'}", step_kernel,
-                    dict(WIDTH=7, STEP_COL=4, BETA1_INDEX=1, BETA2_INDEX=3, HYPER_IN_MEMORY=in_memory,
-                         BLOCK=table.STEP_BLOCK), 4, [], []))
+                    dict(WIDTH=7, STEP_COL=4, ADAM=in_memory, LR_IN_MEMORY=in_memory, BETA1_INDEX=1, BETA2_INDEX=3,
+                         BETA1_IN_MEMORY=in_memory, BETA2_IN_MEMORY=in_memory, BLOCK=table.STEP_BLOCK), 4, [], []))
+    out.append(("steps-adam-args", step_kernel,
+                dict(WIDTH=7, STEP_COL=4, ADAM=True, LR_IN_MEMORY=False, BETA1_INDEX=1, BETA2_INDEX=3,
+                     BETA1_IN_MEMORY=False, BETA2_IN_MEMORY=False, BLOCK=table.STEP_BLOCK), 4, [], []))
     out.append(("norm-1-fp16", norm.norm_partial_kernel,
                 dict(G_DTYPE=tl.float16, ORD=1, ALIGNED=False, CHUNK=table.CHUNK, BLOCK=norm.BLOCK),
                 norm.NUM_WARPS, [], []))
@@ -133,6 +136,8 @@ def _compile_all() -> dict:
                 attrs[(i,)] = [["tt.divisibility", 16]]
             elif arg in _INTS:
                 signature[arg] = "i32"
+            elif kernel.params[i].annotation == "fp64":  # annotated tl.float64 (the step prologue's)
+                signature[arg] = "fp64"
             else:
                 signature[arg] = "fp32"
         for cc in CCS if "variants" not in name else CCS[:1]:  # the switches compile alike on both

@@ -25,6 +25,7 @@ import torch
 import fusedopt
 import test_backends
 import test_cuda_gpu
+import test_nonfinite
 import test_nonfinite_8bit
 import test_optimizer
 import test_stochastic_rounding
@@ -185,3 +186,23 @@ def test_stochastic_rounding_of_shards_draws_their_full_param_indices(emulated_o
     reference's bits, drawn for the elements' indices in the full params (see
     test_stochastic_rounding.check_shard_offsets). 8192: the wide-block kernel."""
     test_stochastic_rounding.check_shard_offsets("cuda", block_size)
+
+
+@pytest.mark.parametrize("case", [pytest.param(case, id=case.id) for case in test_backends.BIAS_CASES])
+def test_bias_corrections(emulated_once, case):
+    test_backends.check_bias_corrections(case, "cpu", "cuda")
+
+
+def test_step_size_rounded_once(emulated_once):
+    test_backends.check_step_size_rounded_once("cuda")
+
+
+@pytest.mark.parametrize("kind", list(test_nonfinite.KINDS))
+@pytest.mark.parametrize("family", list(test_nonfinite.FAMILIES))
+def test_nonfinite_values(emulated_once, family, kind):
+    test_nonfinite.check_backend(family, kind, "cuda")
+
+
+@pytest.mark.parametrize("cls", ["Adam8bit", "AdamW8bit"])
+def test_second_moment_overflow(emulated_once, cls):
+    test_nonfinite_8bit.check_second_moment_overflow(cls, "cuda")

@@ -104,3 +104,26 @@ def test_lamb_zero_param_trust_ratio_is_one():
     # Step 1 with bias correction: m_hat = g, v_hat = g^2, u = g / (|g| + eps) + 0.1 * 0.
     expected = -0.5 * g / (g.abs() + 1e-6)
     assert_close(p, expected, torch.float64, "zero param after one step")
+
+
+@pytest.mark.parametrize("beta2", [0.999, 0.9999, 0.99999])
+@pytest.mark.parametrize("tensor_betas", [False, True], ids=["", "tensor-betas"])
+def test_bias_corrections_match_float64(beta2, tensor_betas):
+    """fp32 LAMB steps from random states at steps 1..10 and 10**6 against one float64 step of
+    the transcription (``1 - beta ** t`` in double). ``1 - beta2 ** t`` in fp32 put ``v_hat`` off
+    by up to 1.4e-4 (beta2 = 0.99999), which weight decay turns into a change of direction."""
+    betas = (torch.tensor(0.9), torch.tensor(beta2)) if tensor_betas else (0.9, beta2)
+    kw = dict(lr=1.0, betas=betas, eps=1e-6, weight_decay=0.1)
+    for t in tuple(range(1, 11)) + (10**6,):
+        gen = torch.Generator().manual_seed(t)
+        p0, g, m = (torch.randn(257, generator=gen) for _ in range(3))
+        v = torch.rand(257, generator=gen) + 0.1
+        ours, theirs = p0.clone(), p0.double()
+        opt = fusedopt.LAMB([ours], backend="reference", **kw)
+        opt.state[ours] = dict(step=torch.tensor(float(t - 1)), exp_avg=0.1 * m, exp_avg_sq=v.clone())
+        paper = PaperLAMB([{"params": [theirs]}], bias_correction=True, **dict(kw, betas=tuple(map(float, betas))))
+        paper.state[theirs] = dict(step=t - 1, exp_avg=0.1 * m.double(), exp_avg_sq=v.double())
+        ours.grad, theirs.grad = g.clone(), g.double()
+        opt.step()
+        paper.step()
+        assert_close(ours, theirs, torch.float32, f"t={t} param")

@@ -5,9 +5,10 @@ gets a NaN absmax (the reference's ``amax(|block|)``; the CUDA backend reduces w
 Triton's ``tl.max`` drops NaNs, so its kernels count them), and the whole block dequantizes to
 NaN at the next step. Lion's update is ``sign(c)``, and ``torch.sign(nan)`` is 0: the param
 stays finite while the moment goes NaN. Compared: params, every fp32 state, absmax, and the
-dequantized 8-bit states (a NaN block's codes carry nothing: the reference's ``bucketize``
-gives a NaN the last code, the kernels' binary search code 0). ``test_cuda_emulated.py`` runs
-the same check on the CUDA backend.
+dequantized 8-bit states (a NaN block's codes carry nothing; every backend gives a NaN the
+top code, see ``fusedopt.quant``). And a second moment that overflows to inf (grads near 1e30):
+kept inf, as torch keeps it, with the params finite. ``test_cuda_emulated.py`` runs the same
+checks on the CUDA backend.
 """
 
 from __future__ import annotations
@@ -76,3 +77,47 @@ def check_nan_grad_without_skip(cls, kwargs, backend):
 @pytest.mark.parametrize("cls, kwargs", CASES, ids=[c for c, _ in CASES])
 def test_nan_grad_without_skip(cls, kwargs):
     check_nan_grad_without_skip(cls, kwargs, "triton")
+
+
+def run_overflow(cls, backend):
+    """Three steps of grads near 1e30 (``g^2`` overflows fp32) on 5,000 params: the param and
+    the dequantized (or fp32) ``exp_avg_sq`` after each."""
+    gen = torch.Generator().manual_seed(6)
+    p = torch.randn(5000, generator=gen)
+    if backend == "torch":
+        opt = getattr(torch.optim, cls.replace("8bit", ""))([p], foreach=False)
+    else:
+        opt = getattr(fusedopt, cls)([p], backend=backend, min_8bit_size=256)
+    out = []
+    for _ in range(3):
+        p.grad = torch.randn(5000, generator=gen) * 1e30
+        opt.step()
+        state = opt.state[p]
+        v = state["exp_avg_sq"]
+        if v.dtype == torch.uint8:
+            v = quant.dequantize_blockwise(v, state["exp_avg_sq_absmax"], False, 256)
+        out.append((p.detach().clone(), v.clone()))
+    return out
+
+
+def check_second_moment_overflow(cls, backend):
+    """``exp_avg_sq`` overflows to inf: torch keeps it inf and the param finite (``m / inf`` is
+    0: Adam leaves p, AdamW only decays it). The 8-bit states keep ``inf`` too (``inf / absmax``
+    with absmax inf counts as 1: see fusedopt.quant), on every backend; before, the kernels'
+    code 0 decoded to ``0 * inf = NaN`` and every param went NaN at the second step."""
+    for step, ((p, v), (q, w)) in enumerate(zip(run_overflow(cls, backend), run_overflow(cls, "reference"))):
+        assert bool(torch.isinf(w).all()) and bool(torch.isfinite(q).all()), "the reference keeps torch's values"
+        assert_close(p, q, torch.float32, f"{backend} step {step}: param")
+        assert_close(v, w, torch.float32, f"{backend} step {step}: exp_avg_sq")
+
+
+@pytest.mark.parametrize("cls", ["Adam8bit", "AdamW8bit"])
+def test_second_moment_overflow_reference_is_torch(cls):
+    for step, ((p, v), (q, w)) in enumerate(zip(run_overflow(cls, "reference"), run_overflow(cls, "torch"))):
+        assert_close(p, q, torch.float32, f"step {step}: param")
+        assert_close(v, w, torch.float32, f"step {step}: exp_avg_sq")
+
+
+@pytest.mark.parametrize("cls", ["Adam8bit", "AdamW8bit"])
+def test_second_moment_overflow(cls):
+    check_second_moment_overflow(cls, "triton")

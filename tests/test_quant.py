@@ -75,6 +75,22 @@ def test_codes_are_round_to_nearest(signed, block_size):
     assert bool(((codes.long()[tie, None] == two).any(dim=1)).all())
 
 
+def test_nonfinite_states():
+    """A block holding an infinity has absmax inf, and ``+-inf / inf`` (NaN) counts as ``+-1``:
+    +-inf decode back to +-inf (the sign kept in the signed map). A NaN state counts as +1 (the
+    top code) and its block's absmax is NaN, so the whole block decodes to NaN."""
+    inf, nan = float("inf"), float("nan")
+    x = torch.tensor([inf, -inf, 0.5, -2.0] + [0.25] * 28 + [nan, 1.0, -3.0] + [0.5] * 29)
+    codes, absmax = quant.quantize_blockwise(x, signed=True, block_size=32)
+    assert codes[0] == 255 and codes[1] == 0 and codes[32] == 255, codes[[0, 1, 32]].tolist()
+    assert absmax[0] == inf and torch.isnan(absmax[1])
+    y = quant.dequantize_blockwise(codes, absmax, signed=True, block_size=32)
+    assert y[0] == inf and y[1] == -inf and bool(torch.isnan(y[32:]).all())
+    codes, absmax = quant.quantize_blockwise(x.abs()[:32], signed=False, block_size=32)
+    assert codes[0] == codes[1] == 255 and absmax[0] == inf
+    assert quant.dequantize_blockwise(codes, absmax, signed=False, block_size=32)[:2].tolist() == [inf, inf]
+
+
 def test_unsigned_positive_never_rounds_to_zero():
     x = torch.tensor([1.0, 1e-9, 1e-12, 0.0, 1.6e-7, 1e-30])
     codes, absmax = quant.quantize_blockwise(x, signed=False, block_size=32)
