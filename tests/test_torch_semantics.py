@@ -701,3 +701,55 @@ def test_lr_schedulers_as_torch(backend, scheduler, tensor_lr):
         for o, ps in ((opt2, params2), (topt2, tparams2)):
             assert [g["lr"] for g in o.param_groups] == [g["lr"] for g in topt.param_groups]
             _compare_worlds(dict(enumerate(ps)), o, dict(enumerate(theirs)), topt, False, f"resumed step {step}")
+
+
+def _states(opt):
+    return {id(p): {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+            for p, s in opt.state.items()}
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=name)
+@pytest.mark.parametrize("resize", ["p.data", "p.data and grad"])
+def test_param_resized_after_its_state_raises_before_any_change(cls, backend, resize):
+    """``p.data = bigger`` after the param has state: torch.optim raises at the step (its state
+    no longer fits); so does fusedopt, naming the param, before any param or state changes (on
+    Triton it used to read and write past the old state tensors)."""
+    gen = torch.Generator().manual_seed(7)
+    a, b = torch.nn.Parameter(_randn(gen, 96)), torch.nn.Parameter(_randn(gen, 80))
+    opt = cls([b, a], **_kw(cls, backend, lr=1e-2))
+    for _ in range(2):
+        a.grad, b.grad = _randn(gen, 96), _randn(gen, 80)
+        opt.step()
+    a.data = _randn(gen, 300)
+    if resize == "p.data and grad":
+        a.grad = _randn(gen, 300)
+    b.grad = _randn(gen, 80)
+    params, states = [a.detach().clone(), b.detach().clone()], _states(opt)
+    with pytest.raises(RuntimeError, match=r"param 1 of group 0"):
+        opt.step()
+    assert_identical(a, params[0], "a")
+    assert_identical(b, params[1], "b")
+    for n, p in (("a", a), ("b", b)):
+        for k, v in opt.state[p].items():
+            assert_identical(v, states[id(p)][k], f"state {k!r} of {n}")
+
+
+@pytest.mark.parametrize("cls", EIGHT_BIT, ids=name)
+def test_block_size_changed_after_8bit_states_raises(cls, backend):
+    """A group's ``block_size`` edited after its 8-bit states exist: their absmax no longer
+    matches the blocks. A ValueError naming ``block_size``, before anything changes (it used to
+    step with the old blocks on the reference and corrupt memory on Triton)."""
+    gen = torch.Generator().manual_seed(8)
+    p = torch.nn.Parameter(_randn(gen, 512))
+    opt = cls([p], **_kw(cls, backend, lr=1e-2))
+    p.grad = _randn(gen, 512)
+    opt.step()
+    opt.param_groups[0]["block_size"] = 64
+    before, states = p.detach().clone(), _states(opt)
+    with pytest.raises(ValueError, match=r"block_size"):
+        opt.step()
+    assert_identical(p, before, "param")
+    for k, v in opt.state[p].items():
+        assert_identical(v, states[id(p)][k], f"state {k!r}")
+    opt.param_groups[0]["block_size"] = 256  # back to the blocks the states have: steps again
+    opt.step()
