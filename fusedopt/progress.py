@@ -41,7 +41,7 @@ class Progress:
 
             self._bar = tqdm(total=total, desc=desc, file=self.stream, leave=False, unit=unit,
                              dynamic_ncols=True, bar_format="{desc} {bar} {n_fmt}/{total_fmt} "
-                             "[{elapsed}<{remaining}] {postfix}")
+                             "[{elapsed}<{remaining}]{postfix}")
 
     def set_total(self, total: int) -> None:
         self.total = total
