@@ -191,3 +191,21 @@ def test_check_compares_a_backend_step_by_step(monkeypatch, lr_factor, must_fail
             assert r.ok is False, check.format_rows(rows)
         elif not must_fail:
             assert r.ok is True, check.format_rows(rows)
+
+
+@pytest.mark.parametrize("switch", [[], ["--full"], "FUSEDOPT_FULL_TESTS=1"], ids=["default", "--full", "env"])
+def test_the_test_command_has_a_full_tier(switch):
+    # A full-tier case skips by default with a reason that says how to run it, and runs with
+    # --full or FUSEDOPT_FULL_TESTS=1.
+    env = {k: v for k, v in os.environ.items() if k != "FUSEDOPT_FULL_TESTS"}
+    if isinstance(switch, str):
+        env[switch.split("=")[0]] = "1"
+        switch = []
+    case = "tests/test_backends.py::test_global_norm[fp32-inf-cpu-triton]"
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", case, *switch],
+                         capture_output=True, text=True, timeout=600, env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
+    if switch or "FUSEDOPT_FULL_TESTS" in env:
+        assert out.returncode == 0 and "1 passed" in out.stdout, out.stdout + out.stderr
+    else:
+        assert "1 skipped" in out.stdout, out.stdout + out.stderr
+        assert "full tier only: run `python -m pytest --full` (or FUSEDOPT_FULL_TESTS=1)" in out.stdout
