@@ -144,6 +144,7 @@ def test_full_size_is_all_8bit(example):
     assert 10e6 <= sum(p.numel() for p in model.parameters()) <= 50e6
 
 
+@pytest.mark.full  # two more training runs
 def test_deterministic_with_a_seed(tmp_path):
     """Two runs with the same seed give the same curves, bit for bit (on a CPU)."""
     def run(out):
