@@ -14,7 +14,7 @@ Writes into ``--out`` (default ``examples/out/``):
 
 Usage::
 
-    python examples/finetune.py --tiny            # CPU, about a minute
+    python examples/finetune.py --tiny            # CPU, about a minute (51 s on 2 cores at load 3)
     python examples/finetune.py --amp             # GPU: ~10.8M-param model, 2000 steps
     python examples/finetune.py --optimizers adamw,adamw8bit --steps 500
 """
@@ -383,7 +383,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--tiny", action="store_const", dest="size", const="tiny",
-                      help="a CPU-sized model and run (about a minute)")
+                      help="a CPU-sized model and run (about a minute: 51 s on 2 shared cores at load 3, "
+                           "3m38s at load 8)")
     size.add_argument("--small", action="store_const", dest="size", const="small",
                       help="a larger CPU run (~0.8M parameters, 1000 steps, about a quarter of an hour)")
     parser.set_defaults(size="full")

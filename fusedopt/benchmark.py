@@ -24,7 +24,7 @@ per step, the kernel launches per step (torch profiler, GPU only) and the state 
 
 Example::
 
-    python -m fusedopt bench --quick                      # a minute on a CPU
+    python -m fusedopt bench --quick                      # 1m10s on 2 CPU cores (load 3)
     python -m fusedopt bench --cases adamw/gpt2-124m --providers 'torch-*' 'fusedopt-*' \\
         --json bench/results/h100.json --plot bench/results/h100.png
 """
@@ -1347,7 +1347,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Time fusedopt's backends and the peers on optimizer steps; report GB/s against the "
                     "device-to-device copy measured in the same run.")
     ap.add_argument("--quick", action="store_true",
-                    help="scaled-down shapes and few repeats (about a minute on a CPU): a smoke test")
+                    help="scaled-down shapes and few repeats: a smoke test, not a measurement (1m10s on 2 "
+                         "shared CPU cores at load 3, 2m11s at load 6)")
     ap.add_argument("--cases", nargs="+", metavar="PATTERN",
                     help="optimizer/model/dtype globs, e.g. 'adamw' '*/llama-1b/bf16' (default: all)")
     ap.add_argument("--providers", nargs="+", metavar="PATTERN",
