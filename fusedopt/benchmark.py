@@ -1253,6 +1253,8 @@ def plot(doc: dict, path: str) -> str | None:
                 ax.text(len(cases) - 0.5, ceiling, f"copy {ceiling:.0f} GB/s", ha="right", va="bottom", fontsize=8)
             if log:
                 ax.set_yscale("log")
+            if field_name == "gbps":  # room above the copy line for its label
+                ax.set_ylim(top=2 * max([ceiling] + [r["gbps"] for r in ok.values()]))
             ax.set_xticks(range(len(cases)), [c["optimizer"] for c in cases], fontsize=8)
             ax.set_xlim(-0.5, len(cases) - 0.5)
             ax.set_ylabel(label, fontsize=9)
