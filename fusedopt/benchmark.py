@@ -24,7 +24,7 @@ per step, the kernel launches per step (torch profiler, GPU only) and the state 
 
 Example::
 
-    python -m fusedopt bench --quick                      # a minute on a CPU
+    python -m fusedopt bench --quick                      # 1m10s on 2 CPU cores (load 3)
     python -m fusedopt bench --cases adamw/gpt2-124m --providers 'torch-*' 'fusedopt-*' \\
         --json bench/results/h100.json --plot bench/results/h100.png
 """
@@ -51,6 +51,7 @@ from typing import Any, Callable
 import torch
 
 from . import backends
+from .progress import Progress, Silent
 
 SCHEMA_ID = "fusedopt-bench/1"
 
@@ -860,43 +861,16 @@ NO_GPU_NOTE = ("No CUDA device: only the CPU providers ran, timed by wall clock.
                "lion-pytorch's Triton kernel) need a GPU.")
 
 
-class Progress:
-    """A one-line progress bar on a terminal; silent when the stream is not one."""
-
-    def __init__(self, total: int, stream=sys.stderr, enabled: bool | None = None):
-        self.total, self.done, self.stream = total, 0, stream
-        self.enabled = stream.isatty() if enabled is None else enabled
-        self.start = time.perf_counter()
-
-    def show(self, label: str) -> None:
-        if not self.enabled:
-            return
-        width = 30
-        filled = width * self.done // max(self.total, 1)
-        elapsed = time.perf_counter() - self.start
-        line = f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {elapsed:5.0f}s  {label}"
-        self.stream.write(line[:120].ljust(120))
-        self.stream.flush()
-
-    def advance(self) -> None:
-        self.done += 1
-
-    def close(self) -> None:
-        if self.enabled:
-            self.stream.write("\r" + " " * 120 + "\r")
-            self.stream.flush()
-
-
 def run(cases: list[Case], providers: list[Provider], device: torch.device, config: Config,
         quick: bool, progress: Progress | None = None, argv: list[str] | None = None) -> dict:
     """Measure every applicable (case, provider) pair; returns the JSON document."""
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     copy = copy_bandwidth(device, config)
     pairs = [(c, p) for c in cases for p in providers if c.optimizer.name in p.optimizers]
-    progress = progress or Progress(len(pairs), enabled=False)
+    progress = progress or Silent(len(pairs))
     results: dict[str, list] = {c.name: [] for c in cases}
     for case, provider in pairs:
-        progress.show(f"{case.name} · {provider.name}")
+        progress.start(f"{case.name} {provider.name}")
         results[case.name].append(measure(provider, case, device, config, copy["gbps"], quick))
         progress.advance()
     progress.close()
@@ -944,6 +918,25 @@ def _count(n: int) -> str:
     return str(n)
 
 
+#: What a provider is, where its name alone does not say (the table's rows and the plot's legend).
+ROLES = {
+    "fusedopt-reference": "reference backend: the oracle, not a fast path",
+    "fusedopt-triton": "triton backend",
+    "fusedopt-cuda": "cuda backend",
+    "fusedopt-triton-graph": "triton backend, CUDA-graph replay",
+    "fusedopt-cuda-graph": "cuda backend, CUDA-graph replay",
+}
+
+
+def provider_label(name: str) -> str:
+    """``name``, with its role in parentheses where :data:`ROLES` has one."""
+    return f"{name} ({ROLES[name]})" if name in ROLES else name
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
 def format_table(doc: dict) -> str:
     """The run as text: one block per case, one row per provider, then the notes."""
     copy = doc["copy"]
@@ -954,8 +947,12 @@ def format_table(doc: dict) -> str:
         f"copy ceiling: {copy['gbps']:.1f} GB/s ({copy['bytes'] / 2**20:.0f} MiB read + written "
         f"in {copy['median_ms']:.3f} ms, median)",
     ]
-    head = (f"  {'provider':<20} {'status':<11} {'median ms':>10} {'[q20, q80]':>19} {'GB/s':>8} "
-            f"{'%copy':>6} {'xfloor':>7} {'host ms':>8} {'launch':>6} {'stateB/p':>8} {'check':>8}")
+    # The name column fits the longest name (fusedopt-triton-graph is 21 characters).
+    w = max([len("provider")] + [len(p["name"]) for p in doc["providers"]]
+            + [len(r["provider"]) for c in doc["cases"] for r in c["results"]])
+    head = (f"  {'provider':<{w}} {'status':<11} {'median ms':>10} {'[q20, q80]':>19} {'GB/s':>8} "
+            f"{'%copy':>7} {'xfloor':>7} {'host ms':>8} {'launch':>6} {'stateB/p':>8} {'check':>8}")
+    cached = False
     for case in doc["cases"]:
         lines.append("")
         lines.append(f"{case['name']}: {_count(case['params'])} params in {case['tensors']} tensors, "
@@ -968,20 +965,33 @@ def format_table(doc: dict) -> str:
             if r["status"] != "ok":
                 passed = r["status"] != "wrong" and r["check_error"] is not None
                 check = f" (after passing the check: error {r['check_error']:.2g})" if passed else ""
-                lines.append(f"  {r['provider']:<20} {r['status']:<11} {r['reason']}{check}")
+                lines.append(f"  {r['provider']:<{w}} {r['status']:<11} {r['reason']}{check}")
                 continue
             spread = f"[{r['q20_ms']:.3f}, {r['q80_ms']:.3f}]"
-            notes = f"  ({'; '.join(r['notes'])})" if r["notes"] else ""
+            notes = list(r["notes"])
+            if r["provider"] in ROLES:
+                notes.insert(0, ROLES[r["provider"]])
+            # Faster than the copy: the step's bytes stayed in a cache the copy's did not fit.
+            star = "*" if r["pct_copy"] > 100 else " "
+            if star == "*":
+                cached = True
+                notes.append(f"*cache-resident: {_mib(r['bytes_per_param'] * case['params'])} moved per step")
+            notes = f"  ({'; '.join(notes)})" if notes else ""
             lines.append(
-                f"  {r['provider']:<20} {'ok':<11} {r['median_ms']:>10.3f} {spread:>19} {r['gbps']:>8.1f} "
-                f"{r['pct_copy']:>5.1f}% {r['x_floor']:>6.2f}x {r['host_ms']:>8.3f} {_fmt(r['launches'], 'd'):>6} "
+                f"  {r['provider']:<{w}} {'ok':<11} {r['median_ms']:>10.3f} {spread:>19} {r['gbps']:>8.1f} "
+                f"{r['pct_copy']:>5.1f}%{star} {r['x_floor']:>6.2f}x {r['host_ms']:>8.3f} {_fmt(r['launches'], 'd'):>6} "
                 f"{r['state_bytes_per_param']:>8.2f} {r['check_error']:>8.1e}{notes}")
     lines.append("")
     lines.append("providers:")
     for p in doc["providers"]:
-        lines.append(f"  {p['name']:<20} {'ok' if p['reason'] is None else p['reason']}")
+        lines.append(f"  {p['name']:<{w}} {p['description']}"
+                     + ("" if p["reason"] is None else f"; not run here: {p['reason']}"))
     lines.append("GB/s: the bytes the provider's own algorithm must move (B/param shown per case is the "
                  "fused floor) over the median step time; xfloor: median over the case's floor.")
+    if cached:
+        lines.append(f"*: over 100% of the copy. The step's working set (the MiB moved per step, in the row) "
+                     f"is small enough to stay in the device's caches between repeats, while the copy moves "
+                     f"{copy['bytes'] / 2**20:.0f} MiB from memory: a cache speed, not memory bandwidth.")
     lines.extend(doc["notes"])
     return "\n".join(lines)
 
@@ -1200,9 +1210,20 @@ JSON_SCHEMA = {
 }
 
 
+#: The plot's columns: (result field, axis label, log scale).
+_PLOT_METRICS = (
+    ("gbps", "GB/s (log)", True),
+    ("median_ms", "median step time, ms (log)", True),
+    ("state_bytes_per_param", "optimizer state, bytes/param", False),
+)
+
+
 def plot(doc: dict, path: str) -> str | None:
-    """Bar chart of GB/s per provider, one panel per model and dtype, one group of bars per
-    optimizer, the copy ceiling as a dashed line. Returns None, or why no plot was written."""
+    """One row of panels per model and dtype: GB/s (against the copy ceiling), median step time
+    and optimizer state bytes per parameter, one group of bars per optimizer. Log axes keep slow
+    bars (8-bit states on a CPU) readable next to fast ones, and the state panel shows what
+    8-bit buys. fusedopt's reference (the oracle, not a fast path) is hatched. Returns None, or
+    why no plot was written."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -1213,40 +1234,43 @@ def plot(doc: dict, path: str) -> str | None:
     panels = list(dict.fromkeys((c["model"], c["dtype"]) for c in doc["cases"]))
     providers = [p["name"] for p in doc["providers"]]
     colors = {n: plt.get_cmap("tab20")(i % 20) for i, n in enumerate(providers)}
-    ncol = min(2, len(panels))
-    nrow = -(-len(panels) // ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(8 * ncol, 3.6 * nrow), squeeze=False)
+    ncol, nrow = len(_PLOT_METRICS), max(len(panels), 1)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(6 * ncol, 3.2 * nrow), squeeze=False)
     ceiling = doc["copy"]["gbps"]
-    for ax, (model, dtype) in zip(axes.flat, panels):
+    for row, (model, dtype) in zip(axes, panels):
         cases = [c for c in doc["cases"] if c["model"] == model and c["dtype"] == dtype]
-        ok = {(c["name"], r["provider"]): r["gbps"] for c in cases for r in c["results"] if r["status"] == "ok"}
+        ok = {(c["name"], r["provider"]): r for c in cases for r in c["results"] if r["status"] == "ok"}
         shown = [n for n in providers if any((c["name"], n) in ok for c in cases)]
         width = 0.8 / max(len(shown), 1)
-        for j, name in enumerate(shown):
-            xs = [i - 0.4 + (j + 0.5) * width for i, c in enumerate(cases) if (c["name"], name) in ok]
-            ys = [ok[c["name"], name] for c in cases if (c["name"], name) in ok]
-            ax.bar(xs, ys, width, color=colors[name], label=name)
-        top = max([ceiling, *ok.values()])
-        ax.axhline(ceiling, color="black", linestyle="--", linewidth=1)
-        ax.text(len(cases) - 0.5, ceiling, f"copy {ceiling:.0f} GB/s", ha="right", va="bottom", fontsize=8)
-        ax.set_xticks(range(len(cases)), [c["optimizer"] for c in cases], fontsize=8)
-        ax.set_xlim(-0.5, len(cases) - 0.5)
-        ax.set_ylim(0, top * 1.15)
-        ax.set_ylabel("GB/s")
-        ax.set_title(f"{model}, {dtype} params", fontsize=10)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.set_visible(False)
+        for ax, (field_name, label, log) in zip(row, _PLOT_METRICS):
+            for j, name in enumerate(shown):
+                xs = [i - 0.4 + (j + 0.5) * width for i, c in enumerate(cases) if (c["name"], name) in ok]
+                ys = [ok[c["name"], name][field_name] for c in cases if (c["name"], name) in ok]
+                ax.bar(xs, ys, width, color=colors[name], label=provider_label(name),
+                       hatch="//" if name == "fusedopt-reference" else None, edgecolor="white", linewidth=0)
+            if field_name == "gbps":
+                ax.axhline(ceiling, color="black", linestyle="--", linewidth=1)
+                ax.text(len(cases) - 0.5, ceiling, f"copy {ceiling:.0f} GB/s", ha="right", va="bottom", fontsize=8)
+            if log:
+                ax.set_yscale("log")
+            if field_name == "gbps":  # room above the copy line for its label
+                ax.set_ylim(top=2 * max([ceiling] + [r["gbps"] for r in ok.values()]))
+            ax.set_xticks(range(len(cases)), [c["optimizer"] for c in cases], fontsize=8)
+            ax.set_xlim(-0.5, len(cases) - 0.5)
+            ax.set_ylabel(label, fontsize=9)
+            ax.set_title(f"{model}, {dtype} params: {label.split(' (')[0].split(',')[0]}", fontsize=10)
+            ax.grid(axis="y", linewidth=0.3, alpha=0.5)
     handles = {}
     for ax in axes.flat:
         for h, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, h)
     env = doc["environment"]
-    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(6, max(len(handles), 1)), fontsize=8)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(4, max(len(handles), 1)), fontsize=9)
     fig.suptitle(f"fusedopt bench: {env['device_name']} ({env['device']}), commit "
                  f"{(env['commit'] or 'unknown')[:10]}, {doc['date'][:10]}"
-                 f"{' (--quick)' if doc['quick'] else ''}", fontsize=11)
-    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
-    fig.savefig(path, dpi=120)
+                 f"{' (--quick: a smoke test, not a measurement)' if doc['quick'] else ''}", fontsize=11)
+    fig.tight_layout(rect=(0, 0.9 / (3.2 * nrow), 1, 1 - 0.4 / (3.2 * nrow)))
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return None
 
@@ -1325,7 +1349,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Time fusedopt's backends and the peers on optimizer steps; report GB/s against the "
                     "device-to-device copy measured in the same run.")
     ap.add_argument("--quick", action="store_true",
-                    help="scaled-down shapes and few repeats (about a minute on a CPU): a smoke test")
+                    help="scaled-down shapes and few repeats: a smoke test, not a measurement (1m10s on 2 "
+                         "shared CPU cores at load 3, 2m11s at load 6)")
     ap.add_argument("--cases", nargs="+", metavar="PATTERN",
                     help="optimizer/model/dtype globs, e.g. 'adamw' '*/llama-1b/bf16' (default: all)")
     ap.add_argument("--providers", nargs="+", metavar="PATTERN",
@@ -1391,7 +1416,7 @@ def main(argv: list[str]) -> int:
     started = time.perf_counter()
     pairs = sum(1 for c in cases for p in providers if c.optimizer.name in p.optimizers)
     doc = run(cases, providers, device, default_config(args.quick, device), args.quick,
-              progress=Progress(pairs), argv=["bench", *argv])
+              progress=Progress(pairs, "bench", unit="pair"), argv=["bench", *argv])
     print(format_table(doc))
     print("\n".join(headlines([doc])))
     print(f"ran {pairs} case/provider pairs in {time.perf_counter() - started:.1f} s")

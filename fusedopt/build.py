@@ -17,9 +17,11 @@ holds ptxas' register and spill report for each kernel, which the CI test checks
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -217,8 +219,23 @@ load(name=args["name"], sources=args["sources"], extra_cflags=args["cflags"],
 """
 
 
+_NINJA_STEP = re.compile(r"^\[(\d+)/(\d+)\] (.*)")
+
+
+def ninja_step(line: str) -> tuple[int, int, str] | None:
+    """``(n, total, what)`` of a ninja status line ``[n/total] command``, where ``what`` is the
+    file the command compiles or links (its ``-o`` target's name); None for other lines."""
+    m = _NINJA_STEP.match(line)
+    if m is None:
+        return None
+    n, total, command = int(m.group(1)), int(m.group(2)), m.group(3)
+    out = re.search(r"-o\s+(\S+)", command)
+    what = Path(out.group(1)).name if out else command.split()[0] if command.split() else ""
+    return n, total, what
+
+
 def build(archs: str | None = None, directory: Path | None = None, force: bool = False,
-          verbose: bool = False) -> Path:
+          verbose: bool = False, progress=None) -> Path:
     """Compile the extension (unless a build exists) and return the library's path.
 
     Args:
@@ -226,6 +243,8 @@ def build(archs: str | None = None, directory: Path | None = None, force: bool =
         directory: where to build (default: :func:`build_dir` in the user's cache).
         force: rebuild even if the library exists.
         verbose: stream the compiler's output.
+        progress: a :class:`fusedopt.progress.Progress`, told each ninja step (compile one
+            file, link) as it starts.
 
     The compile runs in a subprocess (``torch.utils.cpp_extension.load`` with ninja) whose output
     goes to ``build.log``; the library is moved into place only once it is complete, so a
@@ -262,7 +281,16 @@ def build(archs: str | None = None, directory: Path | None = None, force: bool =
             log.write(line)
             if verbose:
                 sys.stdout.write(line)
+            step = ninja_step(line) if progress is not None else None
+            if step is not None:
+                n, total, what = step
+                if total != progress.total:
+                    progress.set_total(total)
+                progress.advance(max(0, n - 1 - progress.done))
+                progress.start(f"{what} (a few minutes in all)" if n == 1 else what)
         code = proc.wait()
+        if progress is not None and code == 0:
+            progress.advance(max(0, progress.total - progress.done))
     built = work / f"{LIBRARY}.so"
     if code != 0 or not built.is_file():
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-40:])
@@ -274,22 +302,35 @@ def build(archs: str | None = None, directory: Path | None = None, force: bool =
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m fusedopt build``: compile the CUDA extension into the cache and say where."""
-    parser = argparse.ArgumentParser(prog="fusedopt build", description=main.__doc__)
-    parser.add_argument("--arch", help="architectures, as TORCH_CUDA_ARCH_LIST (default: %(default)s)",
-                        default=None)
+    from .progress import Progress
+
+    parser = argparse.ArgumentParser(
+        prog="python -m fusedopt build",
+        description="Compile the CUDA extension (csrc/) into the cache and say where; a few minutes with "
+                    "nvcc. Progress (one line per file compiled) goes to stderr; -v shows the compiler's output "
+                    "instead.")
+    parser.add_argument("--arch", default=None,
+                        help="architectures, as TORCH_CUDA_ARCH_LIST (default here: %s; that is "
+                             "TORCH_CUDA_ARCH_LIST when set, else 8.0 and 9.0 plus the visible GPUs)" % arch_list())
     parser.add_argument("--dir", type=Path, default=None, help="build folder (default: the user's cache)")
     parser.add_argument("--force", action="store_true", help="rebuild even if a build exists")
     parser.add_argument("-v", "--verbose", action="store_true", help="show the compiler's output")
     args = parser.parse_args(argv)
     archs = args.arch or arch_list()
     try:
-        path = build(archs, directory=args.dir, force=args.force, verbose=args.verbose)
+        with Progress(0, "build", unit="step") if not args.verbose else _nothing() as progress:
+            path = build(archs, directory=args.dir, force=args.force, verbose=args.verbose, progress=progress)
     except BuildError as e:
         print(e, file=sys.stderr)
         return 1
     print(f"fusedopt CUDA extension for TORCH_CUDA_ARCH_LIST={archs}: {path}")
     print(f"build log (ptxas registers and spills): {path.parent / 'build.log'}")
     return 0
+
+
+@contextlib.contextmanager
+def _nothing():
+    yield None
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from .adam import Adam, AdamW, AdamW8bit
 from .clip import clip_grad_norm_
 from .lamb import LAMB
 from .lion import Lion, Lion8bit
+from .progress import Progress, Silent
 from .testing import compare
 
 STEPS = 7
@@ -206,26 +207,47 @@ def _stepwise(make: Callable, name: str, params0, grads, dtype) -> list:
     return results
 
 
-def _backend_rows(name: str, device) -> list[Row]:
+_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _backend_rows(name: str, device, progress: Progress | None = None) -> list[Row]:
     reason = backends.unavailable_reason(name, device)
     if reason is not None:
         return [Row("all optimizers", name, "-", None, f"not run: {reason}", None)]
+    progress = progress or Silent()
     rows = []
     for label, make in _CONFIGS:
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype in _DTYPES:
+            dname = str(dtype).replace("torch.", "")
+            progress.start(f"{name}: {label}, {dname}")
             params0, grads = _data(device, dtype, 5)
             m, detail, ok = _worst(_stepwise(make, name, params0, grads, dtype))
-            rows.append(Row(label, name, str(dtype).replace("torch.", ""), m, detail, ok))
+            rows.append(Row(label, name, dname, m, detail, ok))
+            progress.advance()
     return rows
 
 
-def run(device: torch.device) -> list[Row]:
+_PEERS = (
+    (_peer_torch, "reference vs torch.optim Adam, AdamW"),
+    (_peer_lion, "reference vs lion-pytorch"),
+    (_peer_bnb, "reference vs bitsandbytes 8-bit"),
+    (_peer_clip, "clip_grad_norm_ vs torch"),
+)
+
+
+def run(device: torch.device, progress: Progress | None = None) -> list[Row]:
+    """Every check on ``device``; ``progress`` (optional) is told each check as it starts."""
+    progress = progress or Silent()
+    others = [n for n in backends.NAMES if n not in ("auto", "reference")]
+    runnable = [n for n in others if backends.unavailable_reason(n, device) is None]
+    progress.set_total(len(_PEERS) + len(runnable) * len(_CONFIGS) * len(_DTYPES))
     rows = []
-    for peer in (_peer_torch, _peer_lion, _peer_bnb, _peer_clip):
+    for peer, label in _PEERS:
+        progress.start(label)
         rows += peer(device)
-    for name in backends.NAMES:
-        if name not in ("auto", "reference"):
-            rows += _backend_rows(name, device)
+        progress.advance()
+    for name in others:
+        rows += _backend_rows(name, device, progress)
     return rows
 
 

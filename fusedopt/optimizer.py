@@ -13,6 +13,7 @@ import copy
 import math
 import numbers
 import operator
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from itertools import chain, repeat
@@ -489,6 +490,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             if plan.batches is None:
                 plan.batches = [self._batch(gi, group, key, idx, plan.grads) for key, idx, _ in plan.entries]
                 plan.held = self._held(group, plan.entries)
+                self._warn_if_no_8bit_state()
             elif plan is not self._plans.get(gi):  # new grad tensors in the same layout
                 grads = plan.grads
                 for batch, (key, idx, _) in zip(plan.batches, plan.entries):
@@ -658,6 +660,22 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise RuntimeError(f"gradient of {where} is on {g.device} but the param is on {p.device}")
         if not g.is_floating_point():
             raise RuntimeError(f"gradient of {where} has dtype {g.dtype}; expected a floating-point gradient")
+
+    def _warn_if_no_8bit_state(self) -> None:
+        """An 8-bit optimizer whose every param is under ``min_8bit_size`` keeps all its states
+        in fp32 and saves no memory: say so once per optimizer, when its states are made."""
+        if not self._quantized or self.__dict__.get("_warned_no_8bit"):
+            return
+        params = [(p, g) for g in self.param_groups for p in g["params"]]
+        if not params or any(self._is_quantized(p, g) for p, g in params):
+            return
+        self._warned_no_8bit = True
+        sizes = sorted({g["min_8bit_size"] for g in self.param_groups})
+        warnings.warn(
+            f"{type(self).__name__}: all {len(params)} params have fewer elements than min_8bit_size="
+            f"{'/'.join(map(str, sizes))} (the largest has {max(p.numel() for p, _ in params)}), so every "
+            f"optimizer state is kept in fp32 and 8-bit saves no memory; pass a smaller min_8bit_size "
+            f"(min_8bit_size=0 quantizes every tensor) to get 8-bit states", UserWarning, stacklevel=5)  # the caller of opt.step(), past torch's two wrappers
 
     def _is_quantized(self, p: torch.Tensor, group: dict) -> bool:
         if not self._quantized:

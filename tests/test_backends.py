@@ -175,6 +175,22 @@ CASES = (_adam_cases() + _lion_cases() + _lamb_cases() + _8bit_cases() + _stocha
          + _master_weights_cases() + _many_tensor_cases())
 
 
+def lean_params(cases) -> list:
+    """``cases`` as pytest params: the first case of each kind of step (Adam/AdamW, LAMB, Lion
+    and their 8-bit forms) and dtype runs in the default tier, every other one is ``full``."""
+    seen, out = set(), []
+    for case in cases:
+        key = (case.cls.lower().replace("adamw", "adam"), case.dtype)
+        out.append(pytest.param(case, id=case.id, marks=() if key not in seen else pytest.mark.full))
+        seen.add(key)
+    return out
+
+
+#: The default tier's norm grid: p=2 for every dtype; the other norms are ``full``.
+NORM_TYPES = [2.0, pytest.param(math.inf, marks=pytest.mark.full), pytest.param(1.0, marks=pytest.mark.full),
+              pytest.param(3.0, marks=pytest.mark.full)]
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -343,7 +359,7 @@ def _check(case: Case, device: str, backend: str) -> None:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("case", lean_params(CASES))
 def test_against_reference(case, device, backend):
     _check(case, device, backend)
 
@@ -355,7 +371,7 @@ def test_against_reference(case, device, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("norm_type", [2.0, math.inf, 1.0, 3.0])
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
 @pytest.mark.parametrize("dtypes", ["fp32", "bf16", "fp16", "mixed"])
 def test_global_norm(dtypes, norm_type, device, backend):
     reason = backends.unavailable_reason(backend, torch.device(device))

@@ -295,3 +295,43 @@ def test_headlines_are_ratios_of_medians_within_a_run(tmp_path, capsys):
     other.write_text(json.dumps(_fake_run("H200", {})))
     assert benchmark.main(["--headlines", str(paths[0]), str(other)]) == 2
     assert "different devices" in capsys.readouterr().err
+
+
+def test_table_says_what_each_row_is_and_flags_cache_resident_rows(quick_run):
+    # A long provider name keeps the columns aligned; a %copy over 100 is marked with its
+    # working set and explained; fusedopt's reference says it is the oracle, not a fast path.
+    import copy
+
+    _, doc, _ = quick_run
+    doc = copy.deepcopy(doc)
+    case = next(c for c in doc["cases"] if c["name"] == "adamw-clip/gpt2-124m/fp32")
+    ref = next(r for r in case["results"] if r["provider"] == "fusedopt-reference")
+    fast = dict(ref, provider="fusedopt-triton-graph", pct_copy=280.0, bytes_per_param=32.0)
+    case["results"] = [r for r in case["results"] if r["provider"] != fast["provider"]] + [fast]
+    text = benchmark.format_table(doc)
+    block = text.split(case["name"] + ":")[1].split("\n\n")[0].splitlines()[1:]
+    assert block[0].lstrip().startswith("provider")
+    starts = {line.index(" ok ") for line in block if " ok " in line}
+    assert len(starts) == 1, "\n".join(block)  # the status column starts at one place
+    medians = {line.index(" ok ") + len(" ok") + 10 for line in block if " ok " in line}
+    row = next(line for line in block if line.lstrip().startswith("fusedopt-triton-graph "))
+    assert "280.0%*" in row
+    assert f"cache-resident: {32 * case['params'] / 2**20:.1f} MiB moved per step" in row
+    assert "*: over 100% of the copy" in text and "not memory bandwidth" in text
+    ref_row = next(line for line in block if line.lstrip().startswith("fusedopt-reference "))
+    assert "the oracle, not a fast path" in ref_row
+    assert len(medians) == 1
+
+
+def test_plot_labels_the_reference_as_the_oracle(quick_run, monkeypatch, tmp_path):
+    pytest.importorskip("matplotlib")
+    import matplotlib.axes
+
+    _, doc, _ = quick_run
+    labels = []
+    real_bar = matplotlib.axes.Axes.bar
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar",
+                        lambda self, *a, **k: labels.append(k.get("label")) or real_bar(self, *a, **k))
+    assert benchmark.plot(doc, str(tmp_path / "p.png")) is None
+    assert "fusedopt-reference (reference backend: the oracle, not a fast path)" in labels
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"

@@ -145,8 +145,11 @@ def assert_near_reference(opt, params, ref, ref_params, what: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["plain", "clip+scaler"])
-@pytest.mark.parametrize("name", CLASSES)
+# Default tier: each kind of step once per backend, with clipping and GradScaler; the full
+# tier adds the plain steps and Adam / Adam8bit.
+@pytest.mark.parametrize("mode", [pytest.param("plain", marks=pytest.mark.full), "clip+scaler"])
+@pytest.mark.parametrize("name", [n if n in ("AdamW", "LAMB", "Lion", "AdamW8bit", "Lion8bit")
+                                  else pytest.param(n, marks=pytest.mark.full) for n in CLASSES])
 @pytest.mark.parametrize("device, backend", RUNS)
 def test_compiled_step_matches_eager(device, backend, name, mode):
     """Seven compiled steps against eager ones, a new tensor lr every step without a

@@ -8,6 +8,7 @@ import importlib.util
 import inspect
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +45,7 @@ def tiny_run(tmp_path_factory):
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, f"finetune.py --tiny failed:\n{proc.stdout}\n{proc.stderr}"
+    (out / "stderr.txt").write_text(proc.stderr)  # progress lines
     return out, json.loads((out / "summary.json").read_text()), proc.stdout
 
 
@@ -142,6 +144,7 @@ def test_full_size_is_all_8bit(example):
     assert 10e6 <= sum(p.numel() for p in model.parameters()) <= 50e6
 
 
+@pytest.mark.full  # two more training runs
 def test_deterministic_with_a_seed(tmp_path):
     """Two runs with the same seed give the same curves, bit for bit (on a CPU)."""
     def run(out):
@@ -192,3 +195,19 @@ def test_missing_matplotlib_is_a_clear_error(example, monkeypatch):
 def test_corpus_is_reproducible():
     corpus = _load(ROOT / "examples" / "data" / "make_corpus.py", "examples_make_corpus")
     assert corpus.make_corpus() == corpus.PATH.read_text(encoding="ascii")
+
+
+def test_summary_losses_are_the_logged_ones_and_progress_is_plain(tiny_run):
+    # The summary's final train/eval loss is the last logged `train`/`eval` (the same fixed-batch
+    # estimate), and the table says what it is; progress (not a terminal) is plain lines.
+    out, summary, stdout = tiny_run
+    for name, run in summary["runs"].items():
+        last = re.findall(rf"\[\s*{name}\] step\s+\d+/\d+\s+train (\S+)\s+eval (\S+)", stdout)[-1]
+        assert (f"{run['final_train_loss']:.4f}", f"{run['final_eval_loss']:.4f}") == last, name
+    assert "not the mean training loss of the last steps" in (out / "summary.md").read_text()
+    err = (out / "stderr.txt").read_text()
+    steps = summary["config"]["steps"]
+    total = steps * len(summary["runs"])
+    starts = re.findall(rf"^train \[(\d+)/{total}\] \d+s (\w+)$", err, re.M)
+    assert starts == [(str(1 + i * steps), name) for i, name in enumerate(summary["runs"])], err
+    assert re.search(rf"^train: {total}/{total} done in \d+s$", err, re.M), err

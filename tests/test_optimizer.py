@@ -4,6 +4,7 @@ selection and state dicts, over all seven optimizer classes."""
 from __future__ import annotations
 
 import inspect
+import warnings
 import re
 
 import pytest
@@ -510,3 +511,39 @@ def test_replaced_state_is_what_the_next_step_uses(backend, grads, change):
             assert_close(p, q, torch.float32, f"step {step} param {i}")
             for key, value in topt.state[q].items():
                 assert_close(opt.state[p][key], value, torch.float32, f"step {step} param {i} {key}")
+
+
+def _train(opt, params, steps):
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+
+
+@pytest.mark.parametrize("cls", EIGHT_BIT, ids=name)
+def test_8bit_warns_once_when_every_state_stays_fp32(cls):
+    # A model whose tensors are all under min_8bit_size gets no 8-bit state: say so, once (when
+    # the states are made), naming the knob; the states really are fp32.
+    params = [torch.randn(300, requires_grad=True), torch.randn(17, requires_grad=True)]
+    opt = cls(params, backend="reference")
+    with pytest.warns(UserWarning, match=r"min_8bit_size=4096.*fp32.*smaller min_8bit_size") as caught:
+        _train(opt, params, 3)
+    assert len([w for w in caught if "min_8bit_size" in str(w.message)]) == 1
+    assert caught[0].filename == __file__  # points at the caller's opt.step()
+    assert all(v.dtype == torch.float32 for s in opt.state.values() for k, v in s.items() if k != "step")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _train(opt, params, 2)  # later steps: silent
+
+
+@pytest.mark.parametrize("cls", EIGHT_BIT, ids=name)
+@pytest.mark.parametrize("extra", [dict(), dict(min_8bit_size=64)], ids=["one-large-tensor", "lowered"])
+def test_8bit_does_not_warn_when_some_state_is_8bit(cls, extra):
+    big = 5000 if not extra else 300
+    params = [torch.randn(big, requires_grad=True), torch.randn(17, requires_grad=True)]
+    opt = cls(params, backend="reference", **extra)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _train(opt, params, 3)
+    assert opt.state[params[0]]["exp_avg"].dtype == torch.uint8
