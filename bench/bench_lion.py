@@ -2,7 +2,7 @@
 
 import pytest
 
-from fusedopt import benchmark as fb
+from fusedopt import benchmarking as fb
 
 
 @pytest.mark.parametrize("case,provider", fb.pytest_params(("lion", "lion8bit")))

@@ -1,4 +1,4 @@
-"""pytest-benchmark suites over the registry of :mod:`fusedopt.benchmark`.
+"""pytest-benchmark suites over the registry of :mod:`fusedopt.benchmarking`.
 
     pytest bench/                     # scaled-down (--quick) shapes
     pytest bench/ --bench-full        # full-size shapes (a GPU with 80 GB for llama-1b)

@@ -117,7 +117,7 @@ def cmd_check(args) -> int:
 # Subcommands whose own parser lives in their module: ``main`` hands them the rest of argv.
 _DELEGATED = {
     "build": ("fusedopt.build", "compile the CUDA extension (see `build --help`)"),
-    "bench": ("fusedopt.benchmark", "time every backend and peer (see `bench --help`)"),
+    "bench": ("fusedopt.benchmarking", "time every backend and peer (see `bench --help`)"),
 }
 
 

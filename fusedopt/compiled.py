@@ -4,7 +4,7 @@ The backends build their launch tables from ``data_ptr()`` in Python, which Dyna
 trace, so a compiled step does not trace them: it calls the custom op
 ``fusedopt::optimizer_step`` (with a fake implementation for tracing), whose implementation is
 the eager machinery itself: batches rebuilt from the op's inputs, a backend resolved per batch,
-:func:`fusedopt.optimizer.step_scalars` and :func:`fusedopt.optimizer.run_batches`.
+:func:`fusedopt.step.step_scalars` and :func:`fusedopt.step.run_batches`.
 
 How a step is traced (:func:`step`):
 
@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from . import backends, distributed
-from . import optimizer as _optimizer
+from . import step as _step
 from .scalars import GRAD_MULT, SIZE
 
 OP_NAME = "fusedopt::optimizer_step"
@@ -78,7 +78,7 @@ def init_group(opt, params: list, grads: list, states: list, steps: list, output
             members = [group["params"][i] for i in idx]
             state = [opt._init_state(p, group, names) for p in members]
             batch_names = list(names) + ([n + "_absmax" for n in names] if quantized else [])
-            params += [s[_optimizer.MASTER] for s in state] if master else members
+            params += [s[_step.MASTER] for s in state] if master else members
             grads += [plan.grads[i] for i in idx]
             for name in batch_names:
                 states += [s[name] for s in state]
@@ -202,7 +202,7 @@ def optimizer_step(params: list[Tensor], grads: list[Tensor], states: list[Tenso
         for name in b["names"]:
             state[name] = states[s_at:s_at + n]
             s_at += n
-        batch = _optimizer.Batch(
+        batch = _step.Batch(
             params=params[p_at:p_at + n],
             grads=grads[p_at:p_at + n],
             state=state,
@@ -222,8 +222,8 @@ def optimizer_step(params: list[Tensor], grads: list[Tensor], states: list[Tenso
         module, batch.cache = _batch_cache(config, requested, bi, device, batch, kind)
         key = (device, batch.params[0].dtype, batch.grads[0].dtype, b["quantized"], (), b["master"])
         work.append((key, batch, module))
-    scalars, norm = _optimizer.step_scalars(work, grad_scale, found_inf, max_grad_norm, _unit)
-    _optimizer.run_batches(spec["family"], work, scalars)
+    scalars, norm = _step.step_scalars(work, grad_scale, found_inf, max_grad_norm, _unit)
+    _step.run_batches(spec["family"], work, scalars)
     if norm is None:
         return torch.zeros((), dtype=torch.float32, device=work[0][0][0])
     return norm

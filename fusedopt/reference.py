@@ -6,7 +6,7 @@ Torch ops only, on any device. Math in fp32 (float64 for float64 params), states
 8-bit states and the skip on non-finite gradients are handled around it, never inside it.
 
 A backend exposes ``adam(batch)``, ``lamb(batch)``, ``lion(batch)`` and
-``global_norm(tensors, norm_type)``; see :class:`fusedopt.optimizer.Batch` for what a batch
+``global_norm(tensors, norm_type)``; see :class:`fusedopt.step.Batch` for what a batch
 holds. Nothing here calls ``.item()``: the skip flag and the gradient multiplier stay on the
 device, so a skipped step is decided without a host sync.
 """

@@ -18,13 +18,12 @@ from . import common
 from . import lamb as _lamb
 from . import lion as _lion
 from . import norm as _norm
+from .table import unsupported  # noqa: F401  (what backends.resolve asks of a backend)
 
 NAME = "triton"
 DESCRIPTION = "Triton multi-tensor kernels: one launch per param group and pass, no host sync (CUDA)"
 
 INTERPRET = common.INTERPRET
-
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def available(device: torch.device) -> str | None:
@@ -46,14 +45,6 @@ def available(device: torch.device) -> str | None:
     major, minor = torch.cuda.get_device_capability(device)
     if major < 7:
         return f"Triton needs compute capability 7.0 or newer; {device} has {major}.{minor}"
-    return None
-
-
-def unsupported(tensor: torch.Tensor) -> str | None:
-    """Why the kernels cannot take ``tensor`` (a param or a grad), or None. Any layout runs:
-    dense tensors as flat memory, others through gathered copies (:mod:`fusedopt.layout`)."""
-    if tensor.dtype not in _DTYPES:
-        return f"the kernels compute in fp32 and take float32, bfloat16 and float16 tensors, not {tensor.dtype}"
     return None
 
 

@@ -16,6 +16,7 @@ import triton.language as tl
 
 from .. import layout, reference
 from . import common, table
+from .table import unsupported
 
 BLOCK = common.block(2048, 8192)
 NUM_WARPS = 8
@@ -109,8 +110,6 @@ def global_norm(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor:
     Orders other than 1, 2 and inf, and tensors the kernels do not take (float64), are left
     to the reference. A norm is the same in any memory order: dense tensors are read as they
     lie, others (an expanded grad) through a contiguous copy."""
-    from .backend import unsupported
-
     order = _ORDS.get(float(norm_type))
     if order is None or any(unsupported(t) is not None for t in tensors):
         return reference.global_norm(tensors, norm_type)

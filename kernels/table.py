@@ -181,6 +181,17 @@ def codebooks(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 STEP_BLOCK = 1024
 
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def unsupported(tensor: torch.Tensor) -> str | None:
+    """Why the kernels cannot take ``tensor`` (a param or a grad), or None. Any layout runs:
+    dense tensors as flat memory, others through gathered copies (:mod:`fusedopt.layout`)."""
+    if tensor.dtype not in _DTYPES:
+        return f"the kernels compute in fp32 and take float32, bfloat16 and float16 tensors, not {tensor.dtype}"
+    return None
+
+
 _TL_DTYPES = {}
 
 

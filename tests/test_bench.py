@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 import torch
 
-from fusedopt import benchmark
+from fusedopt import benchmarking
 
 # A cross-section of the quick suite that stays fast on two cores: every family, both dtypes,
 # 8-bit, clipping, the many-tensor model, and a provider that cannot run here.
@@ -28,14 +28,14 @@ def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     argv = ["--quick", "--device", "cpu", "--cases", *QUICK_CASES, "--providers", *QUICK_PROVIDERS,
             "--json", str(out / "run.json"), "--plot", str(out / "run.png")]
-    code = benchmark.main(argv)
+    code = benchmarking.main(argv)
     return code, json.loads((out / "run.json").read_text()), out
 
 
 def test_quick_run_writes_json_that_matches_the_schema(quick_run, capsys):
     code, doc, _ = quick_run
     assert code == 0
-    jsonschema.validate(doc, benchmark.JSON_SCHEMA)
+    jsonschema.validate(doc, benchmarking.JSON_SCHEMA)
     assert sorted(c["name"] for c in doc["cases"]) == sorted(QUICK_CASES)
     assert doc["quick"] is True and doc["environment"]["device"] == "cpu"
     assert doc["environment"]["versions"]["torch"] == importlib.metadata.version("torch")
@@ -44,7 +44,7 @@ def test_quick_run_writes_json_that_matches_the_schema(quick_run, capsys):
 
 def test_quick_run_reports_every_provider_of_every_case(quick_run):
     _, doc, _ = quick_run
-    selected = benchmark.select_providers(QUICK_PROVIDERS)
+    selected = benchmarking.select_providers(QUICK_PROVIDERS)
     for case in doc["cases"]:
         want = [p.name for p in selected if case["optimizer"] in p.optimizers]
         assert [r["provider"] for r in case["results"]] == want, case["name"]
@@ -69,8 +69,8 @@ def test_quick_run_reports_every_provider_of_every_case(quick_run):
 
 def test_quick_run_says_gpu_figures_need_a_gpu(quick_run, capsys):
     _, doc, out = quick_run
-    assert benchmark.NO_GPU_NOTE in doc["notes"]
-    assert "GPU figures" in benchmark.format_table(doc)
+    assert benchmarking.NO_GPU_NOTE in doc["notes"]
+    assert "GPU figures" in benchmarking.format_table(doc)
     assert (out / "run.png").stat().st_size > 0 or "matplotlib" in capsys.readouterr().err
 
 
@@ -80,12 +80,12 @@ def test_schema_rejects_a_timed_result_without_timings(quick_run):
     ok = next(r for c in broken["cases"] for r in c["results"] if r["status"] == "ok")
     ok["median_ms"] = None
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate(broken, benchmark.JSON_SCHEMA)
+        jsonschema.validate(broken, benchmarking.JSON_SCHEMA)
     broken = json.loads(json.dumps(doc))
     other = next(r for c in broken["cases"] for r in c["results"] if r["status"] != "ok")
     other["median_ms"] = 1.0
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate(broken, benchmark.JSON_SCHEMA)
+        jsonschema.validate(broken, benchmarking.JSON_SCHEMA)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,7 +100,7 @@ def _adamw_with(**change):
         import fusedopt
         hp = {**hp, **{k: f(hp[k]) for k, f in change.items()}}
         opt = fusedopt.AdamW(params, **hp, max_grad_norm=spec.max_grad_norm, backend="reference")
-        return benchmark.Runner(opt, opt.step)
+        return benchmarking.Runner(opt, opt.step)
     return make
 
 
@@ -108,13 +108,13 @@ def _nan(params, spec, hp):
     def step():
         for p in params:
             p.fill_(float("nan"))
-    return benchmark.Runner(torch.optim.SGD(params, lr=0.1), step)
+    return benchmarking.Runner(torch.optim.SGD(params, lr=0.1), step)
 
 
 def _raises(params, spec, hp):
     def step():
         raise RuntimeError("kernel exploded")
-    return benchmark.Runner(torch.optim.SGD(params, lr=0.1), step)
+    return benchmarking.Runner(torch.optim.SGD(params, lr=0.1), step)
 
 
 WRONG = {
@@ -128,14 +128,14 @@ WRONG = {
 @pytest.mark.parametrize("dtype,flaw", [("fp32", "lr-1pct"), ("fp32", "no-decay"), ("fp32", "beta1"),
                                         ("bf16", "lr-10pct"), ("bf16", "no-decay"), ("bf16", "beta1")])
 def test_a_wrong_provider_is_marked_and_not_timed(monkeypatch, tmp_path, dtype, flaw):
-    wrong = benchmark.Provider("wrong-adamw", "AdamW with one flaw", ("adamw",), WRONG[flaw])
-    monkeypatch.setitem(benchmark.PROVIDERS, wrong.name, wrong)
+    wrong = benchmarking.Provider("wrong-adamw", "AdamW with one flaw", ("adamw",), WRONG[flaw])
+    monkeypatch.setitem(benchmarking.PROVIDERS, wrong.name, wrong)
     path = tmp_path / "run.json"
-    code = benchmark.main(["--quick", "--device", "cpu", "--cases", f"adamw/llama-1b/{dtype}",
+    code = benchmarking.main(["--quick", "--device", "cpu", "--cases", f"adamw/llama-1b/{dtype}",
                            "--providers", "wrong-adamw", "fusedopt-reference", "--json", str(path)])
     assert code == 0
     doc = json.loads(path.read_text())
-    jsonschema.validate(doc, benchmark.JSON_SCHEMA)
+    jsonschema.validate(doc, benchmarking.JSON_SCHEMA)
     results = {r["provider"]: r for r in doc["cases"][0]["results"]}
     bad = results["wrong-adamw"]
     assert bad["status"] == "wrong"
@@ -149,31 +149,31 @@ def test_a_wrong_provider_is_marked_and_not_timed(monkeypatch, tmp_path, dtype, 
 def test_an_independent_correct_provider_passes_the_check(dtype):
     # The control of the test above: torch's own AdamW, which keeps its states in the param's
     # dtype (as the registry declares), passes; so do bitsandbytes' fp32-state AdamW.
-    case = benchmark.select_cases([f"adamw-clip/llama-1b/{dtype}"], quick=True)[0]
+    case = benchmarking.select_cases([f"adamw-clip/llama-1b/{dtype}"], quick=True)[0]
     for name in ("torch-forloop", "torch-fused", "bnb-32bit"):
-        err, tol = benchmark.check(benchmark.PROVIDERS[name], case, torch.device("cpu"), steps=3)
+        err, tol = benchmarking.check(benchmarking.PROVIDERS[name], case, torch.device("cpu"), steps=3)
         assert 0 < err <= tol, (name, dtype, err, tol)
 
 
 def test_a_provider_that_writes_nan_is_marked_and_the_json_stays_valid(monkeypatch, tmp_path):
-    nan = benchmark.Provider("nan", "writes NaN", ("lion8bit",), _nan)
-    monkeypatch.setitem(benchmark.PROVIDERS, nan.name, nan)
+    nan = benchmarking.Provider("nan", "writes NaN", ("lion8bit",), _nan)
+    monkeypatch.setitem(benchmarking.PROVIDERS, nan.name, nan)
     path = tmp_path / "run.json"
-    assert benchmark.main(["--quick", "--device", "cpu", "--cases", "lion8bit/gpt2-124m/bf16",
+    assert benchmarking.main(["--quick", "--device", "cpu", "--cases", "lion8bit/gpt2-124m/bf16",
                            "--providers", "nan", "--json", str(path)]) == 0
     doc = json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
-    jsonschema.validate(doc, benchmark.JSON_SCHEMA)
+    jsonschema.validate(doc, benchmarking.JSON_SCHEMA)
     (r,) = doc["cases"][0]["results"]
     assert r["status"] == "wrong" and "non-finite" in r["reason"] and r["check_error"] is None
     assert all(r[k] is None for k in TIMINGS)
 
 
 def test_a_provider_that_raises_is_reported_as_an_error(monkeypatch, tmp_path):
-    broken = benchmark.Provider("broken", "raises", ("lion",), _raises)
-    monkeypatch.setitem(benchmark.PROVIDERS, broken.name, broken)
-    doc = benchmark.run(benchmark.select_cases(["lion/gpt2-124m/fp32"], quick=True), [broken],
-                        torch.device("cpu"), benchmark.default_config(True, torch.device("cpu")), quick=True)
-    jsonschema.validate(doc, benchmark.JSON_SCHEMA)
+    broken = benchmarking.Provider("broken", "raises", ("lion",), _raises)
+    monkeypatch.setitem(benchmarking.PROVIDERS, broken.name, broken)
+    doc = benchmarking.run(benchmarking.select_cases(["lion/gpt2-124m/fp32"], quick=True), [broken],
+                        torch.device("cpu"), benchmarking.default_config(True, torch.device("cpu")), quick=True)
+    jsonschema.validate(doc, benchmarking.JSON_SCHEMA)
     (r,) = doc["cases"][0]["results"]
     assert r["status"] == "error" and "kernel exploded" in r["reason"]
     assert all(r[k] is None for k in TIMINGS)
@@ -196,30 +196,30 @@ def test_a_provider_that_raises_is_reported_as_an_error(monkeypatch, tmp_path):
 ])
 def test_bytes_per_param_follow_the_roofline(optimizer, dtype, separate_clip, want):
     n = 1 << 20
-    got = benchmark.bytes_per_step(benchmark.OPTIMIZERS[optimizer], ((n,),), dtype, separate_clip=separate_clip)
+    got = benchmarking.bytes_per_step(benchmarking.OPTIMIZERS[optimizer], ((n,),), dtype, separate_clip=separate_clip)
     assert got / n == pytest.approx(want, rel=1e-12)
 
 
 def test_bytes_with_states_in_the_param_dtype_and_small_tensors():
-    adamw, adamw8 = benchmark.OPTIMIZERS["adamw"], benchmark.OPTIMIZERS["adamw8bit"]
-    assert benchmark.bytes_per_step(adamw, ((100,),), torch.bfloat16, state_bytes=2) == 100 * 14
+    adamw, adamw8 = benchmarking.OPTIMIZERS["adamw"], benchmarking.OPTIMIZERS["adamw8bit"]
+    assert benchmarking.bytes_per_step(adamw, ((100,),), torch.bfloat16, state_bytes=2) == 100 * 14
     # Under min_8bit_size an 8-bit optimizer keeps 32-bit states.
-    assert benchmark.bytes_per_step(adamw8, ((4095,),), torch.float32) == 4095 * 28
+    assert benchmarking.bytes_per_step(adamw8, ((4095,),), torch.float32) == 4095 * 28
 
 
 def test_model_shapes_have_the_advertised_sizes():
-    sizes = {name: sum(torch.Size(s).numel() for s in m.full) for name, m in benchmark.MODELS.items()}
+    sizes = {name: sum(torch.Size(s).numel() for s in m.full) for name, m in benchmarking.MODELS.items()}
     assert sizes == {"gpt2-124m": 124_439_808, "llama-1b": 1_235_814_400, "many-4k": 20_000 * 4096,
                      "one-82m": 20_000 * 4096}
-    assert len(benchmark.MODELS["many-4k"].full) == 20_000
-    assert len(benchmark.MODELS["one-82m"].full) == 1
+    assert len(benchmarking.MODELS["many-4k"].full) == 20_000
+    assert len(benchmarking.MODELS["one-82m"].full) == 1
 
 
 def test_case_and_provider_patterns():
-    names = [c.name for c in benchmark.select_cases(["lion", "*/llama-1b/bf16"], quick=True)]
+    names = [c.name for c in benchmarking.select_cases(["lion", "*/llama-1b/bf16"], quick=True)]
     assert "lion/gpt2-124m/fp32" in names and "lion8bit/gpt2-124m/fp32" not in names
     assert "adamw/llama-1b/bf16" in names and "adamw/llama-1b/fp32" not in names
-    assert [p.name for p in benchmark.select_providers(["torch-f*"])] == ["torch-forloop", "torch-foreach", "torch-fused",
+    assert [p.name for p in benchmarking.select_providers(["torch-f*"])] == ["torch-forloop", "torch-foreach", "torch-fused",
                                                                            "torch-fused-graph"]
 
 
@@ -230,22 +230,22 @@ def test_case_and_provider_patterns():
     (["--threads", "0"], "Invalid --threads"),
 ])
 def test_bad_arguments_exit_2_naming_the_argument(argv, message, capsys):
-    assert benchmark.main(argv) == 2
+    assert benchmarking.main(argv) == 2
     assert message in capsys.readouterr().err
 
 
 def test_list_and_schema_run_nothing(capsys):
-    assert benchmark.main(["--list", "--quick", "--device", "cpu"]) == 0
+    assert benchmarking.main(["--list", "--quick", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "adamw8bit/many-4k/bf16" in out and "fusedopt-cuda" in out
-    assert benchmark.main(["--schema"]) == 0
-    assert json.loads(capsys.readouterr().out) == benchmark.JSON_SCHEMA
+    assert benchmarking.main(["--schema"]) == 0
+    assert json.loads(capsys.readouterr().out) == benchmarking.JSON_SCHEMA
 
 
 def test_plot_without_matplotlib_says_so(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
     png, js = tmp_path / "p.png", tmp_path / "p.json"
-    code = benchmark.main(["--quick", "--device", "cpu", "--cases", "lion/gpt2-124m/fp32",
+    code = benchmarking.main(["--quick", "--device", "cpu", "--cases", "lion/gpt2-124m/fp32",
                            "--providers", "fusedopt-reference", "--plot", str(png), "--json", str(js)])
     assert code == 0
     assert "--plot needs matplotlib" in capsys.readouterr().err
@@ -276,7 +276,7 @@ def test_headlines_are_ratios_of_medians_within_a_run(tmp_path, capsys):
         ("adamw/many-4k/fp32", "fusedopt-cuda"): 2.6,
         ("adamw/one-82m/fp32", "fusedopt-cuda"): 1.0,
     })
-    text = "\n".join(benchmark.headlines([run_a, run_b]))
+    text = "\n".join(benchmarking.headlines([run_a, run_b]))
     assert "2.50x torch-fused" in text and "3.00x torch-fused" in text
     assert "2.25x bnb-8bit" in text and "1.12x bnb-8bit" in text
     assert "1.30x its one-tensor time" in text and "2.60x its one-tensor time" in text
@@ -289,11 +289,11 @@ def test_headlines_are_ratios_of_medians_within_a_run(tmp_path, capsys):
     for i, doc in enumerate((run_a, run_b)):
         paths.append(tmp_path / f"run{i}.json")
         paths[-1].write_text(json.dumps(doc))
-    assert benchmark.main(["--headlines", *map(str, paths)]) == 0
+    assert benchmarking.main(["--headlines", *map(str, paths)]) == 0
     assert "2.50x torch-fused" in capsys.readouterr().out
     other = tmp_path / "h200.json"
     other.write_text(json.dumps(_fake_run("H200", {})))
-    assert benchmark.main(["--headlines", str(paths[0]), str(other)]) == 2
+    assert benchmarking.main(["--headlines", str(paths[0]), str(other)]) == 2
     assert "different devices" in capsys.readouterr().err
 
 
@@ -308,7 +308,7 @@ def test_table_says_what_each_row_is_and_flags_cache_resident_rows(quick_run):
     ref = next(r for r in case["results"] if r["provider"] == "fusedopt-reference")
     fast = dict(ref, provider="fusedopt-triton-graph", pct_copy=280.0, bytes_per_param=32.0)
     case["results"] = [r for r in case["results"] if r["provider"] != fast["provider"]] + [fast]
-    text = benchmark.format_table(doc)
+    text = benchmarking.format_table(doc)
     block = text.split(case["name"] + ":")[1].split("\n\n")[0].splitlines()[1:]
     assert block[0].lstrip().startswith("provider")
     starts = {line.index(" ok ") for line in block if " ok " in line}
@@ -332,6 +332,6 @@ def test_plot_labels_the_reference_as_the_oracle(quick_run, monkeypatch, tmp_pat
     real_bar = matplotlib.axes.Axes.bar
     monkeypatch.setattr(matplotlib.axes.Axes, "bar",
                         lambda self, *a, **k: labels.append(k.get("label")) or real_bar(self, *a, **k))
-    assert benchmark.plot(doc, str(tmp_path / "p.png")) is None
+    assert benchmarking.plot(doc, str(tmp_path / "p.png")) is None
     assert "fusedopt-reference (reference backend: the oracle, not a fast path)" in labels
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
