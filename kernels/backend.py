@@ -18,6 +18,7 @@ from . import common
 from . import lamb as _lamb
 from . import lion as _lion
 from . import norm as _norm
+from . import quant as _quant
 
 NAME = "triton"
 DESCRIPTION = "Triton multi-tensor kernels: one launch per param group and pass, no host sync (CUDA)"
@@ -54,6 +55,19 @@ def unsupported(tensor: torch.Tensor) -> str | None:
     dense tensors as flat memory, others through gathered copies (:mod:`fusedopt.layout`)."""
     if tensor.dtype not in _DTYPES:
         return f"the kernels compute in fp32 and take float32, bfloat16 and float16 tensors, not {tensor.dtype}"
+    return None
+
+
+def unsupported_step(kind: str, *, block_size: int | None = None, norm_type: float | None = None) -> str | None:
+    """Why the kernels cannot run a step of ``kind`` with these requirements, or None (see
+    :mod:`fusedopt.backends`): 8-bit blocks up to ``quant.MAX_BLOCK`` (4096) elements, and the
+    1-, 2- and inf-norms."""
+    if block_size is not None and kind.endswith("8bit"):
+        reason = _quant.unsupported_block(block_size)
+        if reason is not None:
+            return reason
+    if norm_type is not None:
+        return _norm.unsupported_order(norm_type)
     return None
 
 
@@ -98,7 +112,8 @@ def lion(batch) -> None:
 
 def global_norm(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor:
     """The ``norm_type``-norm of all ``tensors`` (0-d fp32 on their device): a deterministic
-    two-pass reduction for 1, 2 and inf; other orders are computed by the reference."""
+    two-pass reduction for 1, 2 and inf; other orders raise (``unsupported_step`` says so
+    first, so that ``fusedopt.backends`` resolves them elsewhere)."""
     if not tensors:
         raise ValueError("global_norm needs at least one tensor")
     device = tensors[0].device
