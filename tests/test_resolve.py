@@ -45,7 +45,8 @@ def test_explicit_triton_refuses_a_block_over_its_largest_before_anything_change
     before = [p.detach().clone() for p in params]
     opt = cls([{"params": params[:1]}, {"params": params[1:], "block_size": 8192}], min_8bit_size=256,
               backend="triton")
-    with pytest.raises(RuntimeError, match=r"backend 'triton' cannot run this \w+8bit step: block_size=8192 is over 4096"):
+    refused = r"backend 'triton' cannot run this \w+8bit step: block_size=8192 is over 4096"
+    with pytest.raises(RuntimeError, match=refused):
         opt.step()
     assert not opt.state, "states were made before the step was refused"
     assert all(torch.equal(a, b) for a, b in zip(params, before))
