@@ -50,6 +50,8 @@ _ARGS = r"""
 """ + DOC_STORAGE
 
 _ARGS_8BIT = r"""        block_size: elements per quantization block, one fp32 absmax each (a multiple of 32).
+            The Triton kernels take blocks of up to 4096: ``backend="auto"`` runs larger ones
+            on another backend, ``backend="triton"`` refuses them with a ``RuntimeError``.
         min_8bit_size: tensors with fewer elements keep fp32 states.
 """
 

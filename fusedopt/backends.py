@@ -2,12 +2,26 @@
 
 A backend is a module with ``NAME``, ``DESCRIPTION``, ``available(device) -> str | None``
 (None when it can run on that device, else the reason it cannot) and the family functions
-``adam``, ``lamb``, ``lion`` and ``global_norm`` (see :mod:`fusedopt.reference`).
+``adam``, ``lamb``, ``lion`` and ``global_norm`` (see :mod:`fusedopt.reference`). It may also
+define (a backend that does not takes everything):
 
-``"auto"`` (or the ``FUSEDOPT_BACKEND`` environment variable, which overrides it) takes, for
-the kind of step at hand, the first backend of :data:`AUTO_ORDER` that runs on the device;
-CPU tensors always get the reference. An explicitly requested backend that cannot run raises ``RuntimeError`` with the
-reason.
+* ``unsupported(tensor) -> str | None``: why it cannot take this param or grad (its dtype,
+  its device), or None;
+* ``unsupported_step(kind, *, block_size=None, norm_type=None) -> str | None``: why it cannot
+  run a step of ``kind`` (one of :data:`KINDS`) with these requirements, or None. A
+  requirement left None is not asked about. ``block_size`` is the quantization block size of
+  an 8-bit kind; ``norm_type`` the order of the global norm the step computes (the ``"norm"``
+  kind of :func:`fusedopt.clip_grad_norm_`, or ``2.0`` for a family step that clips with
+  ``max_grad_norm``).
+
+Whether a backend can run a step is decided here, in :func:`resolve`, before the step
+changes anything; a backend's functions never hand a step to another backend (reached with a
+step they cannot run, they raise). ``"auto"`` (or the ``FUSEDOPT_BACKEND`` environment
+variable, which overrides it) takes, for the kind of step at hand, the first backend of
+:data:`AUTO_ORDER` that runs on the device and supports the step's tensors and requirements
+(an 8-bit step with ``block_size`` over the Triton kernels' 4096 gets the next one, say);
+CPU tensors always get the reference. An explicitly requested backend that cannot run the
+step raises ``RuntimeError`` naming the backend and the reason.
 """
 
 from __future__ import annotations
@@ -78,6 +92,13 @@ def _reason(name: str, device: torch.device, tensors) -> str | None:
     return reason
 
 
+def _step_reason(name: str, kind: str, requirements: dict) -> str | None:
+    module = load(name)[0]
+    if not hasattr(module, "unsupported_step"):
+        return None
+    return module.unsupported_step(kind, **requirements)
+
+
 def capturing(device) -> bool:
     """Whether a CUDA graph is being captured on the current stream of a CUDA ``device``.
 
@@ -87,19 +108,22 @@ def capturing(device) -> bool:
     return torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def resolve(backend: str, device: torch.device, tensors=(), kind: str = "adam") -> ModuleType:
+def resolve(backend: str, device: torch.device, tensors=(), kind: str = "adam", *,
+            block_size: int | None = None, norm_type: float | None = None) -> ModuleType:
     """The backend module to run ``tensors`` (all on ``device``) with, for a step of ``kind``
-    (one of :data:`KINDS`).
+    (one of :data:`KINDS`) that needs ``block_size`` (the 8-bit block size, 8-bit kinds) and
+    ``norm_type`` (the order of the global norm it computes); None asks nothing about it.
 
-    ``"auto"`` takes the first of ``AUTO_ORDER[kind]`` that runs on the device and supports
-    every tensor (a backend may define ``unsupported(tensor) -> str | None``), the reference on
-    CPU. A backend named explicitly that cannot run raises ``RuntimeError`` with the reason.
+    ``"auto"`` takes the first of ``AUTO_ORDER[kind]`` that runs on the device, supports every
+    tensor (``unsupported``) and the step (``unsupported_step``), the reference on CPU. A
+    backend named explicitly that cannot run the step raises ``RuntimeError`` with the reason.
     """
     name = requested(backend)
     device = torch.device(device)
     tensors = list(tensors)
     if kind not in AUTO_ORDER:
         raise ValueError(f"Invalid kind: {kind!r}; expected one of {', '.join(map(repr, KINDS))}")
+    requirements = dict(block_size=block_size, norm_type=None if norm_type is None else float(norm_type))
     if name == "auto":
         candidates = ("reference",) if device.type == "cpu" else AUTO_ORDER[kind]
     else:
@@ -107,7 +131,12 @@ def resolve(backend: str, device: torch.device, tensors=(), kind: str = "adam") 
     reasons = []
     for n in candidates:
         reason = _reason(n, device, tensors)
-        if reason is None:
-            return load(n)[0]
-        reasons.append(f"backend {n!r} cannot run on {device} tensors: {reason}")
+        if reason is not None:
+            reasons.append(f"backend {n!r} cannot run on {device} tensors: {reason}")
+            continue
+        reason = _step_reason(n, kind, requirements)
+        if reason is not None:
+            reasons.append(f"backend {n!r} cannot run this {kind} step: {reason}")
+            continue
+        return load(n)[0]
     raise RuntimeError("; ".join(reasons))

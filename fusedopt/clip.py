@@ -31,7 +31,10 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
         foreach: ``None`` or ``True`` scales all gradients of a device with one multi-tensor
             operation, ``False`` one tensor at a time (same result).
         backend: which implementation computes the norm (``"auto"``, ``"triton"``, ``"cuda"``,
-            ``"reference"``).
+            ``"reference"``). ``"auto"`` takes one that supports ``norm_type`` and the
+            gradients' dtypes (the fused kernels take the 1-, 2- and inf-norms of float32,
+            bfloat16 and float16 gradients; the reference any); a backend named here that
+            cannot raises ``RuntimeError`` with the reason, before any gradient changes.
 
     Returns:
         The total norm as a 0-d tensor in the gradients' dtype, as torch returns it.
@@ -63,7 +66,7 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
         parts.setdefault(key, (distributed.shard_groups(g), []))[1].append(distributed.local(g))
     norms = []
     for (device, _), (groups, local) in sorted(parts.items(), key=lambda kv: str(kv[0])):
-        n = backends.resolve(backend, device, local, "norm").global_norm(local, norm_type)
+        n = backends.resolve(backend, device, local, "norm", norm_type=norm_type).global_norm(local, norm_type)
         if groups:
             if math.isinf(norm_type):
                 distributed.all_reduce_max(n, groups)

@@ -219,7 +219,7 @@ def optimizer_step(params: list[Tensor], grads: list[Tensor], states: list[Tenso
         p_at += n
         device = batch.params[0].device
         kind = spec["family"] + ("8bit" if b["quantized"] else "")  # as FusedOptimizer._plan_group
-        module, batch.cache = _batch_cache(config, requested, bi, device, batch, kind)
+        module, batch.cache = _batch_cache(config, requested, bi, device, batch, kind, max_grad_norm is not None)
         key = (device, batch.params[0].dtype, batch.grads[0].dtype, b["quantized"], (), b["master"])
         work.append((key, batch, module))
     scalars, norm = _step.step_scalars(work, grad_scale, found_inf, max_grad_norm, _unit)
@@ -254,16 +254,20 @@ def _decode_group(encoded: dict, tensors, floats, ints) -> dict:
     return {k: decode(e) for k, e in encoded.items() if e is not None}
 
 
-def _batch_cache(config: str, requested: str, index: int, device: torch.device, batch, kind: str) -> tuple:
-    """The backend of batch ``index`` for a step of ``kind`` (resolved once per config and
-    backend, as the eager step resolves once per plan) and its persistent ``Batch.cache``."""
-    key = (config, requested, index)
+def _batch_cache(config: str, requested: str, index: int, device: torch.device, batch, kind: str,
+                 clips: bool) -> tuple:
+    """The backend of batch ``index`` for a step of ``kind`` (resolved once per config,
+    backend, block size and clipping, as the eager step resolves once per plan, with the same
+    requirements) and its persistent ``Batch.cache``."""
+    block_size = batch.block_size if batch.quantized else None
+    key = (config, requested, index, block_size, clips)
     with _lock:
         entry = _batch_caches.get(key)
         if entry is not None:
             _batch_caches.move_to_end(key)
             return entry
-    module = backends.resolve(requested, device, [*batch.params, *batch.grads], kind)
+    module = backends.resolve(requested, device, [*batch.params, *batch.grads], kind, block_size=block_size,
+                              norm_type=2.0 if clips else None)
     entry = (module, {})
     with _lock:
         _batch_caches[key] = entry

@@ -35,6 +35,7 @@ NAME = "cuda"
 DESCRIPTION = "CUDA C++ multi-tensor kernels (csrc/), compiled with nvcc on first use or by `python -m fusedopt build`"
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_NORM_TYPES = (1.0, 2.0, math.inf)
 _lock = threading.Lock()
 _loaded: dict = {"path": None, "error": None}
 
@@ -78,6 +79,14 @@ def available(device) -> str | None:
         return None
     reason = build.cannot_build()
     return None if reason is None else f"the extension is not built, and cannot be built here: {reason}"
+
+
+def unsupported_step(kind: str, *, block_size: int | None = None, norm_type: float | None = None) -> str | None:
+    """Why this backend cannot run a step of ``kind`` with these requirements, or None (see
+    :mod:`fusedopt.backends`): any 8-bit block size, and the 1-, 2- and inf-norms."""
+    if norm_type is not None and float(norm_type) not in _NORM_TYPES:
+        return f"its global norm takes norm_type 1, 2 or inf, not {norm_type}"
+    return None
 
 
 def unsupported(tensor: torch.Tensor) -> str | None:
@@ -269,13 +278,15 @@ _NORM_PLANS_KEPT = 8
 def global_norm(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor:
     """The ``norm_type``-norm of all ``tensors`` together (fp32 accumulation), as a 0-d fp32
     tensor on their device; ``inf`` is ``max |x|``. The 1-, 2- and inf-norms are two kernels,
-    deterministic (partials in fixed slots, reduced in a fixed order); other orders, rare in
-    clipping, are the reference's torch ops (no host sync either)."""
+    deterministic (partials in fixed slots, reduced in a fixed order). Other orders raise
+    (``unsupported_step`` says so first, so that ``fusedopt.backends`` resolves them
+    elsewhere)."""
     if not tensors:
         raise ValueError("global_norm needs at least one tensor")
+    reason = unsupported_step("norm", norm_type=norm_type)
+    if reason is not None:
+        raise RuntimeError(f"the cuda backend cannot compute this norm: {reason}")
     norm_type = float(norm_type)
-    if norm_type not in (1.0, 2.0, math.inf):
-        return reference.global_norm(list(tensors), norm_type)
     # A norm is the same in any memory order: dense tensors as they lie, others (an expanded
     # grad) through a contiguous copy.
     tensors = [t if layout.dense(t) else t.contiguous() for t in tensors]

@@ -87,6 +87,8 @@ class Lion(_LionFamily):
 
 class Lion8bit(_LionFamily):
     __doc__ = "Lion with a block-wise 8-bit momentum (signed dynamic map, fp32 absmax per block).\n" + _DOC + r"""        block_size: elements per quantization block, one fp32 absmax each (a multiple of 32).
+            The Triton kernels take blocks of up to 4096: ``backend="auto"`` runs larger ones
+            on another backend, ``backend="triton"`` refuses them with a ``RuntimeError``.
         min_8bit_size: tensors with fewer elements keep an fp32 state.
 
     Example:

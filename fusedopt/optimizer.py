@@ -439,7 +439,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         names = self._state_names(group)
         old = self._plans.get(gi)
         flags = (backends.requested(self.backend), bool(group.get("master_weights", False)),
-                 group.get("block_size"))
+                 group.get("block_size"), self.max_grad_norm is not None)
         if old is not None and (old.group is not group or len(old.params) != len(params)
                                 or not all(map(operator.is_, params, old.params))):
             old = None  # another group dict, or its params list edited: batches anew
@@ -485,7 +485,12 @@ class FusedOptimizer(torch.optim.Optimizer):
             idx = buckets[key]
             tensors = chain((params[i] for i in idx), (grads[i] for i in idx))
             kind = self._family + ("8bit" if key[3] else "")
-            entries.append((key, idx, backends.resolve(self.backend, key[0], tensors, kind)))
+            # What decides whether a backend can run this batch: its tensors, its block size,
+            # and the 2-norm of its grads when the step clips (step_scalars asks the backend).
+            module = backends.resolve(self.backend, key[0], tensors, kind,
+                                      block_size=group["block_size"] if key[3] else None,
+                                      norm_type=2.0 if self.max_grad_norm is not None else None)
+            entries.append((key, idx, module))
         return _GroupPlan(group, list(params), grads, names, signature, entries, None,
                           numels=tuple(map(_numel, params)))
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .. import reference
 from . import common, quant, table
 from .common import GRAD_MULT, SKIP
 
@@ -242,9 +241,9 @@ def step(batch) -> None:
 
 def step8bit(batch) -> None:
     """Launch the step prologue and the 8-bit Adam kernel over ``batch``. Blocks over
-    ``quant.MAX_BLOCK`` elements do not fit one program and are left to the reference."""
-    if batch.block_size > quant.MAX_BLOCK:
-        return reference.adam(batch)
+    ``quant.MAX_BLOCK`` elements do not fit one program: ``fusedopt.backends`` does not
+    resolve such a step here (see ``fusedopt.kernels.backend.unsupported_step``)."""
+    quant.check_block(batch)
     group = batch.group
     amsgrad = group["amsgrad"]
     names = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else [])

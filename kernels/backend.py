@@ -18,6 +18,7 @@ from . import common
 from . import lamb as _lamb
 from . import lion as _lion
 from . import norm as _norm
+from . import quant as _quant
 from .table import unsupported  # noqa: F401  (what backends.resolve asks of a backend)
 
 NAME = "triton"
@@ -45,6 +46,19 @@ def available(device: torch.device) -> str | None:
     major, minor = torch.cuda.get_device_capability(device)
     if major < 7:
         return f"Triton needs compute capability 7.0 or newer; {device} has {major}.{minor}"
+    return None
+
+
+def unsupported_step(kind: str, *, block_size: int | None = None, norm_type: float | None = None) -> str | None:
+    """Why the kernels cannot run a step of ``kind`` with these requirements, or None (see
+    :mod:`fusedopt.backends`): 8-bit blocks up to ``quant.MAX_BLOCK`` (4096) elements, and the
+    1-, 2- and inf-norms."""
+    if block_size is not None and kind.endswith("8bit"):
+        reason = _quant.unsupported_block(block_size)
+        if reason is not None:
+            return reason
+    if norm_type is not None:
+        return _norm.unsupported_order(norm_type)
     return None
 
 
@@ -89,7 +103,8 @@ def lion(batch) -> None:
 
 def global_norm(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor:
     """The ``norm_type``-norm of all ``tensors`` (0-d fp32 on their device): a deterministic
-    two-pass reduction for 1, 2 and inf; other orders are computed by the reference."""
+    two-pass reduction for 1, 2 and inf; other orders raise (``unsupported_step`` says so
+    first, so that ``fusedopt.backends`` resolves them elsewhere)."""
     if not tensors:
         raise ValueError("global_norm needs at least one tensor")
     device = tensors[0].device

@@ -10,7 +10,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .. import reference
 from . import common, quant, table
 from .common import GRAD_MULT, SKIP
 
@@ -169,9 +168,9 @@ def step(batch) -> None:
 
 def step8bit(batch) -> None:
     """Launch the step prologue and the 8-bit Lion kernel over ``batch``. Blocks over
-    ``quant.MAX_BLOCK`` elements do not fit one program and are left to the reference."""
-    if batch.block_size > quant.MAX_BLOCK:
-        return reference.lion(batch)
+    ``quant.MAX_BLOCK`` elements do not fit one program: ``fusedopt.backends`` does not
+    resolve such a step here (see ``fusedopt.kernels.backend.unsupported_step``)."""
+    quant.check_block(batch)
     group = batch.group
     streams = [batch.params, batch.grads, batch.state["exp_avg"], batch.state["exp_avg_absmax"], batch.steps]
     stochastic = table.stochastic(batch)

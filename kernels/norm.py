@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import layout, reference
+from .. import layout
 from . import common, table
 from .table import unsupported
 
@@ -24,6 +24,13 @@ FINISH_BLOCK = 1024
 
 # ORD: 1, 2, or 0 for the inf-norm (max |x|).
 _ORDS = {1.0: 1, 2.0: 2, math.inf: 0}
+
+
+def unsupported_order(norm_type: float) -> str | None:
+    """Why the norm kernels cannot compute the ``norm_type``-norm, or None."""
+    if float(norm_type) not in _ORDS:
+        return f"its global norm takes norm_type 1, 2 or inf, not {norm_type}"
+    return None
 
 # Tables of recent gradient lists (least recently used first): a step calls this with the same
 # gradients every time, clip_grad_norm_ may call it with others.
@@ -107,12 +114,14 @@ def _tables(tensors: list[torch.Tensor]) -> list[tuple[torch.dtype, table.Table]
 def global_norm(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor:
     """``norm_type``-norm of all ``tensors`` together as a 0-d fp32 tensor on their device.
 
-    Orders other than 1, 2 and inf, and tensors the kernels do not take (float64), are left
-    to the reference. A norm is the same in any memory order: dense tensors are read as they
-    lie, others (an expanded grad) through a contiguous copy."""
-    order = _ORDS.get(float(norm_type))
-    if order is None or any(unsupported(t) is not None for t in tensors):
-        return reference.global_norm(tensors, norm_type)
+    Orders 1, 2 and inf, of the tensors the kernels take (not float64): ``fusedopt.backends``
+    resolves any other norm to another backend, and this raises if reached with one (never
+    a fallback). A norm is the same in any memory order: dense tensors are read as they lie,
+    others (an expanded grad) through a contiguous copy."""
+    reason = unsupported_order(norm_type) or next((r for r in map(unsupported, tensors) if r is not None), None)
+    if reason is not None:
+        raise RuntimeError(f"the Triton backend cannot compute this norm: {reason}")
+    order = _ORDS[float(norm_type)]
     tensors = [t if layout.dense(t) else t.contiguous() for t in tensors]
     device = tensors[0].device
     tables = _tables(tensors)

@@ -15,13 +15,30 @@ import triton.language as tl
 
 from . import common
 
-# Largest quantization block a program keeps in registers; larger blocks are left to the
-# reference backend (one program would need a second pass over the block).
+# Largest quantization block a program keeps in registers; the Triton backend does not run
+# larger blocks (one program would need a second pass over the block): fusedopt.backends
+# resolves such a step to another backend, or refuses an explicit backend="triton".
 MAX_BLOCK = 4096
 # Elements per tile, and tiles per work item.
 TILE = common.block(2048, 8192)
 TILES = 4
 NUM_WARPS = 4  # 16 elements a thread: 16-byte accesses for the uint8 codes too
+
+
+def unsupported_block(block_size: int) -> str | None:
+    """Why the 8-bit kernels cannot take ``block_size``, or None."""
+    if block_size > MAX_BLOCK:
+        return (f"block_size={block_size} is over {MAX_BLOCK}, the largest 8-bit block one Triton program "
+                "takes (the cuda and reference backends take any block_size)")
+    return None
+
+
+def check_block(batch) -> None:
+    """Raise if ``batch``'s block size is one the kernels do not take (``fusedopt.backends``
+    does not resolve such a step to Triton; reaching here is a bug, never a fallback)."""
+    reason = unsupported_block(batch.block_size)
+    if reason is not None:
+        raise RuntimeError(f"the Triton backend cannot run this 8-bit step: {reason}")
 
 
 def layout(block_size: int) -> dict:

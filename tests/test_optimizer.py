@@ -450,9 +450,9 @@ def test_auto_resolves_per_kind_of_step(monkeypatch):
     asked = []
     real = backends.resolve
 
-    def spy(backend, device, tensors=(), kind="adam"):
+    def spy(backend, device, tensors=(), kind="adam", **requirements):
         asked.append(kind)
-        return real(backend, device, tensors, kind)
+        return real(backend, device, tensors, kind, **requirements)
 
     monkeypatch.setattr(backends, "resolve", spy)
     big, small = torch.randn(4096), torch.randn(10)
