@@ -27,8 +27,10 @@ __device__ __forceinline__ void adam_math(float& p, float g, float& m, float& v,
   } else if (s.weight_decay != 0.f) {
     g = g + s.weight_decay * p;
   }
-  // torch updates m by lerp, m + (1 - b1) * (g - m): NaN where m is infinite
-  m = fabsf(m) == INFINITY ? NAN : s.beta1 * m + s.one_minus_beta1 * g;
+  // torch updates m by lerp, m + w * (g - m) for w = 1 - b1 < 0.5, else g - (g - m) * (1 - w):
+  // NaN where m is infinite in the first form, where g is in the second
+  const float lerp_from = s.beta1 > 0.5f ? m : g;
+  m = fabsf(lerp_from) == INFINITY ? NAN : s.beta1 * m + s.one_minus_beta1 * g;
   v = s.beta2 * v + s.one_minus_beta2 * g * g;
   float v_hat = v;
   if (AMSGRAD) {

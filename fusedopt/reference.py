@@ -71,8 +71,10 @@ def adam_math(p, g, m, v, v_max, *, t, lr, beta1, beta2, eps, weight_decay, amsg
         p = p * (1 - lr * weight_decay)
     else:
         g = _add_decay(g, p, weight_decay)
-    # torch updates m by lerp, m + (1 - beta1) * (g - m): NaN where m is infinite
-    m = torch.where(torch.isinf(m), torch.nan, beta1 * m + (1 - beta1) * g)
+    # torch updates m by lerp, m + w * (g - m) for w = 1 - beta1 < 0.5, else g - (g - m) * (1 - w):
+    # NaN where m is infinite in the first form, where g is in the second
+    lerp_from = torch.where(beta1 > 0.5, m, g) if isinstance(beta1, torch.Tensor) else (m if beta1 > 0.5 else g)
+    m = torch.where(torch.isinf(lerp_from), torch.nan, beta1 * m + (1 - beta1) * g)
     v = beta2 * v + (1 - beta2) * g * g
     if amsgrad:
         v_max = torch.maximum(v_max, v)

@@ -34,8 +34,10 @@ def adam_math(p, g, m, v, v_max, beta1, one_minus_beta1, beta2, one_minus_beta2,
         p = p * decay
     elif weight_decay != 0.0:  # a runtime branch, as torch's: 0 * inf would make a NaN
         g = g + weight_decay * p
-    # torch updates m by lerp, m + (1 - beta1) * (g - m): NaN where m is infinite
-    m = tl.where(tl.abs(m) == float("inf"), float("nan"), beta1 * m + one_minus_beta1 * g)
+    # torch updates m by lerp, m + w * (g - m) for w = 1 - beta1 < 0.5, else g - (g - m) * (1 - w):
+    # NaN where m is infinite in the first form, where g is in the second
+    lerp_from = tl.where(beta1 > 0.5, m, g)
+    m = tl.where(tl.abs(lerp_from) == float("inf"), float("nan"), beta1 * m + one_minus_beta1 * g)
     v = beta2 * v + one_minus_beta2 * g * g
     if AMSGRAD:
         v_max = tl.maximum(v_max, v, propagate_nan=tl.PropagateNan.ALL)

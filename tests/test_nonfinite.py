@@ -34,6 +34,10 @@ FAMILIES = {
     "Adam-wd-amsgrad": ("Adam", dict(weight_decay=0.1, amsgrad=True)),
     "AdamW-amsgrad": ("AdamW", dict(amsgrad=True)),
     "AdamW": ("AdamW", dict(weight_decay=0.0, maximize=True)),
+    # torch's lerp takes its other branch at weight 1 - beta1 >= 0.5: an infinite exp_avg stays
+    # infinite for 0 < beta1 <= 0.5 and becomes NaN at beta1 = 0
+    "AdamW-beta1=0.3": ("AdamW", dict(betas=(0.3, 0.999))),
+    "Adam-beta1=0": ("Adam", dict(weight_decay=0.0, betas=(0.0, 0.999))),
     "LAMB": ("LAMB", dict(weight_decay=0.0)),
     "LAMB-wd": ("LAMB", dict(weight_decay=0.1)),
     "Lion": ("Lion", dict(weight_decay=0.1)),
