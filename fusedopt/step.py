@@ -78,10 +78,12 @@ def step_scalars(work, grad_scale, found_inf, max_grad_norm, unit) -> tuple[dict
     if found_inf is not None:
         skip = (found_inf.to(home).reshape(()) > 0).float()
     if max_grad_norm is not None:
-        # Sum of squares per (device, shard groups); shards are summed over their groups.
+        # Sum of squares per (device, shard groups, backend): each backend takes the norm of
+        # the grads it was resolved for (an fp32 batch on Triton and a float64 one on the
+        # reference share a device); shards are summed over their groups.
         parts: dict[tuple, list] = {}
         for key, batch, backend in work:
-            parts.setdefault((key[0], key[4]), [backend, batch.all_reduce, []])[2].extend(batch.grads)
+            parts.setdefault((key[0], key[4], backend.NAME), [backend, batch.all_reduce, []])[2].extend(batch.grads)
         ordered = sorted(parts.items(), key=lambda kv: str(kv[0]))
         if len(ordered) == 1 and ordered[0][1][1] is None:
             backend, _, grads = ordered[0][1]

@@ -135,3 +135,40 @@ def test_a_clipping_step_asks_for_the_norm(monkeypatch):
     assert torch.equal(p, before)
     fusedopt.AdamW([p], backend="triton").step()  # no clipping, no norm asked for
     assert not torch.equal(p, before)
+
+
+@needs_interpreter
+def test_clipping_takes_each_backends_norm_of_its_own_batches(monkeypatch):
+    """``auto`` on a GPU puts an fp32 batch on Triton and a float64 batch of the same device on
+    the reference; the clip's global norm must ask each backend for the norm of the grads it was
+    resolved for (it used to hand every grad of the device to the first batch's backend, and
+    Triton refused the float64 ones). ``auto`` on a GPU is stood in for on CPU tensors by a
+    resolve that tries Triton, then the reference, as ``AUTO_ORDER`` does."""
+    resolve = backends.resolve
+
+    def auto_like_cuda(backend, device, tensors=(), kind="adam", **needs):
+        tensors = list(tensors)
+        try:
+            return resolve("triton", device, tensors, kind, **needs)
+        except RuntimeError:
+            return resolve("reference", device, tensors, kind, **needs)
+
+    monkeypatch.setattr(backends, "resolve", auto_like_cuda)
+    gen = torch.Generator().manual_seed(3)
+    a = torch.nn.Parameter(torch.randn(100, generator=gen))
+    b = torch.nn.Parameter(torch.randn(100, generator=gen, dtype=torch.float64))
+    ta, tb = (torch.nn.Parameter(x.detach().clone()) for x in (a, b))
+    opt = fusedopt.AdamW([a, b], lr=1e-2, max_grad_norm=1.0)
+    ref = fusedopt.AdamW([ta, tb], lr=1e-2, max_grad_norm=1.0, backend="reference")
+    for _ in range(3):
+        ga, gb = torch.randn(100, generator=gen) * 10, torch.randn(100, generator=gen, dtype=torch.float64) * 10
+        a.grad, b.grad, ta.grad, tb.grad = ga, gb, ga.clone(), gb.clone()
+        opt.step()
+        ref.step()
+    kinds = sorted(backend.NAME for _, _, backend in opt._plans[0].entries)
+    assert kinds == ["reference", "triton"]
+    assert_close(opt.last_grad_norm, ref.last_grad_norm, torch.float32, "last_grad_norm")
+    assert_close(a, ta, torch.float32, "fp32 param")
+    # The clip coefficient is an fp32 device scalar (fusedopt.scalars) in both runs, and the
+    # partial norms are summed in fp32 here: the float64 param's update is good to fp32.
+    assert_close(b, tb, torch.float32, "float64 param")
