@@ -753,3 +753,33 @@ def test_block_size_changed_after_8bit_states_raises(cls, backend):
         assert_identical(v, states[id(p)][k], f"state {k!r}")
     opt.param_groups[0]["block_size"] = 256  # back to the blocks the states have: steps again
     opt.step()
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=name)
+def test_param_rebound_to_another_dtype_steps_in_it(cls, backend):
+    """``b.data = b.data.to(torch.bfloat16)`` after steps, one of two fp32 params of a batch,
+    grads zeroed in place (the same tensors): the plan is made anew for the new dtype (Triton
+    used to keep both params in one fp32 batch and write 4 bytes per element into the 2-byte
+    param, aborting the process), and the steps equal the reference's on the same edit."""
+    gen = torch.Generator().manual_seed(9)
+    inits = [_randn(gen, 96), _randn(gen, 96)]
+    grads = [[_randn(gen, 96), _randn(gen, 96)] for _ in range(4)]
+    worlds = []
+    for bk in (backend, "reference"):
+        a, b = (torch.nn.Parameter(x.clone()) for x in inits)
+        opt = cls([a, b], **_kw(cls, bk, lr=1e-2))
+        a.grad, b.grad = torch.zeros(96), torch.zeros(96)
+        for i, (ga, gb) in enumerate(grads):
+            if i == 2:
+                b.data = b.data.to(torch.bfloat16)
+            a.grad.copy_(ga)
+            b.grad.copy_(gb)
+            opt.step()
+        worlds.append((a, b, opt))
+    (a, b, opt), (ra, rb, ropt) = worlds
+    assert b.dtype == torch.bfloat16
+    assert_close(a, ra, torch.float32, "a")
+    assert_close(b, rb, torch.bfloat16, "b")
+    for p, rp, n in ((a, ra, "a"), (b, rb, "b")):
+        for k, v in ropt.state[rp].items():
+            assert_close(opt.state[p][k], v, torch.float32, f"state {k!r} of {n}")
