@@ -210,7 +210,7 @@ def _flat(fn):
     op checks it: a dense param, and grads and states with its strides."""
 
     def run(batch) -> None:
-        gathered = layout.gather(batch)
+        gathered = layout.gather(batch, quant.relayout)
         fn(gathered.batch)
         gathered.scatter()
 

@@ -25,6 +25,13 @@ Orders that depend on memory, the same in every backend: 8-bit blocks run over t
 layout (block ``i`` of a state holds the elements at memory positions ``[i*bs, (i+1)*bs)`` of
 the param's layout), and stochastic rounding draws element ``j``'s noise for its memory
 position ``j`` in that layout. For a contiguous param both are the row-major index.
+
+A param laid out anew after its states were made (``p.data = p.data.to(memory_format=...)``)
+moves its states once, in place (:func:`settle_states`): fp32 states by a copy, 8-bit codes by
+requantizing them over the new layout's blocks (codes moved element by element would sit in
+other blocks than their absmax). So 8-bit codes are only meaningful in their own strides: a
+checkpoint must keep them (``torch.save`` does; a format that stores every tensor contiguous
+loses the block order of a non-contiguous param's codes).
 """
 
 from __future__ import annotations
@@ -144,7 +151,42 @@ def _check_states(batch, names) -> tuple[bool, bool]:
     return False, False
 
 
-def gather(batch) -> Gathered:
+def _settle(batch, name: str, i: int, order: tuple[int, ...], relayout_codes) -> None:
+    """State ``name`` of param ``i`` laid out in ``order``, in place (see :func:`settle_states`)."""
+    s = batch.state[name][i]
+    absmax = batch.state.get(name + "_absmax")
+    if s.dtype == torch.uint8 and absmax is not None:
+        codes, scales = relayout_codes(s, absmax[i], name, batch.block_size, order)
+        s.data = codes
+        absmax[i].copy_(scales)
+    else:
+        s.data = to_layout(s, order)
+    _contiguous_states.pop(id(batch), None)
+    _dense_states.pop(id(batch), None)
+
+
+def settle_states(batch, relayout_codes) -> None:
+    """Lay every state of ``batch`` out as its param, in place, where it is not (a param laid
+    out anew after its states were made, ``p.data = p.data.to(memory_format=...)``, or a state
+    replaced by hand). The state tensors stay the same objects (``state.data = ...``), so
+    ``opt.state`` keeps them and later steps need no copies. fp32 states are copied (exact);
+    8-bit codes are requantized by ``relayout_codes(codes, absmax, name, block_size, strides)
+    -> (codes, absmax)`` (``fusedopt.quant.relayout``): their blocks follow their own memory
+    order, so copying them element by element would put them in other blocks than their
+    absmax. Every backend settles a batch before stepping it (the kernels' through
+    :func:`gather`)."""
+    names = [n for n in batch.state if not n.endswith("_absmax")]
+    for i, p in enumerate(batch.params):
+        if p.numel() == 0 or (p.is_contiguous() and all(batch.state[n][i].is_contiguous() for n in names)):
+            continue
+        order = strides(p)
+        for n in names:
+            s = batch.state[n][i]
+            if not (dense(s) and same(s, order)):
+                _settle(batch, n, i, order, relayout_codes)
+
+
+def gather(batch, relayout_codes) -> Gathered:
     """The batch a kernel can run: every tensor of param ``i`` flat memory in param ``i``'s
     layout (see the module doc).
 
@@ -181,8 +223,7 @@ def gather(batch) -> Gathered:
         for n, column in zip(names, columns):
             s = column[i]
             if not (dense(s) and same(s, order)):
-                new_state[n][i] = to_layout(s, order)
-                back.append((s, new_state[n][i]))
+                _settle(batch, n, i, order, relayout_codes)  # once: in place, for later steps too
     if not back and all(map(operator.is_, new_grads, grads)):
         return Gathered(batch, ())
     return Gathered(dataclasses.replace(batch, params=new_params, grads=new_grads, state=new_state), back)

@@ -194,3 +194,13 @@ def dequantize_blockwise(
     values = dynamic_map(signed, codes.device)[layout.flat(codes).long()]
     scale = absmax.to(torch.float32).repeat_interleave(block_size)[: codes.numel()]
     return layout.unflat(values * scale, codes.shape, layout.strides(codes))
+
+
+def relayout(codes: torch.Tensor, absmax: torch.Tensor, name: str, block_size: int,
+             strides: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit state ``name`` (``codes`` with their ``absmax``, blocks over the codes' own memory
+    order) requantized in the layout ``strides``: new codes laid out so, blocked over that
+    layout's memory order, and their absmax. Moving codes to another layout element by element
+    would put them in other blocks than their absmax (see :func:`fusedopt.layout.settle_states`)."""
+    values = dequantize_blockwise(codes, absmax, signed_state(name), block_size)
+    return quantize_blockwise(layout.to_layout(values, strides), signed_state(name), block_size)

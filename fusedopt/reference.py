@@ -254,6 +254,7 @@ def _salts(batch):
 
 
 def adam(batch) -> None:
+    layout.settle_states(batch, quant.relayout)
     group = batch.group
     amsgrad = group["amsgrad"]
     grad_mult, keep = _scalars(batch)
@@ -287,6 +288,7 @@ def adam(batch) -> None:
 
 
 def lamb(batch) -> None:
+    layout.settle_states(batch, quant.relayout)
     group = batch.group
     grad_mult, keep = _scalars(batch)
     salts = _salts(batch)
@@ -315,6 +317,7 @@ def lamb(batch) -> None:
 
 
 def lion(batch) -> None:
+    layout.settle_states(batch, quant.relayout)
     group = batch.group
     grad_mult, keep = _scalars(batch)
     salts = _salts(batch)

@@ -13,6 +13,7 @@ import torch
 import triton  # noqa: F401  (an ImportError here is the "not importable" reason)
 
 from .. import layout
+from ..quant import relayout as _relayout_codes
 from . import adam as _adam
 from . import common
 from . import lamb as _lamb
@@ -78,7 +79,7 @@ def _on_device(fn):
 def _flat(fn, batch) -> None:
     """``fn`` on ``batch`` with every tensor of a param flat memory in the param's layout
     (gathered copies where one is not, scattered back after the launch: fusedopt.layout)."""
-    gathered = layout.gather(batch)
+    gathered = layout.gather(batch, _relayout_codes)
     fn(gathered.batch)
     gathered.scatter()
 
