@@ -86,7 +86,8 @@ class Lion(_LionFamily):
 
 
 class Lion8bit(_LionFamily):
-    __doc__ = "Lion with a block-wise 8-bit momentum (signed dynamic map, fp32 absmax per block).\n" + _DOC + r"""        block_size: elements per quantization block, one fp32 absmax each (a multiple of 32).
+    __doc__ = ("Lion with a block-wise 8-bit momentum (signed dynamic map, fp32 absmax per block).\n"
+               + _DOC) + r"""        block_size: elements per quantization block, one fp32 absmax each (a multiple of 32).
             The Triton kernels take blocks of up to 4096: ``backend="auto"`` runs larger ones
             on another backend, ``backend="triton"`` refuses them with a ``RuntimeError``.
         min_8bit_size: tensors with fewer elements keep an fp32 state.
@@ -102,8 +103,8 @@ class Lion8bit(_LionFamily):
     _quantized = True
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, foreach=None,
-                 capturable=False, differentiable=False, fused=None, max_grad_norm=None, backend="auto", block_size=256, min_8bit_size=4096,
-                 stochastic_rounding=False, master_weights=False):
+                 capturable=False, differentiable=False, fused=None, max_grad_norm=None, backend="auto",
+                 block_size=256, min_8bit_size=4096, stochastic_rounding=False, master_weights=False):
         super().__init__(params, lr, betas, weight_decay, foreach=foreach, capturable=capturable,
                          differentiable=differentiable, fused=fused, max_grad_norm=max_grad_norm,
                          backend=backend, stochastic_rounding=stochastic_rounding,

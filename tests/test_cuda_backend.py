@@ -224,7 +224,7 @@ def test_table_is_rebuilt_when_an_address_changes(ops, monkeypatch):
     params = [torch.randn(5), torch.randn(7)]
     grads = [torch.randn(5), torch.randn(7)]
     state = {"exp_avg": [torch.zeros(5), torch.zeros(7)], "exp_avg_sq": [torch.zeros(5), torch.zeros(7)]}
-    batch = fusedopt.optimizer.Batch(params, grads, state, [torch.zeros(()), torch.zeros(())],
+    batch = fusedopt.step.Batch(params, grads, state, [torch.zeros(()), torch.zeros(())],
                                      {"amsgrad": False}, torch.zeros(3))
     lists = cuda_backend._lists(batch, 2)
     first = cuda_backend._plan(batch, lists)

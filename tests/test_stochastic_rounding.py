@@ -12,7 +12,7 @@ import torch
 
 import fusedopt
 from fusedopt import backends, quant, reference
-from fusedopt.optimizer import Batch
+from fusedopt.step import Batch
 
 BACKENDS = ("reference", "triton", "cuda")
 DEVICES = ("cpu", pytest.param("cuda", marks=pytest.mark.gpu))
