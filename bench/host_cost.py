@@ -298,15 +298,15 @@ def _run_callgrind(args: argparse.Namespace) -> dict:
     per_label: dict[str, list[int]] = {}
     for label in child["labels"]:
         per_label.setdefault(label.split("#")[0], []).append(counts[label])
-    overhead = statistics.median(per_label["empty"])
+    overhead = round(statistics.median(per_label["empty"]))
     return {
         "wall_s": round(time.perf_counter() - start, 1),
-        "command": command[:4] + ["python", "bench/host_cost.py", *child_args],
+        "command": command[:3] + ["python", "bench/host_cost.py", *child_args, "--_child", "PATH"],
         "bracket_overhead": overhead,
         "modes": {
             mode: {
                 "raw_per_step": per_label[mode],
-                "per_step": statistics.median(per_label[mode]) - overhead,
+                "per_step": round(statistics.median(per_label[mode])) - overhead,
             }
             for mode in MODES
         },
