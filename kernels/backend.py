@@ -17,6 +17,7 @@ from ..quant import relayout as _relayout_codes
 from . import adam as _adam
 from . import common
 from . import lamb as _lamb
+from . import lars as _lars
 from . import lion as _lion
 from . import norm as _norm
 from . import quant as _quant
@@ -52,8 +53,9 @@ def available(device: torch.device) -> str | None:
 
 def unsupported_step(kind: str, *, block_size: int | None = None, norm_type: float | None = None) -> str | None:
     """Why the kernels cannot run a step of ``kind`` with these requirements, or None (see
-    :mod:`fusedopt.backends`): 8-bit blocks up to ``quant.MAX_BLOCK`` (4096) elements, and the
-    1-, 2- and inf-norms."""
+    :mod:`fusedopt.backends`): 8-bit blocks up to ``quant.MAX_BLOCK`` (4096) elements (every
+    ``*8bit`` kind: ``adam8bit``, ``lion8bit``, ``lamb8bit``, ``lars8bit``), and the 1-, 2- and
+    inf-norms."""
     if block_size is not None and kind.endswith("8bit"):
         reason = _quant.unsupported_block(block_size)
         if reason is not None:
@@ -92,8 +94,14 @@ def adam(batch) -> None:
 
 @_on_device
 def lamb(batch) -> None:
-    """LAMB over one batch: moments, trust ratios, apply."""
+    """LAMB over one batch (32-bit or 8-bit states): moments, trust ratios, apply."""
     _lamb.step(batch)
+
+
+@_on_device
+def lars(batch) -> None:
+    """LARS over one batch (32-bit or 8-bit momentum): momentum, clip scales, apply."""
+    _lars.step(batch)
 
 
 @_on_device

@@ -25,9 +25,12 @@ CCS = (80, 90)
 _POINTERS = {
     "table": "*i64", "work": "*i64", "first": "*i32", "steps": "*fp32", "scalars": "*fp32",
     "hyper_values": "*fp32", "code_values": "*fp32", "code_mids": "*fp32", "partials": "*fp32",
-    "ratios": "*fp32", "out": "*fp32",
+    "ratios": "*fp32", "scales": "*fp32", "out": "*fp32",
 }
 _INTS = {"seed", "n", "offset"}
+#: Tuple arguments of fp32 values (the two-pass kernels' runtime hyper-parameters): a case gives
+#: the tuple's length under the argument's name among its constexprs.
+_FP32_TUPLES = {"hypers"}
 
 
 def _cases():
@@ -35,7 +38,7 @@ def _cases():
     bytes per element of each stream the main path reads / writes with vector accesses."""
     import triton.language as tl
 
-    from fusedopt.kernels import adam, lamb, lion, norm, quant, table
+    from fusedopt.kernels import adam, lamb, lars, lion, norm, quant, table, twopass
     from fusedopt.kernels.common import step_kernel
 
     chunk = dict(CHUNK=table.CHUNK, ALIGNED=True, HYPER_IN_MEMORY=False)
@@ -58,12 +61,20 @@ def _cases():
         out.append((f"lion-{p_name}", lion.lion_kernel,
                     dict(WIDTH=6, **dt, STOCHASTIC=sr, BLOCK=lion.BLOCK, **chunk), lion.NUM_WARPS,
                     [p_bytes, g_bytes, 4], [p_bytes, 4]))
-        out.append((f"lamb-moments-{p_name}", lamb.lamb_moments_kernel,
-                    dict(WIDTH=7, **dt, BIAS_CORRECTION=True, BLOCK=lamb.BLOCK, **chunk), lamb.NUM_WARPS,
-                    [p_bytes, g_bytes, 4, 4], [4, 4]))
-        out.append((f"lamb-apply-{p_name}", lamb.lamb_apply_kernel,
-                    dict(WIDTH=7, P_DTYPE=p_dtype, BIAS_CORRECTION=True, STOCHASTIC=sr, BLOCK=lamb.BLOCK,
-                         **chunk), lamb.NUM_WARPS, [p_bytes, 4, 4], [p_bytes]))
+        two = dict(BLOCK=twopass.BLOCK, **chunk)
+        out.append((f"lamb-norms-{p_name}", twopass.norms_kernel,
+                    dict(hypers=7, UPDATE=lamb.lamb_update, FLAGS=(True,), STATES=2, WIDTH=8, **dt, **two),
+                    twopass.NUM_WARPS, [p_bytes, g_bytes, 4, 4], [4, 4]))
+        out.append((f"lamb-apply-{p_name}", twopass.apply_kernel,
+                    dict(hypers=7, DIRECTION=lamb.lamb_stored_direction, FLAGS=(True,), STATES=2, READS_GRAD=False,
+                         WIDTH=8, **dt, STOCHASTIC=sr, **two), twopass.NUM_WARPS, [p_bytes, 4, 4], [p_bytes]))
+        out.append((f"lars-norms-{p_name}", twopass.norms_kernel,
+                    dict(hypers=5, UPDATE=lars.lars_update, FLAGS=(True, True), STATES=1, WIDTH=7, **dt, **two),
+                    twopass.NUM_WARPS, [p_bytes, g_bytes, 4], [4]))
+        out.append((f"lars-apply-nesterov-{p_name}", twopass.apply_kernel,
+                    dict(hypers=5, DIRECTION=lars.lars_stored_direction, FLAGS=(True, True), STATES=1,
+                         READS_GRAD=True, WIDTH=7, **dt, STOCHASTIC=sr, **two), twopass.NUM_WARPS,
+                    [p_bytes, g_bytes, 4], [p_bytes]))
         for block_size in (256, 2048) if sr else (256,):
             eight = dict(ALIGNED=True, HYPER_IN_MEMORY=False, **quant.layout(block_size))
             out.append((f"adam8bit-amsgrad-{block_size}-{p_name}", adam.adam8bit_kernel,
@@ -71,6 +82,20 @@ def _cases():
                              **eight), quant.NUM_WARPS, [p_bytes, g_bytes, 1, 1, 1], [p_bytes, 1, 1, 1]))
             out.append((f"lion8bit-{block_size}-{p_name}", lion.lion8bit_kernel,
                         dict(WIDTH=7, **dt, STOCHASTIC=sr, **eight), quant.NUM_WARPS,
+                        [p_bytes, g_bytes, 1], [p_bytes, 1]))
+            out.append((f"lamb8bit-norms-{block_size}-{p_name}", twopass.norms8bit_kernel,
+                        dict(hypers=7, UPDATE=lamb.lamb_update, FLAGS=(True,), STATES=2, CODEBOOKS=(1, 0),
+                             WIDTH=10, **dt, **eight), quant.NUM_WARPS, [p_bytes, g_bytes, 1, 1], []))
+            out.append((f"lamb8bit-apply-{block_size}-{p_name}", twopass.apply8bit_kernel,
+                        dict(hypers=7, UPDATE=lamb.lamb_update, FLAGS=(True,), STATES=2, CODEBOOKS=(1, 0),
+                             WIDTH=10, **dt, STOCHASTIC=sr, **eight), quant.NUM_WARPS,
+                        [p_bytes, g_bytes, 1, 1], [p_bytes, 1, 1]))
+            out.append((f"lars8bit-norms-{block_size}-{p_name}", twopass.norms8bit_kernel,
+                        dict(hypers=5, UPDATE=lars.lars_update, FLAGS=(True, True), STATES=1, CODEBOOKS=(1,),
+                             WIDTH=8, **dt, **eight), quant.NUM_WARPS, [p_bytes, g_bytes, 1], []))
+            out.append((f"lars8bit-apply-{block_size}-{p_name}", twopass.apply8bit_kernel,
+                        dict(hypers=5, UPDATE=lars.lars_update, FLAGS=(True, True), STATES=1, CODEBOOKS=(1,),
+                             WIDTH=8, **dt, STOCHASTIC=sr, **eight), quant.NUM_WARPS,
                         [p_bytes, g_bytes, 1], [p_bytes, 1]))
     # the other switches compile too: fp16, tensor hyper-parameters, unaligned tables, Adam's L2
     # decay and maximize, LAMB without bias correction, a block size that is not a power of two
@@ -81,22 +106,49 @@ def _cases():
                      BLOCK=adam.BLOCK, **other), adam.NUM_WARPS, [], []))
     out.append(("lion-variants-fp16", lion.lion_kernel,
                 dict(WIDTH=6, **fp16, STOCHASTIC=False, BLOCK=lion.BLOCK, **other), lion.NUM_WARPS, [], []))
-    out.append(("lamb-moments-variants-fp16", lamb.lamb_moments_kernel,
-                dict(WIDTH=7, **fp16, BIAS_CORRECTION=False, BLOCK=lamb.BLOCK, **other), lamb.NUM_WARPS, [], []))
-    out.append(("lamb-apply-variants-fp16", lamb.lamb_apply_kernel,
-                dict(WIDTH=7, P_DTYPE=tl.float16, BIAS_CORRECTION=False, STOCHASTIC=False, BLOCK=lamb.BLOCK,
-                     **other), lamb.NUM_WARPS, [], []))
+    two = dict(BLOCK=twopass.BLOCK, **other)
+    out.append(("lamb-norms-variants-fp16", twopass.norms_kernel,
+                dict(hypers=7, UPDATE=lamb.lamb_update, FLAGS=(False,), STATES=2, WIDTH=8, **fp16, **two),
+                twopass.NUM_WARPS, [], []))
+    out.append(("lamb-apply-variants-fp16", twopass.apply_kernel,
+                dict(hypers=7, DIRECTION=lamb.lamb_stored_direction, FLAGS=(False,), STATES=2, READS_GRAD=False,
+                     WIDTH=8, **fp16, STOCHASTIC=False, **two), twopass.NUM_WARPS, [], []))
+    # LARS: momentum without nesterov (pass 2 reads no grad), no momentum (no state)
+    for flags, states, width in (((False, True), 1, 7), ((False, False), 0, 6)):
+        name = "momentum" if states else "no-momentum"
+        out.append((f"lars-norms-{name}-fp32", twopass.norms_kernel,
+                    dict(hypers=5, UPDATE=lars.lars_update, FLAGS=flags, STATES=states, WIDTH=width,
+                         P_DTYPE=tl.float32, G_DTYPE=tl.float32, BLOCK=twopass.BLOCK, **chunk), twopass.NUM_WARPS,
+                    [4, 4] + [4] * states, [4] * states))
+        out.append((f"lars-apply-{name}-fp32", twopass.apply_kernel,
+                    dict(hypers=5, DIRECTION=lars.lars_stored_direction, FLAGS=flags, STATES=states,
+                         READS_GRAD=not states, WIDTH=width, P_DTYPE=tl.float32, G_DTYPE=tl.float32,
+                         STOCHASTIC=False, BLOCK=twopass.BLOCK, **chunk), twopass.NUM_WARPS,
+                    [4] + [4] * (1 - states) + [4] * states, [4]))
+    out.append(("lars-norms-variants-fp16", twopass.norms_kernel,
+                dict(hypers=5, UPDATE=lars.lars_update, FLAGS=(False, True), STATES=1, WIDTH=7, **fp16, **two),
+                twopass.NUM_WARPS, [], []))
     eight96 = dict(ALIGNED=True, HYPER_IN_MEMORY=True, **quant.layout(96))
     out.append(("adam8bit-96-variants-fp16", adam.adam8bit_kernel,
                 dict(WIDTH=9, **fp16, AMSGRAD=False, MAXIMIZE=True, DECOUPLED=False, STOCHASTIC=False, **eight96),
                 quant.NUM_WARPS, [2, 2, 1, 1], [2, 1, 1]))
     out.append(("lion8bit-96-fp16", lion.lion8bit_kernel, dict(WIDTH=7, **fp16, STOCHASTIC=False, **eight96),
                 quant.NUM_WARPS, [2, 2, 1], [2, 1]))
+    out.append(("lamb8bit-apply-96-variants-fp16", twopass.apply8bit_kernel,
+                dict(hypers=7, UPDATE=lamb.lamb_update, FLAGS=(False,), STATES=2, CODEBOOKS=(1, 0), WIDTH=10,
+                     **fp16, STOCHASTIC=False, **eight96), quant.NUM_WARPS, [2, 2, 1, 1], [2, 1, 1]))
+    out.append(("lars8bit-apply-96-variants-fp16", twopass.apply8bit_kernel,
+                dict(hypers=5, UPDATE=lars.lars_update, FLAGS=(False, True), STATES=1, CODEBOOKS=(1,), WIDTH=8,
+                     **fp16, STOCHASTIC=False, **eight96), quant.NUM_WARPS, [2, 2, 1], [2, 1]))
     out.append(("norm-inf", norm.norm_partial_kernel,
                 dict(G_DTYPE=tl.float32, ORD=0, ALIGNED=True, CHUNK=table.CHUNK, BLOCK=norm.BLOCK),
                 norm.NUM_WARPS, [4], []))
     out.append(("norm-finish", norm.norm_finish_kernel, dict(ORD=2, BLOCK=norm.FINISH_BLOCK), 4, [], []))
-    out.append(("lamb-ratio", lamb.lamb_ratio_kernel, dict(BLOCK=lamb.RATIO_BLOCK), 4, [], []))
+    for finish_name, finish, n_hypers in (("lamb", lamb.lamb_trust_ratio, 7), ("lars", lars.lars_clip, 5)):
+        for in_memory in (False, True):
+            out.append((f"{finish_name}-finish{'-in-memory' if in_memory else ''}", twopass.finish_kernel,
+                        dict(hypers=n_hypers, FINISH=finish, FLAGS=(True, True), HYPER_IN_MEMORY=in_memory,
+                             BLOCK=twopass.FINISH_BLOCK), 4, [], []))
     for in_memory in (False, True):
         out.append((f"steps-{'in-memory' if in_memory else 'args'}", step_kernel,
                     dict(WIDTH=7, STEP_COL=4, ADAM=in_memory, LR_IN_MEMORY=in_memory, BETA1_INDEX=1, BETA2_INDEX=3,
@@ -128,8 +180,12 @@ def _compile_all() -> dict:
     report = {}
     for name, kernel, constexprs, num_warps, loads, stores in _cases():
         signature, attrs = {}, {}
+        constexprs = dict(constexprs)
+        tuples = {arg: constexprs.pop(arg) for arg in _FP32_TUPLES if arg in constexprs}
         for i, arg in enumerate(kernel.arg_names):
-            if arg in constexprs:
+            if arg in tuples:
+                signature[arg] = ("fp32",) * tuples[arg]
+            elif arg in constexprs:
                 signature[arg] = "constexpr"
             elif arg in _POINTERS:
                 signature[arg] = _POINTERS[arg]

@@ -32,11 +32,12 @@ class _Launches:
     """Counts the launches of every Triton kernel while active."""
 
     def __init__(self, monkeypatch):
-        from fusedopt.kernels import lamb, lion, norm, table
+        from fusedopt.kernels import lion, norm, table, twopass
 
         self.count = 0
         kernels = [triton_adam.adam_kernel, triton_adam.adam8bit_kernel, lion.lion_kernel, lion.lion8bit_kernel,
-                   lamb.lamb_moments_kernel, lamb.lamb_ratio_kernel, lamb.lamb_apply_kernel,
+                   twopass.norms_kernel, twopass.norms8bit_kernel, twopass.finish_kernel, twopass.apply_kernel,
+                   twopass.apply8bit_kernel,
                    norm.norm_partial_kernel, norm.norm_finish_kernel, common.step_kernel]
         for k in kernels:
             run = k.run
