@@ -7,6 +7,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .. import families
 from . import table, twopass
 
 
@@ -76,6 +77,7 @@ def hyper_values(group, device):
 
 def step(batch) -> None:
     """LAMB over ``batch`` (32-bit or 8-bit states): four launches whatever the tensor count."""
-    twopass.step(batch, FAMILY, ("exp_avg", "exp_avg_sq"), signed=(True, False),
+    states = families.LAMB.state_names(batch.group)
+    twopass.step(batch, FAMILY, states, signed=tuple(map(families.signed, states)),
                  hypers=hyper_values(batch.group, batch.params[0].device),
                  flags=(bool(batch.group["bias_correction"]),), reads_grad=False, beta_indices=(1, 3))

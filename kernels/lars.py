@@ -7,6 +7,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .. import families
 from . import table, twopass
 
 
@@ -100,9 +101,9 @@ def step(batch) -> None:
     """LARS over ``batch`` (32-bit or 8-bit momentum buffer, or none when ``momentum == 0``):
     four launches whatever the tensor count."""
     group = batch.group
-    states = ("momentum_buffer",) if "momentum_buffer" in batch.state else ()
+    states = families.LARS.state_names(group)  # the momentum buffer, when momentum != 0
     nesterov = bool(group["nesterov"])
-    has_momentum = bool(states)
-    twopass.step(batch, FAMILY, states, signed=(True,) * len(states),
+    has_momentum = len(states) > 0
+    twopass.step(batch, FAMILY, states, signed=tuple(map(families.signed, states)),
                  hypers=hyper_values(group, batch.params[0].device), flags=(nesterov, has_momentum),
                  reads_grad=nesterov or not has_momentum)

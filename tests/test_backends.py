@@ -120,6 +120,28 @@ def _lamb_cases():
     return cases
 
 
+def _lars_cases():
+    """LARS: momentum and none (no state), nesterov, dampening, L2 weight decay, max_unorm's clip
+    active, off (0) and inactive (5: ``||u|| < 5 ||p||``). ``lr`` is required; it keeps each
+    step's change of the params near LAMB's (about 1e-3 of them: with a larger one, a param
+    that two backends round to neighbouring 16-bit values and that then heads for 0 leaves the
+    relative tolerance)."""
+    cases = []
+    for dtype in DTYPES:
+        cases += [
+            Case("LARS", dtype, dict(lr=0.05, momentum=0.9, weight_decay=1e-2),
+                 group_b=dict(lr=3e-4, momentum=0.0, max_unorm=0.0)),
+            Case("LARS", dtype, dict(lr=0.05, momentum=0.9, nesterov=True, max_grad_norm=CLIP),
+                 dict(weight_decay=0.1, max_unorm=0.05, lr=0.02), nonfinite=True, scaler=True),
+        ]
+    cases += [
+        Case("LARS", "fp32", dict(lr=2e-4, momentum=0.8, dampening=0.3, max_unorm=0.0),
+             dict(lr=torch.tensor(0.05), momentum=0.5, dampening=0.0, nesterov=True, max_unorm=0.02)),
+        Case("LARS", "fp32", dict(lr=3e-4, max_unorm=5.0, weight_decay=0.1), dict(lr=0.05, max_unorm=0.1), scaler=True),
+    ]
+    return cases
+
+
 def _8bit_cases():
     small = dict(min_8bit_size=256)  # most tensors of the grid get 8-bit states
     cases = []
@@ -135,6 +157,20 @@ def _8bit_cases():
         Case("AdamW8bit", "fp32", dict(min_8bit_size=4096), dict(lr=torch.tensor(2e-3), block_size=4096)),
         Case("Lion8bit", "fp16", dict(small, max_grad_norm=CLIP), dict(block_size=8192), scaler=True),
     ]
+    for dtype in ("fp32", "bf16", "fp32-bf16grad"):  # the per-tensor-norm families: norms of this step's fp32 states
+        cases += [
+            Case("LAMB8bit", dtype, dict(small, weight_decay=0.1), group_b=dict(lr=3e-3, bias_correction=False, block_size=96)),
+            Case("LARS8bit", dtype, dict(small, lr=0.05, momentum=0.9, weight_decay=1e-2),
+                 group_b=dict(nesterov=True, max_unorm=0.0, lr=3e-4, block_size=2048)),
+        ]
+    cases += [
+        Case("LAMB8bit", "fp16", dict(small, max_grad_norm=CLIP), dict(weight_decay=0.0, block_size=8192), scaler=True),
+        Case("LAMB8bit", "fp32", dict(small, max_grad_norm=CLIP), dict(lr=torch.tensor(2e-3), block_size=64),
+             nonfinite=True, scaler=True),
+        Case("LARS8bit", "fp32", dict(small, lr=0.05, momentum=0.9, dampening=0.2, max_grad_norm=CLIP),
+             dict(momentum=0.0, lr=torch.tensor(0.02)), nonfinite=True, scaler=True),
+        Case("LARS8bit", "bf16", dict(small, lr=0.05, momentum=0.9), dict(block_size=8192)),
+    ]
     return cases
 
 
@@ -145,6 +181,8 @@ def _stochastic_rounding_cases():
         Case("Lion", "bf16", dict(sr, max_grad_norm=CLIP), group_b=dict(seed=2**32 - 1), scaler=True),
         Case("LAMB", "bf16", sr, group_b=dict(stochastic_rounding=False)),
         Case("AdamW8bit", "bf16", dict(sr, min_8bit_size=256), group_b=dict(seed=7)),
+        Case("LAMB8bit", "bf16", dict(sr, min_8bit_size=256), group_b=dict(seed=3, block_size=128)),
+        Case("LARS", "bf16", dict(sr, lr=0.05, momentum=0.9, nesterov=True), group_b=dict(seed=11)),
         Case("AdamW", "fp32", sr),  # float32 params are stored exactly
     ]
 
@@ -169,10 +207,11 @@ def _many_tensor_cases():
         Case("AdamW", "fp32", dict(amsgrad=True, max_grad_norm=CLIP), scaler=True, **many),
         Case("LAMB", "bf16", **many),
         Case("AdamW8bit", "fp32-bf16grad", dict(min_8bit_size=512), **many),
+        Case("LARS8bit", "fp32", dict(lr=0.05, momentum=0.9, min_8bit_size=512), **many),
     ]
 
 
-CASES = (_adam_cases() + _lion_cases() + _lamb_cases() + _8bit_cases() + _stochastic_rounding_cases()
+CASES = (_adam_cases() + _lion_cases() + _lamb_cases() + _lars_cases() + _8bit_cases() + _stochastic_rounding_cases()
          + _master_weights_cases() + _many_tensor_cases())
 
 
@@ -258,9 +297,9 @@ class Runner:
 
 
 def _p_feeds_states(case: Case) -> bool:
-    """Whether the params enter the moments (Adam's L2 weight decay): then a param that two
-    backends round to neighbouring 16-bit values moves the states by that much."""
-    if case.cls not in ("Adam", "Adam8bit"):
+    """Whether the params enter the moments (Adam's and LARS's L2 weight decay): then a param that
+    two backends round to neighbouring 16-bit values moves the states by that much."""
+    if case.cls not in ("Adam", "Adam8bit", "LARS", "LARS8bit"):
         return False
     return any(g.get("weight_decay", 0.0) for g in (case.kwargs, case.group_b))
 
