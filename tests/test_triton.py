@@ -67,6 +67,10 @@ def _step_launches(monkeypatch, cls, sizes, device, **kwargs):
     (fusedopt.Lion, {}, 2),
     (fusedopt.LAMB, {}, 4),  # prologue, moments, trust ratios, apply
     (fusedopt.AdamW8bit, dict(min_8bit_size=1), 2),
+    (fusedopt.LAMB8bit, dict(min_8bit_size=1), 4),  # the same two passes with 8-bit states
+    (fusedopt.LARS, dict(lr=0.1, momentum=0.9, nesterov=True), 4),  # prologue, momentum, clip scales, apply
+    pytest.param(fusedopt.LARS, dict(lr=0.1), 4, marks=pytest.mark.full),  # no momentum: no state
+    pytest.param(fusedopt.LARS8bit, dict(lr=0.1, momentum=0.9, min_8bit_size=1), 4, marks=pytest.mark.full),
 ])
 def test_launches_do_not_grow_with_tensor_count(monkeypatch, cls, kwargs, expected):
     device = _device()
