@@ -107,6 +107,8 @@ _OPTIMIZERS = {
     "LARS": lambda ps: fusedopt.LARS(ps, lr=0.5, momentum=0.9, max_unorm=0.01),
     "LARS8bit+clip": lambda ps: fusedopt.LARS8bit(ps, lr=0.5, momentum=0.9, max_unorm=0.01, min_8bit_size=4096,
                                                    max_grad_norm=0.5),
+    "LARS8bit+clip-triton": lambda ps: fusedopt.LARS8bit(ps, lr=0.5, momentum=0.9, max_unorm=0.01, min_8bit_size=4096,
+                                                          max_grad_norm=0.5, backend="triton"),
     "SGD8bit": lambda ps: fusedopt.SGD8bit(ps, lr=0.1, momentum=0.9, nesterov=True, min_8bit_size=4096),
     "Adagrad8bit": lambda ps: fusedopt.Adagrad8bit(ps, lr=0.1, initial_accumulator_value=0.1, min_8bit_size=4096),
     "RMSprop+clip": lambda ps: fusedopt.RMSprop(ps, lr=1e-2, centered=True, momentum=0.5, max_grad_norm=0.5),
