@@ -268,11 +268,6 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._checked: dict = {}
         self._unit_scalars: dict = {}
         super().__init__(params, defaults)
-        if self._spec.eager_state:  # as torch's Adagrad: every param's state made here
-            for group in self.param_groups:
-                names = self._state_names(group)
-                for p in group["params"]:
-                    self._init_state(p, group, names)
 
     @property
     def last_grad_norm(self) -> torch.Tensor | None:
@@ -363,6 +358,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._caches.clear()
         self._plans.clear()
         self._checked[len(self.param_groups) - 1] = _hypers(param_group)
+        if self._spec.eager_state:
+            # As torch's Adagrad: every param's state made with the optimizer, and here for a
+            # group added later too (torch's forgets that one, pytorch/pytorch#53712)
+            names = self._state_names(param_group)
+            for p in param_group["params"]:
+                self._init_state(p, param_group, names)
 
     # -- the step ---------------------------------------------------------------------------
 
