@@ -222,9 +222,10 @@ def run_against(opt, ours, topt, theirs, dtype, names, steps=range(STEPS), *, st
 
 
 def run_16bit(opt, ours, topt, theirs, dtype, names) -> None:
-    """16-bit params with fp32 states against a baseline on float64 copies of them. Each step
-    starts the baseline from our params and states (so the comparison is of one rounding, see
-    fusedopt/testing.py): params within the 16-bit tolerance, states within fp32's."""
+    """16-bit params with fp32 states against a baseline on float64 (or fp32) copies of them
+    (``theirs``). Each step starts the baseline from our params and states (so the comparison is
+    of one rounding, see fusedopt/testing.py): params within the 16-bit tolerance, states within
+    fp32's."""
     for step in range(STEPS):
         with torch.no_grad():
             for og, tg in zip(ours, theirs):
@@ -236,7 +237,7 @@ def run_16bit(opt, ours, topt, theirs, dtype, names) -> None:
                             tstate[name].copy_(value)
         grads = make_grads(step, ours)
         set_grads(ours, grads)
-        set_grads(theirs, grads, convert=lambda g: g.double())
+        set_grads(theirs, grads, convert=lambda g: g.to(theirs[0][0].dtype))
         opt.step()
         topt.step()
         compare(step, ours, opt, theirs, topt, dtype, torch.float32, names, their_step=False)
