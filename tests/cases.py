@@ -215,7 +215,9 @@ def run_against(opt, ours, topt, theirs, dtype, names, steps=range(STEPS), *, st
         for gi, pi in withhold:
             grads[gi][pi] = None
         set_grads(ours, grads)
-        set_grads(theirs, grads)
+        for group, gs in zip(theirs, grads):  # in the baseline's dtype (a float64 transcription)
+            for q, g in zip(group, gs):
+                q.grad = None if g is None else g.to(q.dtype).clone()
         opt.step()
         topt.step()
         compare(step, ours, opt, theirs, topt, dtype, state_dtype or dtype, names, their_step)
