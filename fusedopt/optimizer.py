@@ -226,9 +226,9 @@ def _laid_out_as(p: torch.Tensor, value: torch.Tensor, dtype: torch.dtype) -> to
 
 
 def _hypers(group: dict) -> tuple:
-    """A group's keys and values but its params, in order: what :meth:`FusedOptimizer._check_edited`
-    compares by identity."""
-    return tuple(chain.from_iterable(item for item in group.items() if item[0] != "params"))
+    """A group's keys and its values, in order: what :meth:`FusedOptimizer._check_edited` compares
+    (the values by identity; two C calls, about 3x faster than leaving the params list out)."""
+    return tuple(group), tuple(group.values())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,7 +434,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         checked while a CUDA graph is being captured."""
         hypers = _hypers(group)
         old = self._checked.get(gi)
-        if old is not None and len(old) == len(hypers) and all(map(operator.is_, old, hypers)):
+        if old is not None and old[0] == hypers[0] and all(map(operator.is_, old[1], hypers[1])):
             return
         params = group["params"]
         if params and backends.capturing(params[0].device):
