@@ -8,6 +8,7 @@ a state too.
 
 from __future__ import annotations
 
+import itertools
 import bitsandbytes as bnb
 import pytest
 import torch
@@ -59,6 +60,18 @@ def test_adagrad_matches_torch(dtype, flags, foreach):
     assert step_count(opt, ours[1][0]) == STEPS - 1
     assert step_count(opt, ours[0][4]) == 0  # the frozen param: a state, never stepped
 
+
+@pytest.mark.full
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("flags", [dict(lr_decay=d, weight_decay=w, maximize=m, initial_accumulator_value=i, eps=e)
+                                   for d, w, m, i, e in itertools.product((0.0, 0.1), (0.0, 0.1), (False, True),
+                                                                          (0.0, 0.5), (1e-10, 1e-3))], ids=str)
+def test_adagrad_every_flag_combination(dtype, flags):
+    kw = dict(lr=1e-1, **flags)
+    ours, theirs = make_params(dtype), make_params(dtype)
+    opt = fusedopt.Adagrad(param_groups(ours, GROUP1), backend="reference", **kw)
+    topt = torch.optim.Adagrad(param_groups(theirs, GROUP1), foreach=False, **kw)
+    run_against(opt, ours, topt, theirs, dtype, NAMES)
 
 @pytest.mark.parametrize("cls", [fusedopt.Adagrad, fusedopt.Adagrad8bit], ids=lambda c: c.__name__)
 def test_state_made_at_construction_as_torch(cls):

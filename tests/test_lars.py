@@ -10,6 +10,7 @@ and the update (after momentum) scaled down to ``max_unorm * ||p||`` where its n
 
 from __future__ import annotations
 
+import itertools
 import functools
 
 import bitsandbytes as bnb
@@ -104,6 +105,34 @@ def test_lars_matches_pytorch_lars(flags):
     assert step_count(opt, ours[1][0]) == STEPS - 1
     assert ours[0][4] not in opt.state
 
+
+def _every_lars_combination(momenta):
+    for momentum, dampening, nesterov, wd, max_unorm in itertools.product(momenta, (0.0, 0.3), (False, True), (0.0, 0.1),
+                                                                          (0.0, 0.02, 1.0)):
+        if nesterov and (momentum == 0 or dampening != 0):
+            continue
+        yield dict(momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=wd, max_unorm=max_unorm)
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("flags", list(_every_lars_combination((0.9, 0.5))), ids=str)
+def test_lars_every_flag_combination(flags):
+    kw = dict(lr=1e-2, **flags)
+    ours, theirs = make_params(torch.float32), make_params(torch.float32)
+    opt = fusedopt.LARS(param_groups(ours, GROUP1), backend="reference", **kw)
+    topt = PytorchLARS(param_groups(theirs, GROUP1), **kw)
+    run_against(opt, ours, topt, theirs, torch.float32, NAMES)
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("flags", list(_every_lars_combination((0.0, 0.9))), ids=str)
+def test_lars_every_flag_combination_float64(flags):
+    kw = dict(lr=1e-2, **flags)
+    ours = make_params(torch.float64)
+    theirs = clone_params(ours, lambda p: p.clone())
+    opt = fusedopt.LARS(param_groups(ours, GROUP1), backend="reference", **kw)
+    formula = FormulaLARS(param_groups(theirs, GROUP1), **kw)
+    run_against(opt, ours, formula, theirs, torch.float64, [NAMES if g["momentum"] else () for g in formula.param_groups])
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("flags", ["momentum", "nesterov", "momentum0", "momentum0-no-clip"])

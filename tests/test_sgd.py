@@ -9,6 +9,7 @@ the first step, a blend after it).
 
 from __future__ import annotations
 
+import itertools
 import bitsandbytes as bnb
 import pytest
 import torch
@@ -64,6 +65,24 @@ def test_sgd_matches_torch(dtype, flags, foreach):
     assert step_count(opt, ours[1][0]) == STEPS - 1
     assert ours[0][4] not in opt.state
 
+
+def _every_sgd_combination():
+    for momentum, dampening, nesterov, maximize, wd in itertools.product((0.0, 0.9), (0.0, 0.3), (False, True),
+                                                                         (False, True), (0.0, 0.1)):
+        if nesterov and (momentum == 0 or dampening != 0):
+            continue
+        yield dict(momentum=momentum, dampening=dampening, nesterov=nesterov, maximize=maximize, weight_decay=wd)
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("flags", list(_every_sgd_combination()), ids=str)
+def test_sgd_every_flag_combination(dtype, flags):
+    kw = dict(lr=1e-2, **flags)
+    ours, theirs = make_params(dtype), make_params(dtype)
+    opt = fusedopt.SGD(param_groups(ours, GROUP1), backend="reference", **kw)
+    topt = torch.optim.SGD(param_groups(theirs, GROUP1), foreach=False, **kw)
+    run_against(opt, ours, topt, theirs, dtype, names(kw))
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_sgd_16bit_params_fp32_states(dtype):
