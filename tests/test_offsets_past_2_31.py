@@ -87,6 +87,12 @@ CASES = [
     grid.Case("AdamW8bit", "bf16", dict(min_8bit_size=256, amsgrad=True), dict(block_size=96), sizes=SIZES,
               sizes_b=SIZES_B),
     grid.Case("Lion8bit", "fp32", dict(min_8bit_size=256), dict(block_size=2048), sizes=SIZES, sizes_b=SIZES_B),
+    grid.Case("LARS", "fp32-bf16grad", dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2),
+              dict(lr=3e-4, momentum=0.0, nesterov=False), sizes=SIZES, sizes_b=SIZES_B),
+    grid.Case("LAMB8bit", "bf16", dict(min_8bit_size=256, weight_decay=0.1), dict(block_size=96), sizes=SIZES,
+              sizes_b=SIZES_B),
+    grid.Case("LARS8bit", "fp32", dict(min_8bit_size=256, lr=0.05, momentum=0.9), dict(block_size=2048), sizes=SIZES,
+              sizes_b=SIZES_B),
 ]
 
 

@@ -122,7 +122,7 @@ def test_fails_loudly_when_it_cannot_reorder():
 # ---------------------------------------------------------------------------------------------
 
 # (case id in tests/test_backends.py, modes): every family, fp32 and bf16 (and a bf16 grad),
-# hyper-parameters in device memory, 8-bit states (block sizes 64, 96, 2048), LAMB's passes,
+# hyper-parameters in device memory, 8-bit states (block sizes 64, 96, 2048), LAMB's and LARS's passes,
 # clipping with a non-finite skip and GradScaler, stochastic rounding, 304 tensors.
 SELECTION = [
     ("AdamW-fp32-b.lr=0.003-b.weight_decay=0.0", ("reversed", "shuffled")),
@@ -145,6 +145,12 @@ SELECTION = [
     ("LAMB-bf16-stochastic_rounding=True-b.stochastic_rounding=False", ("reversed",)),
     ("AdamW8bit-bf16-stochastic_rounding=True-min_8bit_size=256-b.seed=7", ("shuffled",)),
     ("LAMB-bf16-304tensors", ("shuffled",)),
+    ("LARS-fp32-lr=0.05-momentum=0.9-nesterov=True-max_grad_norm=100.0-b.weight_decay=0.1-b.max_unorm=0.05-b.lr=0.02"
+     "-scaler-nonfinite", ("shuffled",)),
+    ("LAMB8bit-fp32-min_8bit_size=256-weight_decay=0.1-b.lr=0.003-b.bias_correction=False-b.block_size=96",
+     ("reversed",)),
+    ("LARS8bit-bf16-min_8bit_size=256-lr=0.05-momentum=0.9-weight_decay=0.01-b.nesterov=True-b.max_unorm=0.0"
+     "-b.lr=0.0003-b.block_size=2048", ("shuffled",)),
 ]
 
 
