@@ -27,8 +27,10 @@ and the gradient (the same inputs, so the same fp32 states and ``u``), and the s
 requantized after the update. So the norms and the update use this step's fp32 states, never
 the requantized ones, as the reference computes them. Deterministic: no atomics.
 
-Bytes per element (fp32 params and grads): LAMB 24 + 16 = 40 (32-bit), 10 + 16 = 26 (8-bit);
-LARS with momentum 16 + 12 = 28 (nesterov: + 4, pass 2 reads the grad), without 8 + 12 = 20.
+Bytes per element, pass 1 + pass 2 (fp32 params and grads; absmax and partials aside): LAMB
+24 + 16 = 40, LAMB8bit 10 + 16 = 26; LARS with momentum 16 + 12 = 28 (nesterov 16 + 16 = 32:
+pass 2 reads the grad), without 8 + 12 = 20; LARS8bit 9 + 14 = 23 (without momentum it has no
+state and runs the 32-bit kernels: 20).
 """
 
 from __future__ import annotations
@@ -102,9 +104,9 @@ def _squares(p, u, mask):
 
 
 @triton.jit
-def _norms_block(p_ptr, g_ptr, s0_ptr, s1_ptr, off, mask, grad_mult, t, bias_correction1, bias_correction2,
-                 hypers, UPDATE: tl.constexpr, FLAGS: tl.constexpr, STATES: tl.constexpr, BLOCK: tl.constexpr):
-    o = off + tl.arange(0, BLOCK)
+def _norms_block(p_ptr, g_ptr, s0_ptr, s1_ptr, mask, grad_mult, t, bias_correction1, bias_correction2, hypers,
+                 UPDATE: tl.constexpr, FLAGS: tl.constexpr, STATES: tl.constexpr, BLOCK: tl.constexpr):
+    o = tl.arange(0, BLOCK)
     p = tl.load(p_ptr + o, mask=mask).to(tl.float32)
     g = tl.load(g_ptr + o, mask=mask).to(tl.float32) * grad_mult
     s0 = p
@@ -142,15 +144,16 @@ def norms_kernel(table, work, steps, scalars, hyper_values, partials, hypers,
         u_sq = tl.zeros([BLOCK], tl.float32)
         if n >= CHUNK:
             for off in range(0, CHUNK, BLOCK):
-                pp, uu = _norms_block(p_ptr, g_ptr, s0_ptr, s1_ptr, off, None, grad_mult, t, bias_correction1,
-                                      bias_correction2, hypers, UPDATE, FLAGS, STATES, BLOCK)
+                pp, uu = _norms_block(p_ptr + off, g_ptr + off, s0_ptr + off, s1_ptr + off, None, grad_mult, t,
+                                      bias_correction1, bias_correction2, hypers, UPDATE, FLAGS, STATES, BLOCK)
                 p_sq += pp
                 u_sq += uu
         else:
             tail = n.to(tl.int32)
             for off in range(0, tail, BLOCK):
-                pp, uu = _norms_block(p_ptr, g_ptr, s0_ptr, s1_ptr, off, tl.arange(0, BLOCK) < tail - off, grad_mult,
-                                      t, bias_correction1, bias_correction2, hypers, UPDATE, FLAGS, STATES, BLOCK)
+                pp, uu = _norms_block(p_ptr + off, g_ptr + off, s0_ptr + off, s1_ptr + off,
+                                      tl.arange(0, BLOCK) < tail - off, grad_mult, t, bias_correction1,
+                                      bias_correction2, hypers, UPDATE, FLAGS, STATES, BLOCK)
                 p_sq += pp
                 u_sq += uu
         w = tl.program_id(0)
@@ -159,10 +162,10 @@ def norms_kernel(table, work, steps, scalars, hyper_values, partials, hypers,
 
 
 @triton.jit
-def _apply_block(p_ptr, g_ptr, s0_ptr, s1_ptr, off, mask, index, key, grad_mult, lr_scale, t, bias_correction1,
+def _apply_block(p_ptr, g_ptr, s0_ptr, s1_ptr, mask, index, key, grad_mult, lr_scale, t, bias_correction1,
                  bias_correction2, hypers, DIRECTION: tl.constexpr, FLAGS: tl.constexpr, STATES: tl.constexpr,
                  READS_GRAD: tl.constexpr, P_DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
-    o = off + tl.arange(0, BLOCK)
+    o = tl.arange(0, BLOCK)
     p = tl.load(p_ptr + o, mask=mask).to(tl.float32)
     g = p
     s0 = p
@@ -199,15 +202,15 @@ def apply_kernel(table, work, steps, scalars, hyper_values, scales, hypers, seed
         first = common.first_index(row, start, WIDTH, STOCHASTIC)
         if n >= CHUNK:
             for off in range(0, CHUNK, BLOCK):
-                _apply_block(p_ptr, g_ptr, s0_ptr, s1_ptr, off, None, first, key, grad_mult, lr_scale, t,
-                             bias_correction1, bias_correction2, hypers, DIRECTION, FLAGS, STATES, READS_GRAD,
-                             P_DTYPE, STOCHASTIC, BLOCK)
+                _apply_block(p_ptr + off, g_ptr + off, s0_ptr + off, s1_ptr + off, None, first + off, key, grad_mult,
+                             lr_scale, t, bias_correction1, bias_correction2, hypers, DIRECTION, FLAGS, STATES,
+                             READS_GRAD, P_DTYPE, STOCHASTIC, BLOCK)
         else:
             tail = n.to(tl.int32)
             for off in range(0, tail, BLOCK):
-                _apply_block(p_ptr, g_ptr, s0_ptr, s1_ptr, off, tl.arange(0, BLOCK) < tail - off, first, key,
-                             grad_mult, lr_scale, t, bias_correction1, bias_correction2, hypers, DIRECTION, FLAGS,
-                             STATES, READS_GRAD, P_DTYPE, STOCHASTIC, BLOCK)
+                _apply_block(p_ptr + off, g_ptr + off, s0_ptr + off, s1_ptr + off, tl.arange(0, BLOCK) < tail - off,
+                             first + off, key, grad_mult, lr_scale, t, bias_correction1, bias_correction2, hypers,
+                             DIRECTION, FLAGS, STATES, READS_GRAD, P_DTYPE, STOCHASTIC, BLOCK)
 
 
 # ---------------------------------------------------------------------------------------------
