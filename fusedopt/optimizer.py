@@ -228,6 +228,11 @@ def _laid_out_as(p: torch.Tensor, value: torch.Tensor, dtype: torch.dtype) -> to
 # ---------------------------------------------------------------------------------------------
 
 
+#: Every public optimizer class, by name, in the order they are defined (registered by
+#: :meth:`FusedOptimizer.__init_subclass__`): what ``check``, ``bench`` and the test grids list.
+CLASSES: dict[str, type] = {}
+
+
 class FusedOptimizer(torch.optim.Optimizer):
     """Base of every fusedopt optimizer (see the families for the math).
 
@@ -244,6 +249,11 @@ class FusedOptimizer(torch.optim.Optimizer):
     _step_supports_amp_scaling = True
     _spec: families.Family
     _quantized: bool = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if not cls.__name__.startswith("_") and cls.__module__.startswith("fusedopt."):
+            CLASSES[cls.__name__] = cls
 
     def __init__(self, params, defaults: dict, *, max_grad_norm=None, backend: str = "auto"):
         if isinstance(params, (set, frozenset)):
