@@ -6,8 +6,8 @@ data on this machine's device. Each row reports the largest error over params an
 tensor, the tolerance and pass/fail; the command exits non-zero if any row fails.
 
 What is checked is read from the families (``fusedopt.families.FAMILIES``): for each family,
-with 32-bit and with 8-bit states, its first class in ``fusedopt.__all__`` with every state the
-family declares kept and every flag on (:func:`configs`), and the clipping of the base class
+with 32-bit and with 8-bit states, its first class (``fusedopt.optimizer.CLASSES``) with every
+state the family declares kept and every flag on (:func:`configs`), and the clipping of the base class
 once. A backend that cannot run one of them (no kernels for that family yet, a block size it
 does not take) gets a ``not run`` row with the reason ``backends.resolve`` gives; the rest of
 the check goes on.
@@ -21,11 +21,8 @@ from typing import Callable
 
 import torch
 
-import fusedopt
-
-from . import backends, families, quant
+from . import backends, families, optimizer, quant
 from .clip import clip_grad_norm_
-from .optimizer import FusedOptimizer
 from .progress import Progress, Silent
 from .testing import compare
 
@@ -90,10 +87,10 @@ def _worst(results) -> tuple[float, str, bool]:
 # What is checked: read from the families.
 # ---------------------------------------------------------------------------------------------
 
-#: fusedopt's optimizer classes, in ``fusedopt.__all__``'s order.
-CLASSES: tuple[type, ...] = tuple(
-    c for c in (getattr(fusedopt, n) for n in fusedopt.__all__)
-    if isinstance(c, type) and issubclass(c, FusedOptimizer) and c is not FusedOptimizer)
+#: fusedopt's optimizer classes (the registry ``fusedopt.optimizer.CLASSES``), in the order of
+#: their families in ``families.FAMILIES``, 32-bit before 8-bit.
+CLASSES: tuple[type, ...] = tuple(sorted(
+    optimizer.CLASSES.values(), key=lambda c: (list(families.FAMILIES).index(c._spec.name), bool(c._quantized))))
 
 
 def class_of(family: families.Family, quantized: bool) -> type | None:
@@ -213,7 +210,7 @@ def _peer_lion(device) -> list[Row]:
     except ImportError as e:
         return [Row("Lion vs lion-pytorch", "reference", "float32", None, f"not run: {e}", None)]
     params0, grads = _data(device, torch.float32, 2)
-    a, oa = _run(lambda ps: fusedopt.Lion(ps, lr=LR, weight_decay=0.1, backend="reference"), params0, grads)
+    a, oa = _run(lambda ps: optimizer.CLASSES["Lion"](ps, lr=LR, weight_decay=0.1, backend="reference"), params0, grads)
     b, ob = _run(lambda ps: PeerLion(ps, lr=LR, weight_decay=0.1), params0, grads)
     results = []
     for i, (pa, pb) in enumerate(zip(a, b)):
@@ -233,7 +230,7 @@ def _peer_bnb(device) -> list[Row]:
     equal = all(torch.equal(quant.dynamic_map(s), bnbf.create_dynamic_map(signed=s).cpu()) for s in (True, False))
     rows.append(Row("codebooks vs bitsandbytes create_dynamic_map", "reference", "float32", 0.0 if equal else None,
                     "identical" if equal else "differ", equal))
-    for ours, theirs in ((fusedopt.AdamW8bit, bnb.optim.AdamW8bit), (fusedopt.Lion8bit, bnb.optim.Lion8bit)):
+    for ours, theirs in ((optimizer.CLASSES["AdamW8bit"], bnb.optim.AdamW8bit), (optimizer.CLASSES["Lion8bit"], bnb.optim.Lion8bit)):
         params0, grads = _data(device, torch.float32, 3)
         try:
             b, ob = _run(lambda ps: theirs(ps, lr=LR, min_8bit_size=4096), params0, grads, skip_grad=(-1, -1))

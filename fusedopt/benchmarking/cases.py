@@ -17,9 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-import fusedopt
-
 from .. import families
+from ..optimizer import CLASSES
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,7 +103,7 @@ class OptSpec:
 
     @property
     def optimizer_class(self) -> type:
-        return getattr(fusedopt, self.fusedopt_class)
+        return CLASSES[self.fusedopt_class]
 
     @property
     def spec(self) -> families.Family:
