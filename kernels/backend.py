@@ -16,6 +16,7 @@ from .. import layout
 from ..quant import relayout as _relayout_codes
 from . import adam as _adam
 from . import common
+from . import elementwise as _elementwise
 from . import lamb as _lamb
 from . import lion as _lion
 from . import norm as _norm
@@ -87,7 +88,7 @@ def _flat(fn, batch) -> None:
 @_on_device
 def adam(batch) -> None:
     """Adam / AdamW over one batch (32-bit or 8-bit states)."""
-    _adam.step(batch)
+    _elementwise.step(batch, _adam.ADAM)
 
 
 @_on_device
@@ -99,7 +100,7 @@ def lamb(batch) -> None:
 @_on_device
 def lion(batch) -> None:
     """Lion over one batch (32-bit or 8-bit state)."""
-    _lion.step(batch)
+    _elementwise.step(batch, _lion.LION)
 
 
 def global_norm(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor:

@@ -30,15 +30,44 @@ _POINTERS = {
 _INTS = {"seed", "n", "offset"}
 
 
+def _family(family, group: dict, in_memory: bool = False) -> dict:
+    """The constexprs that make the generic kernels ``family``'s for ``group`` (hyper-parameters
+    as kernel arguments, or all read from memory)."""
+    import torch
+
+    hypers = family.hypers(group, torch.device("cpu"))
+    return dict(MATH=family.math, FLAGS=family.flags(group), HYPERS=type(hypers),
+                IN_MEMORY=(in_memory,) * len(hypers), DERIVED=family.derived)
+
+
+def _steps(family, group: dict, modes: tuple | None = None) -> dict:
+    """The step prologue's constexprs for ``family`` (``modes``: see common.step_hypers; all 0,
+    numbers, by default)."""
+    import torch
+
+    if family is None or family.derive is None:
+        return dict(DERIVE=None, HYPERS=None, MODES=())
+    step = family.step_hypers(group, torch.device("cpu"))
+    return dict(DERIVE=family.derive, HYPERS=type(step), MODES=modes or (0,) * len(step))
+
+
+ADAMW = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=True, maximize=False,
+             decoupled_weight_decay=True)
+ADAM_L2 = dict(ADAMW, amsgrad=False, maximize=True, decoupled_weight_decay=False)
+LION = dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0)
+
+
 def _cases():
     """``(name, kernel, constexprs, num_warps, loads, stores)``: ``loads`` / ``stores`` list the
     bytes per element of each stream the main path reads / writes with vector accesses."""
     import triton.language as tl
 
-    from fusedopt.kernels import adam, lamb, lion, norm, quant, table
-    from fusedopt.kernels.common import step_kernel
+    from fusedopt.kernels import adam, elementwise, lamb, lion, norm, quant, table
+    from fusedopt.kernels.common import bias_corrections_derive, BiasCorrections, step_kernel
 
-    chunk = dict(CHUNK=table.CHUNK, ALIGNED=True, HYPER_IN_MEMORY=False)
+    chunk = dict(CHUNK=table.CHUNK, ALIGNED=True)
+    lamb_chunk = dict(chunk, HYPER_IN_MEMORY=False)
+    kernel, kernel8 = elementwise.elementwise_kernel, elementwise.elementwise8bit_kernel
     out = []
     for p_name, p_dtype, p_bytes, g_dtype, g_bytes in (
         ("fp32", tl.float32, 4, tl.float32, 4),
@@ -47,63 +76,70 @@ def _cases():
     ):
         dt = dict(P_DTYPE=p_dtype, G_DTYPE=g_dtype)
         sr = p_dtype == tl.bfloat16
-        out.append((f"adam-amsgrad-{p_name}", adam.adam_kernel,
-                    dict(WIDTH=8, **dt, AMSGRAD=True, MAXIMIZE=False, DECOUPLED=True, STOCHASTIC=sr,
-                         BLOCK=adam.BLOCK, **chunk), adam.NUM_WARPS, [p_bytes, g_bytes, 4, 4, 4], [p_bytes, 4, 4, 4]))
+        out.append((f"adam-amsgrad-{p_name}", kernel,
+                    dict(WIDTH=8, **dt, **_family(adam.ADAM, ADAMW), STATES=3, STOCHASTIC=sr,
+                         BLOCK=elementwise.BLOCK, **chunk), elementwise.NUM_WARPS, [p_bytes, g_bytes, 4, 4, 4],
+                    [p_bytes, 4, 4, 4]))
         out.append((f"norm-2-{p_name}", norm.norm_partial_kernel,
                     dict(G_DTYPE=g_dtype, ORD=2, ALIGNED=True, CHUNK=table.CHUNK, BLOCK=norm.BLOCK),
                     norm.NUM_WARPS, [g_bytes], []))
         if p_name == "fp32-bf16grad":
             continue  # the other kernels read grads the same way
-        out.append((f"lion-{p_name}", lion.lion_kernel,
-                    dict(WIDTH=6, **dt, STOCHASTIC=sr, BLOCK=lion.BLOCK, **chunk), lion.NUM_WARPS,
-                    [p_bytes, g_bytes, 4], [p_bytes, 4]))
+        out.append((f"lion-{p_name}", kernel,
+                    dict(WIDTH=6, **dt, **_family(lion.LION, LION), STATES=1, STOCHASTIC=sr, BLOCK=elementwise.BLOCK,
+                         **chunk), elementwise.NUM_WARPS, [p_bytes, g_bytes, 4], [p_bytes, 4]))
         out.append((f"lamb-moments-{p_name}", lamb.lamb_moments_kernel,
-                    dict(WIDTH=7, **dt, BIAS_CORRECTION=True, BLOCK=lamb.BLOCK, **chunk), lamb.NUM_WARPS,
+                    dict(WIDTH=7, **dt, BIAS_CORRECTION=True, BLOCK=lamb.BLOCK, **lamb_chunk), lamb.NUM_WARPS,
                     [p_bytes, g_bytes, 4, 4], [4, 4]))
         out.append((f"lamb-apply-{p_name}", lamb.lamb_apply_kernel,
                     dict(WIDTH=7, P_DTYPE=p_dtype, BIAS_CORRECTION=True, STOCHASTIC=sr, BLOCK=lamb.BLOCK,
-                         **chunk), lamb.NUM_WARPS, [p_bytes, 4, 4], [p_bytes]))
+                         **lamb_chunk), lamb.NUM_WARPS, [p_bytes, 4, 4], [p_bytes]))
         for block_size in (256, 2048) if sr else (256,):
-            eight = dict(ALIGNED=True, HYPER_IN_MEMORY=False, **quant.layout(block_size))
-            out.append((f"adam8bit-amsgrad-{block_size}-{p_name}", adam.adam8bit_kernel,
-                        dict(WIDTH=11, **dt, AMSGRAD=True, MAXIMIZE=False, DECOUPLED=True, STOCHASTIC=sr,
+            eight = dict(ALIGNED=True, **quant.layout(block_size))
+            out.append((f"adam8bit-amsgrad-{block_size}-{p_name}", kernel8,
+                        dict(WIDTH=11, **dt, **_family(adam.ADAM, ADAMW), SIGNED=(True, False, False), STOCHASTIC=sr,
                              **eight), quant.NUM_WARPS, [p_bytes, g_bytes, 1, 1, 1], [p_bytes, 1, 1, 1]))
-            out.append((f"lion8bit-{block_size}-{p_name}", lion.lion8bit_kernel,
-                        dict(WIDTH=7, **dt, STOCHASTIC=sr, **eight), quant.NUM_WARPS,
-                        [p_bytes, g_bytes, 1], [p_bytes, 1]))
+            out.append((f"lion8bit-{block_size}-{p_name}", kernel8,
+                        dict(WIDTH=7, **dt, **_family(lion.LION, LION), SIGNED=(True,), STOCHASTIC=sr, **eight),
+                        quant.NUM_WARPS, [p_bytes, g_bytes, 1], [p_bytes, 1]))
     # the other switches compile too: fp16, tensor hyper-parameters, unaligned tables, Adam's L2
     # decay and maximize, LAMB without bias correction, a block size that is not a power of two
-    other = dict(CHUNK=table.CHUNK, ALIGNED=False, HYPER_IN_MEMORY=True)
+    other = dict(CHUNK=table.CHUNK, ALIGNED=False)
     fp16 = dict(P_DTYPE=tl.float16, G_DTYPE=tl.float16)
-    out.append(("adam-variants-fp16", adam.adam_kernel,
-                dict(WIDTH=7, **fp16, AMSGRAD=False, MAXIMIZE=True, DECOUPLED=False, STOCHASTIC=False,
-                     BLOCK=adam.BLOCK, **other), adam.NUM_WARPS, [], []))
-    out.append(("lion-variants-fp16", lion.lion_kernel,
-                dict(WIDTH=6, **fp16, STOCHASTIC=False, BLOCK=lion.BLOCK, **other), lion.NUM_WARPS, [], []))
+    out.append(("adam-variants-fp16", kernel,
+                dict(WIDTH=7, **fp16, **_family(adam.ADAM, ADAM_L2, True), STATES=2, STOCHASTIC=False,
+                     BLOCK=elementwise.BLOCK, **other), elementwise.NUM_WARPS, [], []))
+    out.append(("lion-variants-fp16", kernel,
+                dict(WIDTH=6, **fp16, **_family(lion.LION, LION, True), STATES=1, STOCHASTIC=False,
+                     BLOCK=elementwise.BLOCK, **other), elementwise.NUM_WARPS, [], []))
     out.append(("lamb-moments-variants-fp16", lamb.lamb_moments_kernel,
-                dict(WIDTH=7, **fp16, BIAS_CORRECTION=False, BLOCK=lamb.BLOCK, **other), lamb.NUM_WARPS, [], []))
+                dict(WIDTH=7, **fp16, BIAS_CORRECTION=False, BLOCK=lamb.BLOCK, HYPER_IN_MEMORY=True, **other),
+                lamb.NUM_WARPS, [], []))
     out.append(("lamb-apply-variants-fp16", lamb.lamb_apply_kernel,
                 dict(WIDTH=7, P_DTYPE=tl.float16, BIAS_CORRECTION=False, STOCHASTIC=False, BLOCK=lamb.BLOCK,
-                     **other), lamb.NUM_WARPS, [], []))
-    eight96 = dict(ALIGNED=True, HYPER_IN_MEMORY=True, **quant.layout(96))
-    out.append(("adam8bit-96-variants-fp16", adam.adam8bit_kernel,
-                dict(WIDTH=9, **fp16, AMSGRAD=False, MAXIMIZE=True, DECOUPLED=False, STOCHASTIC=False, **eight96),
-                quant.NUM_WARPS, [2, 2, 1, 1], [2, 1, 1]))
-    out.append(("lion8bit-96-fp16", lion.lion8bit_kernel, dict(WIDTH=7, **fp16, STOCHASTIC=False, **eight96),
+                     HYPER_IN_MEMORY=True, **other), lamb.NUM_WARPS, [], []))
+    eight96 = dict(ALIGNED=True, **quant.layout(96))
+    out.append(("adam8bit-96-variants-fp16", kernel8,
+                dict(WIDTH=9, **fp16, **_family(adam.ADAM, ADAM_L2, True), SIGNED=(True, False), STOCHASTIC=False,
+                     **eight96), quant.NUM_WARPS, [2, 2, 1, 1], [2, 1, 1]))
+    out.append(("lion8bit-96-fp16", kernel8,
+                dict(WIDTH=7, **fp16, **_family(lion.LION, LION, True), SIGNED=(True,), STOCHASTIC=False, **eight96),
                 quant.NUM_WARPS, [2, 2, 1], [2, 1]))
     out.append(("norm-inf", norm.norm_partial_kernel,
                 dict(G_DTYPE=tl.float32, ORD=0, ALIGNED=True, CHUNK=table.CHUNK, BLOCK=norm.BLOCK),
                 norm.NUM_WARPS, [4], []))
     out.append(("norm-finish", norm.norm_finish_kernel, dict(ORD=2, BLOCK=norm.FINISH_BLOCK), 4, [], []))
     out.append(("lamb-ratio", lamb.lamb_ratio_kernel, dict(BLOCK=lamb.RATIO_BLOCK), 4, [], []))
-    for in_memory in (False, True):
-        out.append((f"steps-{'in-memory' if in_memory else 'args'}", step_kernel,
-                    dict(WIDTH=7, STEP_COL=4, ADAM=in_memory, LR_IN_MEMORY=in_memory, BETA1_INDEX=1, BETA2_INDEX=3,
-                         BETA1_IN_MEMORY=in_memory, BETA2_IN_MEMORY=in_memory, BLOCK=table.STEP_BLOCK), 4, [], []))
-    out.append(("steps-adam-args", step_kernel,
-                dict(WIDTH=7, STEP_COL=4, ADAM=True, LR_IN_MEMORY=False, BETA1_INDEX=1, BETA2_INDEX=3,
-                     BETA1_IN_MEMORY=False, BETA2_IN_MEMORY=False, BLOCK=table.STEP_BLOCK), 4, [], []))
+    steps = dict(WIDTH=7, STEP_COL=4, BLOCK=table.STEP_BLOCK)
+    for name, derive in (
+        ("steps-none", _steps(None, {})),
+        ("steps-bias-corrections-args", dict(DERIVE=bias_corrections_derive, HYPERS=BiasCorrections, MODES=(0, 0))),
+        ("steps-bias-corrections-in-memory", dict(DERIVE=bias_corrections_derive, HYPERS=BiasCorrections,
+                                                  MODES=(2, 2))),
+        ("steps-adam-args", _steps(adam.ADAM, ADAMW)),
+        ("steps-adam-in-memory", _steps(adam.ADAM, ADAMW, (1, 2, 2))),
+    ):
+        out.append((name, step_kernel, dict(steps, **derive), 4, [], []))
     out.append(("norm-1-fp16", norm.norm_partial_kernel,
                 dict(G_DTYPE=tl.float16, ORD=1, ALIGNED=False, CHUNK=table.CHUNK, BLOCK=norm.BLOCK),
                 norm.NUM_WARPS, [], []))
@@ -131,6 +167,13 @@ def _compile_all() -> dict:
         for i, arg in enumerate(kernel.arg_names):
             if arg in constexprs:
                 signature[arg] = "constexpr"
+            elif arg == "hyper_values" and "HYPERS" in constexprs:  # a family's struct (elementwise)
+                fields = ["*fp32" if m else "fp32" for m in constexprs["IN_MEMORY"]]
+                signature[arg] = constexprs["HYPERS"](*fields)
+                attrs.update({(i, j): [["tt.divisibility", 16]] for j, f in enumerate(fields) if f == "*fp32"})
+            elif arg == "pointers":  # the step prologue's hyper-parameters in memory
+                signature[arg] = ("*fp32",) * max(1, len(constexprs["MODES"]))
+                attrs.update({(i, j): [["tt.divisibility", 16]] for j in range(len(signature[arg]))})
             elif arg in _POINTERS:
                 signature[arg] = _POINTERS[arg]
                 attrs[(i,)] = [["tt.divisibility", 16]]
