@@ -8,13 +8,13 @@ from collections import namedtuple
 import triton
 import triton.language as tl
 
+from .. import families
 from . import common, table
 from .elementwise import Family
 
 #: The runtime hyper-parameters, as the math reads them (``decay = 1 - lr * weight_decay``).
 AdamHypers = namedtuple("AdamHypers", ["beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps",
                                        "weight_decay", "decay"])
-AdamFlags = namedtuple("AdamFlags", ["amsgrad", "maximize", "decoupled"])
 #: What the step prologue derives from: ``lr`` and ``log(beta1)``, ``log(beta2)``.
 AdamStep = namedtuple("AdamStep", ["lr", "log_beta1", "log_beta2"])
 #: Per tensor and step: ``lr / (1 - beta1^t)`` and ``sqrt(1 - beta2^t)``.
@@ -30,7 +30,7 @@ def adam_math(p, g, s, h, d, FLAGS: tl.constexpr):
     v = s[1]
     if FLAGS.maximize:
         g = -g
-    if FLAGS.decoupled:
+    if FLAGS.decoupled_weight_decay:
         p = p * h.decay
     elif h.weight_decay != 0.0:  # a runtime branch, as torch's: 0 * inf would make a NaN
         g = g + h.weight_decay * p
@@ -74,12 +74,9 @@ def step_hypers(group, device) -> AdamStep:
 
 
 ADAM = Family(
-    name="adam",
+    spec=families.ADAM,
     math=adam_math,
     hypers=hypers,
-    flags=lambda group: AdamFlags(group["amsgrad"], group["maximize"], group["decoupled_weight_decay"]),
-    states=lambda group: ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ()),
-    signed=lambda name: name == "exp_avg",
     derive=adam_derive,
     step_hypers=step_hypers,
     derived=AdamDerived,

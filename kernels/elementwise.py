@@ -22,11 +22,13 @@ from __future__ import annotations
 
 from collections import namedtuple
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Sequence
+from functools import cached_property
+from typing import Callable, NamedTuple
 
 import triton
 import triton.language as tl
 
+from .. import families
 from . import common, quant, table
 from .common import GRAD_MULT, SKIP
 
@@ -39,34 +41,56 @@ NoDerived = namedtuple("NoDerived", [])
 
 @dataclass(frozen=True)
 class Family:
-    """An elementwise family, as the kernels see it.
+    """An elementwise family, as the kernels see it: its declaration (``spec``, what every
+    layer reads: state names and codebooks, flags) and what the kernels add to it.
 
     Attributes:
-        name: the launch tables' name (``name`` and ``name + "8bit"`` in ``batch.cache``).
+        spec: the family's declaration (:mod:`fusedopt.families`). ``s`` holds the states a
+            group keeps (``spec.state_names``), in that order; the 8-bit codebook of each is
+            the spec's; ``FLAGS`` has a field per spec flag and one per state, true when the
+            group keeps it (``FLAGS.momentum_buffer``).
         math: ``p, s = math(p, g, s, h, d, FLAGS)`` (see the module docstring).
         hypers: ``hypers(group, device)``, the struct ``h`` of group values
-            (``table.group_value``: numbers, or device tensors the kernel reads), derived as the
-            reference derives them (``1 - beta1`` in double on the host, for instance).
-        flags: ``flags(group)``, the struct of compile-time switches.
-        states: ``states(group)``, the names of the states in ``s``, in order (torch's keys).
-        signed: ``signed(name)``, whether a state's 8-bit codes use the signed map.
+            (``table.group_value``: numbers, or device tensors the kernel reads), with what the
+            math takes derived as the reference derives it (``1 - beta1`` in double on the
+            host, for instance).
         derive: ``d = derive(t, k)``, a ``triton.jit`` function of the step count after this
-            step (fp32, exact) and the fp64 struct ``k`` of ``step_hypers``, returning the ``derived``
-            struct (at most three fields; None: no per-step scalars).
+            step (fp32, exact) and the fp64 struct ``k`` of ``step_hypers``, returning the
+            ``derived`` struct (at most three fields) as ``spec.derive`` names them, each
+            rounded once to fp32 when stored; None: no per-step scalars.
         step_hypers: ``step_hypers(group, device)``, the struct ``k`` (group values, or
             ``table.log_of(beta)`` where ``derive`` wants ``log(beta)``).
         derived: the struct class ``derive`` returns.
     """
 
-    name: str
+    spec: families.Family
     math: Callable
     hypers: Callable[[dict, object], NamedTuple]
-    flags: Callable[[dict], NamedTuple]
-    states: Callable[[dict], Sequence[str]]
-    signed: Callable[[str], bool]
     derive: Callable | None = None
     step_hypers: Callable[[dict, object], NamedTuple] | None = None
     derived: type = NoDerived
+
+    @property
+    def name(self) -> str:
+        """The launch tables' name (``name`` and ``name + "8bit"`` in ``batch.cache``)."""
+        return self.spec.name
+
+    @cached_property
+    def flag_struct(self) -> type:
+        return namedtuple(self.spec.name.capitalize() + "Flags",
+                          list(dict.fromkeys(self.spec.flags + tuple(s.name for s in self.spec.states))))
+
+    def flags(self, group: dict) -> NamedTuple:
+        """The compile-time switches of ``group``: its flags, and which states it keeps."""
+        kept = self.spec.state_names(group)
+        return self.flag_struct(*(bool(group[f]) for f in self.spec.flags),
+                                *(s.name in kept for s in self.spec.states))
+
+    def states(self, group: dict) -> tuple[str, ...]:
+        return self.spec.state_names(group)
+
+    def signed(self, name: str) -> bool:
+        return self.spec.state(name).signed
 
 
 @triton.jit

@@ -8,12 +8,12 @@ from collections import namedtuple
 import triton
 import triton.language as tl
 
+from .. import families
 from . import table
 from .elementwise import Family
 
 #: The runtime hyper-parameters, as the math reads them (``decay = 1 - lr * weight_decay``).
 LionHypers = namedtuple("LionHypers", ["lr", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "decay"])
-LionFlags = namedtuple("LionFlags", [])
 
 
 @triton.jit
@@ -38,10 +38,7 @@ def hypers(group, device) -> LionHypers:
 
 
 LION = Family(
-    name="lion",
+    spec=families.LION,
     math=lion_math,
     hypers=hypers,
-    flags=lambda group: LionFlags(),
-    states=lambda group: ("exp_avg",),
-    signed=lambda name: True,
 )

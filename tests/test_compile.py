@@ -55,6 +55,9 @@ ADAMW = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=T
              decoupled_weight_decay=True)
 ADAM_L2 = dict(ADAMW, amsgrad=False, maximize=True, decoupled_weight_decay=False)
 LION = dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0)
+SGD = dict(lr=1e-3, momentum=0.9, dampening=0.0, weight_decay=1e-2, nesterov=True, maximize=False)
+ADAGRAD = dict(lr=1e-2, lr_decay=1e-3, weight_decay=1e-2, initial_accumulator_value=0.0, eps=1e-10, maximize=False)
+RMSPROP = dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=1e-2, momentum=0.9, centered=True, maximize=False)
 
 
 def _cases():
@@ -62,7 +65,7 @@ def _cases():
     bytes per element of each stream the main path reads / writes with vector accesses."""
     import triton.language as tl
 
-    from fusedopt.kernels import adam, elementwise, lamb, lion, norm, quant, table
+    from fusedopt.kernels import adagrad, adam, elementwise, lamb, lion, norm, quant, rmsprop, sgd, table
     from fusedopt.kernels.common import bias_corrections_derive, BiasCorrections, step_kernel
 
     chunk = dict(CHUNK=table.CHUNK, ALIGNED=True)
@@ -88,6 +91,12 @@ def _cases():
         out.append((f"lion-{p_name}", kernel,
                     dict(WIDTH=6, **dt, **_family(lion.LION, LION), STATES=1, STOCHASTIC=sr, BLOCK=elementwise.BLOCK,
                          **chunk), elementwise.NUM_WARPS, [p_bytes, g_bytes, 4], [p_bytes, 4]))
+        for name, family, group, states in (("sgd-nesterov", sgd.SGD, SGD, 1), ("adagrad", adagrad.ADAGRAD, ADAGRAD, 1),
+                                            ("rmsprop-centered-momentum", rmsprop.RMSPROP, RMSPROP, 3)):
+            out.append((f"{name}-{p_name}", kernel,
+                        dict(WIDTH=4 + states + 3, **dt, **_family(family, group), STATES=states, STOCHASTIC=sr,
+                             BLOCK=elementwise.BLOCK, **chunk), elementwise.NUM_WARPS,
+                        [p_bytes, g_bytes] + [4] * states, [p_bytes] + [4] * states))
         out.append((f"lamb-moments-{p_name}", lamb.lamb_moments_kernel,
                     dict(WIDTH=7, **dt, BIAS_CORRECTION=True, BLOCK=lamb.BLOCK, **lamb_chunk), lamb.NUM_WARPS,
                     [p_bytes, g_bytes, 4, 4], [4, 4]))
@@ -102,6 +111,16 @@ def _cases():
             out.append((f"lion8bit-{block_size}-{p_name}", kernel8,
                         dict(WIDTH=7, **dt, **_family(lion.LION, LION), SIGNED=(True,), STOCHASTIC=sr, **eight),
                         quant.NUM_WARPS, [p_bytes, g_bytes, 1], [p_bytes, 1]))
+            if block_size != 256:
+                continue
+            for name, family, group, signed in (("sgd8bit", sgd.SGD, SGD, (True,)),
+                                                ("adagrad8bit", adagrad.ADAGRAD, ADAGRAD, (False,)),
+                                                ("rmsprop8bit-centered-momentum", rmsprop.RMSPROP, RMSPROP,
+                                                 (False, True, True))):
+                out.append((f"{name}-{block_size}-{p_name}", kernel8,
+                            dict(WIDTH=5 + 2 * len(signed), **dt, **_family(family, group), SIGNED=signed,
+                                 STOCHASTIC=sr, **eight), quant.NUM_WARPS,
+                            [p_bytes, g_bytes] + [1] * len(signed), [p_bytes] + [1] * len(signed)))
     # the other switches compile too: fp16, tensor hyper-parameters, unaligned tables, Adam's L2
     # decay and maximize, LAMB without bias correction, a block size that is not a power of two
     other = dict(CHUNK=table.CHUNK, ALIGNED=False)
@@ -112,6 +131,18 @@ def _cases():
     out.append(("lion-variants-fp16", kernel,
                 dict(WIDTH=6, **fp16, **_family(lion.LION, LION, True), STATES=1, STOCHASTIC=False,
                      BLOCK=elementwise.BLOCK, **other), elementwise.NUM_WARPS, [], []))
+    # SGD without momentum (no state), RMSprop with neither momentum nor centering, Adagrad maximizing
+    plain = dict(ALIGNED=True, CHUNK=table.CHUNK, BLOCK=elementwise.BLOCK, STOCHASTIC=False, P_DTYPE=tl.float32,
+                 G_DTYPE=tl.float32)
+    out.append(("sgd-plain-variants-fp32", kernel,
+                dict(WIDTH=5, **_family(sgd.SGD, dict(SGD, momentum=0.0, nesterov=False), True), STATES=0, **plain),
+                elementwise.NUM_WARPS, [4, 4], [4]))
+    out.append(("rmsprop-plain-variants-fp32", kernel,
+                dict(WIDTH=6, **_family(rmsprop.RMSPROP, dict(RMSPROP, momentum=0.0, centered=False, maximize=True),
+                                        True), STATES=1, **plain), elementwise.NUM_WARPS, [4, 4, 4], [4, 4]))
+    out.append(("adagrad-variants-fp16", kernel,
+                dict(WIDTH=6, **fp16, **_family(adagrad.ADAGRAD, dict(ADAGRAD, maximize=True), True), STATES=1,
+                     STOCHASTIC=False, BLOCK=elementwise.BLOCK, **other), elementwise.NUM_WARPS, [], []))
     out.append(("lamb-moments-variants-fp16", lamb.lamb_moments_kernel,
                 dict(WIDTH=7, **fp16, BIAS_CORRECTION=False, BLOCK=lamb.BLOCK, HYPER_IN_MEMORY=True, **other),
                 lamb.NUM_WARPS, [], []))
@@ -138,6 +169,9 @@ def _cases():
                                                   MODES=(2, 2))),
         ("steps-adam-args", _steps(adam.ADAM, ADAMW)),
         ("steps-adam-in-memory", _steps(adam.ADAM, ADAMW, (1, 2, 2))),
+        ("steps-sgd", _steps(sgd.SGD, SGD)),
+        ("steps-adagrad-args", _steps(adagrad.ADAGRAD, ADAGRAD)),
+        ("steps-adagrad-in-memory", _steps(adagrad.ADAGRAD, ADAGRAD, (1, 1))),
     ):
         out.append((name, step_kernel, dict(steps, **derive), 4, [], []))
     out.append(("norm-1-fp16", norm.norm_partial_kernel,
