@@ -233,8 +233,6 @@ def hyper_struct(values):
     stays a tensor, which the kernel reads through its pointer: no host sync, and a captured
     CUDA graph follows it. ``in_memory[i]`` says which (``common.hypers``)."""
     tensors = tuple(isinstance(v, torch.Tensor) for v in values)
-    if not any(tensors):
-        return type(values)(*map(float, values)), tensors
     return type(values)(*(v if t else float(v) for v, t in zip(values, tensors))), tensors
 
 
