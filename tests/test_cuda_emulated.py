@@ -179,8 +179,10 @@ def test_an_out_of_bounds_access_faults(lib):
         scalars = torch.tensor([1.0, 0.0, 0.0])
         hyper, hyper_tensors = cuda_backend._hyper((1e-3, 0.9, 0.999, 1e-8, 0.0), torch.device("cpu"))
         with pytest.raises(RuntimeError, match="out-of-bounds access"):
-            ops.adam_([p], [grad], [m], [v], [], [], [], [], [step], scalars, table, work,
-                      torch.zeros(1, dtype=torch.int32), None, hyper, hyper_tensors, False, False, True, 0)
+            ops.elementwise_("adam", [p], [grad], ["exp_avg", "exp_avg_sq"], [m], [v], [], [], [], [], [step],
+                             scalars, table, work, torch.zeros(1, dtype=torch.int32), None,
+                             ["lr", "beta1", "beta2", "eps", "weight_decay"], hyper, hyper_tensors,
+                             ["decoupled_weight_decay"], 0, False, 0)
 
 
 @pytest.mark.parametrize("block_size", [0, 256, 8192], ids=["32bit", "8bit", "8bit-wide"])
