@@ -31,6 +31,7 @@ import test_optimizer
 import test_stochastic_rounding
 from cuda_emu import emulator
 from fusedopt import backends
+from test_backends import Case
 
 SCHEDULES = {
     "3sm-forward": dict(sms=3, blocks_per_sm=2),
@@ -62,6 +63,56 @@ def test_against_reference(emulated, case):
     emulator.reset_stats(emulated)
     test_backends._check(case, "cpu", "cuda")
     stats = emulator.stats(emulated)
+    assert stats["launches"] > 0 and stats["checked_accesses"] > 0, stats
+
+
+# SGD, Adagrad, RMSprop and their 8-bit forms (issue 14) through elementwise_: every flag and
+# variant (momentum 0 and > 0, dampening, nesterov, centered, maximize, lr_decay, weight decay),
+# the two groups of a case differing in them, 8-bit with block sizes 64, 256 and one wider than a
+# thread block's span. The default tier runs one case of each class; the rest are ``full``.
+_SMALL = dict(min_8bit_size=256)
+FAMILY_CASES = [
+    Case("SGD", "fp32", dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=0.01),
+         group_b=dict(momentum=0.0, maximize=True)),
+    Case("SGD", "bf16", dict(lr=0.05, momentum=0.9, nesterov=True, max_grad_norm=test_backends.CLIP),
+         group_b=dict(lr=0.02, weight_decay=0.1, nesterov=False, dampening=0.5), nonfinite=True, scaler=True),
+    Case("SGD", "fp16", dict(lr=0.05), group_b=dict(lr=0.01, maximize=True, weight_decay=0.1)),
+    Case("Adagrad", "fp32", dict(lr_decay=0.01, weight_decay=0.01, initial_accumulator_value=0.1),
+         group_b=dict(maximize=True, lr=0.05, lr_decay=0.0)),
+    Case("Adagrad", "bf16", dict(max_grad_norm=test_backends.CLIP), group_b=dict(eps=1e-6, lr_decay=0.1),
+         nonfinite=True, scaler=True),
+    Case("RMSprop", "fp32", dict(centered=True, momentum=0.9, weight_decay=0.01),
+         group_b=dict(centered=False, momentum=0.0, maximize=True, alpha=0.9)),
+    Case("RMSprop", "bf16", dict(momentum=0.5, maximize=True), group_b=dict(centered=True, momentum=0.0, alpha=0.3)),
+    Case("RMSprop", "fp16", dict(max_grad_norm=test_backends.CLIP), group_b=dict(centered=True, momentum=0.9),
+         scaler=True, nonfinite=True),
+    Case("SGD8bit", "fp32", dict(_SMALL, lr=0.05, momentum=0.9, dampening=0.1, weight_decay=0.01),
+         group_b=dict(block_size=64, nesterov=True, dampening=0.0, maximize=True)),
+    Case("SGD8bit", "bf16", dict(_SMALL, lr=0.05, momentum=0.9), group_b=dict(block_size=8192, momentum=0.0)),
+    Case("Adagrad8bit", "fp32", dict(_SMALL, lr_decay=0.01, initial_accumulator_value=0.1),
+         group_b=dict(block_size=64, maximize=True, weight_decay=0.01)),
+    Case("Adagrad8bit", "fp16", dict(_SMALL, max_grad_norm=test_backends.CLIP), group_b=dict(block_size=4128),
+         scaler=True),
+    Case("RMSprop8bit", "fp32", dict(_SMALL, centered=True, momentum=0.9),
+         group_b=dict(block_size=64, centered=False, momentum=0.0, maximize=True, weight_decay=0.01)),
+    Case("RMSprop8bit", "bf16", dict(_SMALL, momentum=0.5, stochastic_rounding=True),
+         group_b=dict(block_size=4128, centered=True, momentum=0.0, alpha=0.9)),
+]
+
+
+def _family_params():
+    seen, out = set(), []
+    for case in FAMILY_CASES:
+        out.append(pytest.param(case, id=case.id, marks=() if case.cls not in seen else pytest.mark.full))
+        seen.add(case.cls)
+    return out
+
+
+@pytest.mark.parametrize("case", _family_params())
+def test_new_families_against_reference(emulated_once, case):
+    emulator.reset_stats(emulated_once)
+    test_backends._check(case, "cpu", "cuda")
+    stats = emulator.stats(emulated_once)
     assert stats["launches"] > 0 and stats["checked_accesses"] > 0, stats
 
 
