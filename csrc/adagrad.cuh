@@ -12,13 +12,14 @@ struct AdagradStep {
   bool maximize;
 };
 
-// FAMILIES.md "Adagrad": g = -g if maximize; g += wd*p; sum += g*g; p -= clr * g / (sqrt(sum) + eps).
+// FAMILIES.md "Adagrad": g = -g if maximize; g += wd*p; sum += g*g; p -= clr * g / (sqrt(sum) + eps),
+// the last as torch's addcdiv rounds it: (clr * g) / std.
 __device__ __forceinline__ void adagrad_math(float& p, float g, float& sum, const AdagradStep& s) {
   if (s.maximize) g = -g;
   if (s.weight_decay != 0.f) g = g + s.weight_decay * p;
   sum = sum + g * g;
   const float std = sqrtf(sum) + s.eps;
-  p = p - s.clr * (g / std);
+  p = p - s.clr * g / std;
 }
 
 struct Adagrad {

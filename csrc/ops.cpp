@@ -514,11 +514,12 @@ void lamb_apply_(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs,
 
 // ---- elementwise_: every elementwise family through one op ------------------------------------
 //
-// A family declares here what the op takes from it: its hyper-parameters by name (all
-// required), its runtime switches by name (`flags` lists those that are on), the state lists it
-// accepts (each in the family's order; the states passed pick the kernel's variant, as an
-// RMSprop with momentum_buffer and grad_avg), and how its params struct (params.h) is filled
-// from those names. The op makes every check (streams, tables, codebook, hyper tensors,
+// A family declares here what the op takes from it, under fusedopt.families' names: its
+// hyper-parameters by name (all required), its switches by name (`flags` lists those that are
+// on), the state lists it accepts (each in the family's order; the states passed pick the
+// kernel's variant, as an RMSprop with momentum_buffer and grad_avg, and must agree with the
+// switches and numbers that decide them: amsgrad, centered, momentum), and how its params
+// struct (params.h) is filled from those names. The op makes every check (streams, tables, codebook, hyper tensors,
 // rounding) for any family, so a family adds only its entry below and its launcher.
 
 // A family's named inputs, checked: hyper-parameters (numbers or device tensors), flags, states.
@@ -550,8 +551,11 @@ using Launch = std::function<cudaError_t(const MultiTensor&, const Quant&, Scala
 struct ElementwiseFamily {
   const char* name;
   std::vector<const char*> hypers;  // every one required, in any order
-  std::vector<const char*> flags;   // the runtime switches it takes
+  std::vector<const char*> flags;   // the switches it takes
   std::vector<std::vector<const char*>> layouts;  // the state lists it accepts
+  // Switches that decide whether a state exists (amsgrad: max_exp_avg_sq): on exactly when the
+  // state is passed.
+  std::vector<std::pair<const char*, const char*>> flag_states;
   // Checks what only this family knows (before anything runs), and returns the launch.
   Launch (*prepare)(const Named&, const char* op);
 };
@@ -617,16 +621,21 @@ Launch prepare_rmsprop(const Named& v, const char* op) {
 
 const std::vector<ElementwiseFamily>& elementwise_families() {
   static const std::vector<ElementwiseFamily> families{
-      {"adam", {"lr", "beta1", "beta2", "eps", "weight_decay"}, {"maximize", "decoupled_weight_decay"},
-       {{"exp_avg", "exp_avg_sq"}, {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"}}, &prepare_adam},
-      {"lion", {"lr", "beta1", "beta2", "weight_decay"}, {}, {{"exp_avg"}}, &prepare_lion},
+      {"adam", {"lr", "beta1", "beta2", "eps", "weight_decay"}, {"amsgrad", "maximize", "decoupled_weight_decay"},
+       {{"exp_avg", "exp_avg_sq"}, {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"}}, {{"amsgrad", "max_exp_avg_sq"}},
+       &prepare_adam},
+      {"lion", {"lr", "beta1", "beta2", "weight_decay"}, {}, {{"exp_avg"}}, {}, &prepare_lion},
       {"sgd", {"lr", "momentum", "dampening", "weight_decay"}, {"nesterov", "maximize"},
-       {{}, {"momentum_buffer"}}, &prepare_sgd},
-      {"adagrad", {"lr", "lr_decay", "weight_decay", "eps"}, {"maximize"}, {{"sum"}}, &prepare_adagrad},
-      {"rmsprop", {"lr", "alpha", "eps", "weight_decay", "momentum"}, {"maximize"},
+       {{}, {"momentum_buffer"}}, {}, &prepare_sgd},
+      // initial_accumulator_value is the sum's initial value (the optimizer fills the state
+      // with it): taken so that the op's names are the family's (fusedopt.families.ADAGRAD),
+      // and checked like the others, though the kernel does not read it.
+      {"adagrad", {"lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps"}, {"maximize"}, {{"sum"}},
+       {}, &prepare_adagrad},
+      {"rmsprop", {"lr", "alpha", "eps", "weight_decay", "momentum"}, {"centered", "maximize"},
        {{"square_avg"}, {"square_avg", "momentum_buffer"}, {"square_avg", "grad_avg"},
         {"square_avg", "momentum_buffer", "grad_avg"}},
-       &prepare_rmsprop},
+       {{"centered", "grad_avg"}}, &prepare_rmsprop},
   };
   return families;
 }
@@ -686,6 +695,9 @@ Named check_named(const ElementwiseFamily& f, const std::vector<std::string>& st
   v.hyper = check_hyper(hyper, hyper_tensors, names, on_device, op);
   v.hyper_names.assign(hyper_names.begin(), hyper_names.end());
   v.flags.assign(flags.begin(), flags.end());
+  for (const auto& [flag, state] : f.flag_states)
+    TORCH_CHECK(v.flag(flag) == v.has_state(state), "fusedopt.", op, ": ", f.name, v.flag(flag) ? " with " : " without ",
+                flag, v.flag(flag) ? " needs the " : " takes no ", state, " state");
   return v;
 }
 

@@ -12,15 +12,19 @@ struct RmspropStep {
   bool maximize;
 };
 
-// torch.lerp(a, b, w): a + w * (b - a) for |w| < 0.5, else b - (b - a) * (1 - w).
+// torch.lerp(a, b, w): a + w * (b - a) for |w| < 0.5, else b - (b - a) * (1 - w), each a fused
+// multiply-add as torch computes it (its CUDA kernel is contracted by nvcc, its CPU vector loop
+// calls fmadd with the coefficient w - 1): explicit fmaf, which -fmad=false leaves alone.
 __device__ __forceinline__ float torch_lerp(float a, float b, float w, float one_minus_w) {
-  return fabsf(w) < 0.5f ? a + w * (b - a) : b - (b - a) * one_minus_w;
+  const float d = b - a;
+  return fabsf(w) < 0.5f ? fmaf(w, d, a) : fmaf(-one_minus_w, d, b);
 }
 
 // FAMILIES.md "RMSprop": g = -g if maximize; g += wd*p; square_avg = alpha*square_avg +
-// (1-alpha)*(g*g); centered: grad_avg = lerp(grad_avg, g, 1-alpha), avg = sqrt(square_avg -
+// (1-alpha)*g*g; centered: grad_avg = lerp(grad_avg, g, 1-alpha), avg = sqrt(square_avg -
 // grad_avg^2) + eps, else avg = sqrt(square_avg) + eps; momentum: buf = momentum*buf + g/avg,
-// p -= lr*buf, else p -= lr * (g/avg).
+// p -= lr*buf, else p -= lr*g/avg. Rounded in torch's order (the reference's): addcmul's
+// ((1-alpha) * g) * g, addcdiv's (lr * g) / avg.
 template <bool MOMENTUM, bool CENTERED>
 __device__ __forceinline__ void rmsprop_math(float& p, float g, float& square_avg, float& buf, float& grad_avg,
                                              const RmspropStep& s) {
@@ -38,7 +42,7 @@ __device__ __forceinline__ void rmsprop_math(float& p, float g, float& square_av
     buf = s.momentum * buf + g / avg;
     p = p - s.lr * buf;
   } else {
-    p = p - s.lr * (g / avg);
+    p = p - s.lr * g / avg;
   }
 }
 

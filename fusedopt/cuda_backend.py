@@ -30,7 +30,7 @@ from itertools import chain
 
 import torch
 
-from . import backends, build, layout, quant, reference
+from . import backends, build, families, layout, quant, reference
 
 NAME = "cuda"
 DESCRIPTION = "CUDA C++ multi-tensor kernels (csrc/), compiled with nvcc on first use or by `python -m fusedopt build`"
@@ -231,7 +231,7 @@ def lamb(batch) -> None:
     the moments pass, each tensor's ``||p||^2`` and ``||u||^2`` summed over its shards, then the
     apply pass."""
     group = batch.group
-    lists = _lists(batch, ("exp_avg", "exp_avg_sq"))
+    lists = _lists(batch, families.LAMB.state_names(group))
     plan = _plan(batch, lists)
     device = batch.params[0].device
     hyper, hyper_tensors = _hyper((group["lr"], *group["betas"], group["eps"], group["weight_decay"]), device)
@@ -249,60 +249,51 @@ def lamb(batch) -> None:
     ops.lamb_apply_(params, m, v, steps, *tables, norms, hyper, hyper_tensors, group["bias_correction"], *rounding)
 
 
-def _elementwise(batch, family: str, states, hypers: dict, flags) -> None:
-    """One step of an elementwise ``family`` over ``batch`` through ``torch.ops.fusedopt.elementwise_``:
-    its states ``states`` (torch's keys in the family's order; those the batch holds, which pick
-    the kernel's variant), its hyper-parameters by name (numbers, or tensors read on the
-    device) and the runtime switches ``flags`` that are on."""
-    names = tuple(name for name in states if name in batch.state)
+def _elementwise(batch, family: families.Family) -> None:
+    """One step of an elementwise ``family`` over ``batch`` through
+    ``torch.ops.fusedopt.elementwise_``, all from the family's spec: its states (torch's keys,
+    those the group keeps, in the family's order: which pick the kernel's variant), its
+    hyper-parameters by name (numbers, or tensors read on the device) and the switches that are
+    on."""
+    group = batch.group
+    names = family.state_names(group)
     lists = _lists(batch, names)
     plan = _plan(batch, lists)
     device = batch.params[0].device
+    hypers = family.values(group)
     hyper, hyper_tensors = _hyper(list(hypers.values()), device)
     _ops().elementwise_(
-        family, lists["params"], lists["grads"], list(names), *(lists[k] for k in _TABLE_LISTS[2:]),
+        family.name, lists["params"], lists["grads"], list(names), *(lists[k] for k in _TABLE_LISTS[2:]),
         batch.scalars, plan.table, plan.work, plan.counters,
         codebook(device) if batch.quantized and names else None, list(hypers), hyper, hyper_tensors,
-        [flag for flag in flags if batch.group[flag]], batch.block_size if batch.quantized else 0, *_rounding(batch),
+        [flag for flag in family.flags if group[flag]], batch.block_size if batch.quantized else 0,
+        *_rounding(batch),
     )
 
 
 @_flat
 def adam(batch) -> None:
-    group = batch.group
-    beta1, beta2 = group["betas"]
-    _elementwise(batch, "adam", ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
-                 dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"]),
-                 ("maximize", "decoupled_weight_decay"))
+    _elementwise(batch, families.ADAM)
 
 
 @_flat
 def lion(batch) -> None:
-    group = batch.group
-    beta1, beta2 = group["betas"]
-    _elementwise(batch, "lion", ("exp_avg",),
-                 dict(lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"]), ())
+    _elementwise(batch, families.LION)
 
 
 @_flat
 def sgd(batch) -> None:
-    group = batch.group
-    _elementwise(batch, "sgd", ("momentum_buffer",),
-                 {k: group[k] for k in ("lr", "momentum", "dampening", "weight_decay")}, ("nesterov", "maximize"))
+    _elementwise(batch, families.SGD)
 
 
 @_flat
 def adagrad(batch) -> None:
-    group = batch.group
-    _elementwise(batch, "adagrad", ("sum",), {k: group[k] for k in ("lr", "lr_decay", "weight_decay", "eps")},
-                 ("maximize",))
+    _elementwise(batch, families.ADAGRAD)
 
 
 @_flat
 def rmsprop(batch) -> None:
-    group = batch.group
-    _elementwise(batch, "rmsprop", ("square_avg", "momentum_buffer", "grad_avg"),
-                 {k: group[k] for k in ("lr", "alpha", "eps", "weight_decay", "momentum")}, ("maximize",))
+    _elementwise(batch, families.RMSPROP)
 
 
 _norm_plans: collections.OrderedDict = collections.OrderedDict()

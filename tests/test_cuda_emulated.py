@@ -74,8 +74,13 @@ _SMALL = dict(min_8bit_size=256)
 FAMILY_CASES = [
     Case("SGD", "fp32", dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=0.01),
          group_b=dict(momentum=0.0, maximize=True)),
-    Case("SGD", "bf16", dict(lr=0.05, momentum=0.9, nesterov=True, max_grad_norm=test_backends.CLIP),
-         group_b=dict(lr=0.02, weight_decay=0.1, nesterov=False, dampening=0.5), nonfinite=True, scaler=True),
+    # (no clipping with 16-bit params and SGD's large steps: a clip coefficient that the two
+    # backends' norms give in other last bits can round a param to the neighbouring bf16 value,
+    # which a later step's cancellation near zero magnifies beyond the bf16 tolerance)
+    Case("SGD", "bf16", dict(lr=0.05, momentum=0.9, nesterov=True),
+         group_b=dict(lr=0.02, weight_decay=0.1, nesterov=False, dampening=0.5), scaler=True),
+    Case("SGD", "fp32", dict(lr=0.05, momentum=0.9, max_grad_norm=test_backends.CLIP),
+         group_b=dict(momentum=0.5, nesterov=True), nonfinite=True, scaler=True),
     Case("SGD", "fp16", dict(lr=0.05), group_b=dict(lr=0.01, maximize=True, weight_decay=0.1)),
     Case("Adagrad", "fp32", dict(lr_decay=0.01, weight_decay=0.01, initial_accumulator_value=0.1),
          group_b=dict(maximize=True, lr=0.05, lr_decay=0.0)),
@@ -136,6 +141,11 @@ def test_quantizer_codes_are_the_reference_codes(emulated, block_size, signed):
 @pytest.mark.parametrize("cls, dtype, kwargs", test_cuda_gpu.EIGHT_BIT,
                          ids=lambda v: getattr(v, "__name__", str(v)))
 def test_8bit_steps_in_lockstep_with_the_reference(emulated, cls, dtype, kwargs):
+    if cls == "RMSprop8bit" and kwargs.get("momentum", 0) > 0:
+        pytest.skip("RMSprop's momentum buffer takes g / (sqrt(square_avg) + eps), and torch's CPU sqrt is not "
+                    "correctly rounded in its vector loops (AVX-512: 0.7% of fp32 values 1 ulp off, "
+                    "test_cpu_sqrt_is_not_correctly_rounded), so the reference's buffer on the CPU is not the "
+                    "kernel's bit for bit; test_cuda_gpu.py runs this case on a GPU")
     test_cuda_gpu.test_8bit_steps_in_lockstep_with_the_reference(torch.device("cpu"), cls, dtype, kwargs)
 
 
@@ -199,6 +209,18 @@ def test_replaced_state_is_what_the_next_step_uses(emulated_once, grads, change)
 # --------------------------------------------------------------------------------------------
 # The emulator itself: what it runs, and that it catches what it claims to catch.
 # --------------------------------------------------------------------------------------------
+
+
+def test_cpu_sqrt_is_not_correctly_rounded():
+    """Why the emulated lockstep test skips RMSprop8bit with momentum: torch's fp32 sqrt on the
+    CPU (its vector loop) differs from the correctly rounded square root (numpy's, the kernels'
+    sqrtf) for some values. If this fails, torch's sqrt became exact: drop that skip."""
+    import numpy as np
+
+    x = torch.rand(1 << 16, generator=torch.Generator().manual_seed(0)) * 10
+    if torch.backends.cpu.get_cpu_capability() == "DEFAULT":
+        pytest.skip("no vector loop on this CPU")
+    assert (torch.sqrt(x).numpy() != np.sqrt(x.numpy())).any()
 
 
 def test_the_grid_runs_persistent_blocks_with_several_work_items(lib):
