@@ -519,8 +519,9 @@ void lamb_apply_(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs,
 // on), the state lists it accepts (each in the family's order; the states passed pick the
 // kernel's variant, as an RMSprop with momentum_buffer and grad_avg, and must agree with the
 // switches and numbers that decide them: amsgrad, centered, momentum), and how its params
-// struct (params.h) is filled from those names. The op makes every check (streams, tables, codebook, hyper tensors,
-// rounding) for any family, so a family adds only its entry below and its launcher.
+// struct (params.h) is filled from those names. The op makes every check (streams, tables,
+// codebook, hyper tensors, rounding) for any family, so a family adds only its entry below and
+// its launcher.
 
 // A family's named inputs, checked: hyper-parameters (numbers or device tensors), flags, states.
 struct Named {
@@ -571,10 +572,14 @@ void check_momentum_buffer(const Named& v, bool positive_only, const char* famil
 }
 
 Launch prepare_adam(const Named& v, const char*) {
-  const AdamHyper h{v.scalar("lr"),       v.beta("beta1"),
-                    v.beta("beta2"),      v.scalar("eps"),
-                    v.scalar("weight_decay"), v.decay("lr", "weight_decay"),
-                    v.flag("maximize"),   v.flag("decoupled_weight_decay")};
+  const AdamHyper h{v.scalar("lr"),
+                    v.beta("beta1"),
+                    v.beta("beta2"),
+                    v.scalar("eps"),
+                    v.scalar("weight_decay"),
+                    v.decay("lr", "weight_decay"),
+                    v.flag("maximize"),
+                    v.flag("decoupled_weight_decay")};
   const bool amsgrad = v.has_state("max_exp_avg_sq");
   return [h, amsgrad](const MultiTensor& mt, const Quant& q, ScalarKind param, cudaStream_t stream) {
     return launch_adam(mt, h, param, amsgrad, q, stream);
@@ -611,9 +616,14 @@ Launch prepare_adagrad(const Named& v, const char*) {
 
 Launch prepare_rmsprop(const Named& v, const char* op) {
   check_momentum_buffer(v, true, "rmsprop", op);
-  const RmspropHyper h{v.scalar("lr"),       v.beta("alpha"),     v.scalar("eps"),
-                       v.scalar("weight_decay"), v.scalar("momentum"), v.flag("maximize"),
-                       v.has_state("momentum_buffer"), v.has_state("grad_avg")};
+  const RmspropHyper h{v.scalar("lr"),
+                       v.beta("alpha"),
+                       v.scalar("eps"),
+                       v.scalar("weight_decay"),
+                       v.scalar("momentum"),
+                       v.flag("maximize"),
+                       v.has_state("momentum_buffer"),
+                       v.has_state("grad_avg")};
   return [h](const MultiTensor& mt, const Quant& q, ScalarKind param, cudaStream_t stream) {
     return launch_rmsprop(mt, h, param, q, stream);
   };
@@ -695,15 +705,18 @@ Named check_named(const ElementwiseFamily& f, const std::vector<std::string>& st
   v.hyper = check_hyper(hyper, hyper_tensors, names, on_device, op);
   v.hyper_names.assign(hyper_names.begin(), hyper_names.end());
   v.flags.assign(flags.begin(), flags.end());
-  for (const auto& [flag, state] : f.flag_states)
-    TORCH_CHECK(v.flag(flag) == v.has_state(state), "fusedopt.", op, ": ", f.name, v.flag(flag) ? " with " : " without ",
-                flag, v.flag(flag) ? " needs the " : " takes no ", state, " state");
+  for (const auto& [flag, state] : f.flag_states) {
+    const bool on = v.flag(flag);
+    TORCH_CHECK(on == v.has_state(state), "fusedopt.", op, ": ", f.name, on ? " with " : " without ", flag,
+                on ? " needs the " : " takes no ", state, " state");
+  }
   return v;
 }
 
-void elementwise_(const std::string& family, TensorList params, TensorList grads, const std::vector<std::string>& state_names,
-                  TensorList states0, TensorList states1, TensorList states2, TensorList absmaxes0,
-                  TensorList absmaxes1, TensorList absmaxes2, TensorList steps, const Tensor& scalars,
+void elementwise_(const std::string& family, TensorList params, TensorList grads,
+                  const std::vector<std::string>& state_names, TensorList states0, TensorList states1,
+                  TensorList states2, TensorList absmaxes0, TensorList absmaxes1, TensorList absmaxes2,
+                  TensorList steps, const Tensor& scalars,
                   const Tensor& table, const Tensor& work, const Tensor& counters,
                   const std::optional<Tensor>& codebook, const std::vector<std::string>& hyper_names,
                   at::ArrayRef<double> hyper, const c10::List<std::optional<Tensor>>& hyper_tensors,
