@@ -91,6 +91,13 @@ FAMILY_CASES = [
     Case("RMSprop", "bf16", dict(momentum=0.5, maximize=True), group_b=dict(centered=True, momentum=0.0, alpha=0.3)),
     Case("RMSprop", "fp16", dict(max_grad_norm=test_backends.CLIP), group_b=dict(centered=True, momentum=0.9),
          scaler=True, nonfinite=True),
+    # hyper-parameters as tensors, read on the device (Beta's 1 - x in fp32 there, clr in double)
+    Case("SGD", "fp32", dict(lr=0.05, momentum=0.9),
+         group_b=dict(lr=torch.tensor(0.02), dampening=torch.tensor(0.3), weight_decay=torch.tensor(0.01))),
+    Case("Adagrad", "fp32", dict(lr_decay=0.01), group_b=dict(lr=torch.tensor(0.05), lr_decay=torch.tensor(0.1))),
+    Case("RMSprop", "fp32", dict(centered=True, momentum=0.9),
+         group_b=dict(lr=torch.tensor(3e-3), alpha=torch.tensor(0.9), momentum=torch.tensor(0.5),
+                      eps=torch.tensor(1e-6))),
     Case("SGD8bit", "fp32", dict(_SMALL, lr=0.05, momentum=0.9, dampening=0.1, weight_decay=0.01),
          group_b=dict(block_size=64, nesterov=True, dampening=0.0, maximize=True)),
     Case("SGD8bit", "bf16", dict(_SMALL, lr=0.05, momentum=0.9), group_b=dict(block_size=8192, momentum=0.0)),
