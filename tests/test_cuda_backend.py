@@ -262,7 +262,8 @@ def _batch(n_states, block_size=0, p_dtype=torch.float32, g_dtype=None, sizes=(3
 
 def adam_args(ops, amsgrad=False, block_size=0, **kw):
     states = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")[:3 if amsgrad else 2]
-    return elementwise_args(ops, "adam", states, block_size, flags=("decoupled_weight_decay",), **kw)
+    flags = ("amsgrad", "decoupled_weight_decay") if amsgrad else ("decoupled_weight_decay",)
+    return elementwise_args(ops, "adam", states, block_size, flags=flags, **kw)
 
 
 def lion_args(ops, block_size=0, **kw):
@@ -299,7 +300,7 @@ ELEMENTWISE_HYPER = {
     "adam": dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01),
     "lion": dict(lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=0.0),
     "sgd": dict(lr=1e-2, momentum=0.9, dampening=0.1, weight_decay=0.01),
-    "adagrad": dict(lr=1e-2, lr_decay=0.01, weight_decay=0.0, eps=1e-10),
+    "adagrad": dict(lr=1e-2, lr_decay=0.01, weight_decay=0.0, initial_accumulator_value=0.0, eps=1e-10),
     "rmsprop": dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.9),
 }
 
@@ -319,7 +320,7 @@ def elementwise_args(ops, family="sgd", states=("momentum_buffer",), block_size=
     )
 
 
-_RMSPROP_ALL = dict(family="rmsprop", states=("square_avg", "momentum_buffer", "grad_avg"))
+_RMSPROP_ALL = dict(family="rmsprop", states=("square_avg", "momentum_buffer", "grad_avg"), flags=("centered",))
 
 
 def norm_args(ops, dtypes=(torch.float32, torch.bfloat16, torch.float16)):
@@ -409,12 +410,12 @@ INVALID = [
     ("lamb_apply_", {"p_dtype": torch.float16}, ("stochastic_rounding", None, True), r"stochastic_rounding applies to bfloat16 params; params\[0\] is Half"),
     ("lamb_apply_", {"p_dtype": torch.bfloat16}, ("stochastic_rounding", None, True), r"params\[0\] must be a CUDA tensor"),
     ("lamb_apply_", {"p_dtype": torch.float16}, None, r"params\[0\] must be a CUDA tensor"),
-    ("elementwise_", {}, ("family", None, "adamw"), r"family must be one of \[sgd, adagrad, rmsprop\], got 'adamw'"),
+    ("elementwise_", {}, ("family", None, "adamw"), r"family must be one of \[adam, lion, sgd, adagrad, rmsprop\], got 'adamw'"),
     ("elementwise_", {}, ("state_names", None, ["exp_avg"]), r"state_names \[exp_avg\] are not states of sgd; it takes \[\], \[momentum_buffer\]"),
     ("elementwise_", _RMSPROP_ALL, ("state_names", None, ["square_avg", "grad_avg", "momentum_buffer"]), r"state_names \[square_avg, grad_avg, momentum_buffer\] are not states of rmsprop; it takes \[square_avg\], \[square_avg, momentum_buffer\], \[square_avg, grad_avg\], \[square_avg, momentum_buffer, grad_avg\]"),
     ("elementwise_", {}, ("hyper_names", 1, "beta1"), r"hyper_names has 'beta1'; sgd takes \[lr, momentum, dampening, weight_decay\]"),
     ("elementwise_", {}, ("hyper_names", 1, "lr"), r"hyper_names has 'lr' more than once"),
-    ("elementwise_", {"family": "adagrad", "states": ("sum",)}, ("hyper_names", None, ["lr", "lr_decay", "weight_decay", "epsilon"]), r"hyper_names has 'epsilon'; adagrad takes \[lr, lr_decay, weight_decay, eps\]"),
+    ("elementwise_", {"family": "adagrad", "states": ("sum",)}, ("hyper_names", None, ["lr", "lr_decay", "weight_decay", "initial_accumulator_value", "epsilon"]), r"hyper_names has 'epsilon'; adagrad takes \[lr, lr_decay, weight_decay, initial_accumulator_value, eps\]"),
     ("elementwise_", {}, ("hyper", None, [1e-2, 0.9]), r"hyper and hyper_tensors must hold 4 entries each, got 2 and 4"),
     ("elementwise_", {}, ("hyper_tensors", 2, torch.tensor(0.1, dtype=torch.float64)), r"hyper_tensors\[2\] \(dampening\) must be Float, got Double"),
     ("elementwise_", {}, ("flags", None, ["nesterov", "amsgrad"]), r"flags has 'amsgrad'; sgd takes \[nesterov, maximize\]"),
@@ -426,6 +427,10 @@ INVALID = [
     ("elementwise_", {"states": (), "flags": ("nesterov",)}, ("hyper", 1, 0.0), r"sgd with nesterov needs the momentum_buffer state"),
     ("elementwise_", {**_RMSPROP_ALL, "states": ("square_avg", "grad_avg")}, None, r"rmsprop with momentum=0.9 needs momentum_buffer state"),
     ("elementwise_", _RMSPROP_ALL, ("hyper", 4, 0.0), r"rmsprop with momentum=0 takes no momentum_buffer state"),
+    ("adam", {}, ("flags", None, ["amsgrad"]), r"adam with amsgrad needs the max_exp_avg_sq state"),
+    ("adam", {"amsgrad": True}, ("flags", None, []), r"adam without amsgrad takes no max_exp_avg_sq state"),
+    ("elementwise_", _RMSPROP_ALL, ("flags", None, ["maximize"]), r"rmsprop without centered takes no grad_avg state"),
+    ("elementwise_", {**_RMSPROP_ALL, "states": ("square_avg",)}, ("hyper", 4, 0.0), r"rmsprop with centered needs the grad_avg state"),
     ("elementwise_", {"family": "adagrad", "states": ("sum",)}, ("states0", 1, torch.zeros(5, dtype=torch.float16)), r"states0\[1\] \(sum\) must be Float, got Half"),
     ("elementwise_", _RMSPROP_ALL, ("states2", None, "drop"), r"states2 \(grad_avg\) has 1 tensors; expected 2"),
     ("elementwise_", {}, ("states1", None, "zeros"), r"states1 has 2 tensors; expected 0 \(the stream is not used\)"),
