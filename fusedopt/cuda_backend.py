@@ -4,10 +4,11 @@ Each family function builds (once per change of addresses) a device table of the
 tensor addresses and a list of (tensor, chunk) work items, keeps them in ``batch.cache``, and
 calls one op: ``torch.ops.fusedopt.elementwise_`` for the elementwise families (Adam/AdamW,
 Lion, SGD, Adagrad, RMSprop: the family by name, its states in its own order, its
-hyper-parameters by name), or ``lamb_`` (two kernels; for sharded params ``lamb_moments_`` and
-``lamb_apply_``, with the per-tensor norms summed over the shards between them). The step scalars (``fusedopt.scalars``) and tensor-valued hyper-parameters are read on the device, so a
-step never waits for the GPU. ``global_norm`` is two kernels (partials in fixed slots, then one
-block), deterministic.
+hyper-parameters by name, all read from its spec in ``fusedopt.families``), or ``lamb_`` (two
+kernels; for sharded params ``lamb_moments_`` and ``lamb_apply_``, with the per-tensor norms
+summed over the shards between them). The step scalars (``fusedopt.scalars``) and tensor-valued
+hyper-parameters are read on the device, so a step never waits for the GPU. ``global_norm`` is
+two kernels (partials in fixed slots, then one block), deterministic.
 
 The extension is loaded on first use: the ahead-of-time build (``FUSEDOPT_BUILD_CUDA=1 pip
 install .``), else the user's cache, else compiled there now (see :mod:`fusedopt.build`).
