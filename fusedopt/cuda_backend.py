@@ -2,11 +2,13 @@
 
 Each family function builds (once per change of addresses) a device table of the batch's
 tensor addresses and a list of (tensor, chunk) work items, keeps them in ``batch.cache``, and
-calls one op: ``torch.ops.fusedopt.adam_``, ``lion_`` or ``lamb_`` (two kernels; for sharded
-params ``lamb_moments_`` and ``lamb_apply_``, with the per-tensor norms summed over the shards
-between them). The step scalars (``fusedopt.scalars``) and tensor-valued hyper-parameters are read on the device, so a
-step never waits for the GPU. ``global_norm`` is two kernels (partials in fixed slots, then one
-block), deterministic.
+calls one op: ``torch.ops.fusedopt.elementwise_`` for the elementwise families (Adam/AdamW,
+Lion, SGD, Adagrad, RMSprop: the family by name, its states in its own order, its
+hyper-parameters by name, all read from its spec in ``fusedopt.families``), or ``lamb_`` (two
+kernels; for sharded params ``lamb_moments_`` and ``lamb_apply_``, with the per-tensor norms
+summed over the shards between them). The step scalars (``fusedopt.scalars``) and tensor-valued
+hyper-parameters are read on the device, so a step never waits for the GPU. ``global_norm`` is
+two kernels (partials in fixed slots, then one block), deterministic.
 
 The extension is loaded on first use: the ahead-of-time build (``FUSEDOPT_BUILD_CUDA=1 pip
 install .``), else the user's cache, else compiled there now (see :mod:`fusedopt.build`).
@@ -29,7 +31,7 @@ from itertools import chain
 
 import torch
 
-from . import backends, build, layout, quant, reference
+from . import backends, build, families, layout, quant, reference
 
 NAME = "cuda"
 DESCRIPTION = "CUDA C++ multi-tensor kernels (csrc/), compiled with nvcc on first use or by `python -m fusedopt build`"
@@ -104,9 +106,6 @@ def unsupported(tensor: torch.Tensor) -> str | None:
 # Tables, codebooks and hyper-parameters.
 # --------------------------------------------------------------------------------------------
 
-_STATE_NAMES = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-
-
 class _Plan:
     """A batch's device tables: addresses (``table``, with each param's salt: its position in its
     group, and offset: where the tensor starts in its full param, ``Batch.offsets``), work items
@@ -121,8 +120,11 @@ class _Plan:
         self.counters = torch.zeros(len(lists["params"]), dtype=torch.int32, device=device)
 
 
-_TABLE_LISTS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "exp_avg_absmaxes",
-                "exp_avg_sq_absmaxes", "max_exp_avg_sq_absmaxes", "steps")
+# The op's tensor lists, in its argument order: a family's states (at most three) in its own
+# order, their absmaxes when 8-bit.
+_MAX_STATES = 3
+_TABLE_LISTS = ("params", "grads", *(f"states{k}" for k in range(_MAX_STATES)),
+                *(f"absmaxes{k}" for k in range(_MAX_STATES)), "steps")
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -133,13 +135,17 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
-def _lists(batch, num_states: int) -> dict:
-    names = _STATE_NAMES[:num_states]
-    absmax = batch.quantized
+def _lists(batch, names) -> dict:
+    """The op's tensor lists of ``batch``: its states ``names`` (torch's keys, in the family's
+    order) as ``states0``, ``states1``, ... and their absmaxes as ``absmaxes0``, ... when 8-bit;
+    the unused lists empty."""
+    if len(names) > _MAX_STATES:
+        raise ValueError(f"the cuda backend takes at most {_MAX_STATES} states per param, got {list(names)}")
     lists = {"params": batch.params, "grads": batch.grads, "steps": batch.steps}
-    for i, name in enumerate(_STATE_NAMES):
-        lists[_TABLE_LISTS[2 + i]] = batch.state[name] if name in names else []
-        lists[_TABLE_LISTS[5 + i]] = batch.state[name + "_absmax"] if absmax and name in names else []
+    for k in range(_MAX_STATES):
+        name = names[k] if k < len(names) else None
+        lists[f"states{k}"] = batch.state[name] if name else []
+        lists[f"absmaxes{k}"] = batch.state[name + "_absmax"] if name and batch.quantized else []
     return lists
 
 
@@ -221,46 +227,17 @@ def _flat(fn):
 
 
 @_flat
-def adam(batch) -> None:
-    group = batch.group
-    amsgrad = group["amsgrad"]
-    lists = _lists(batch, 3 if amsgrad else 2)
-    plan = _plan(batch, lists)
-    device = batch.params[0].device
-    hyper, hyper_tensors = _hyper((group["lr"], *group["betas"], group["eps"], group["weight_decay"]), device)
-    _ops().adam_(
-        *(lists[k] for k in _TABLE_LISTS), batch.scalars, plan.table, plan.work, plan.counters,
-        codebook(device) if batch.quantized else None, hyper, hyper_tensors, amsgrad, group["maximize"],
-        group["decoupled_weight_decay"], batch.block_size if batch.quantized else 0, *_rounding(batch),
-    )
-
-
-@_flat
-def lion(batch) -> None:
-    group = batch.group
-    lists = _lists(batch, 1)
-    plan = _plan(batch, lists)
-    device = batch.params[0].device
-    hyper, hyper_tensors = _hyper((group["lr"], *group["betas"], group["weight_decay"]), device)
-    _ops().lion_(
-        lists["params"], lists["grads"], lists["exp_avgs"], lists["exp_avg_absmaxes"], lists["steps"],
-        batch.scalars, plan.table, plan.work, plan.counters, codebook(device) if batch.quantized else None,
-        hyper, hyper_tensors, batch.block_size if batch.quantized else 0, *_rounding(batch),
-    )
-
-
-@_flat
 def lamb(batch) -> None:
     """LAMB over one batch: one op (two kernels), or for sharded params (``batch.all_reduce``)
     the moments pass, each tensor's ``||p||^2`` and ``||u||^2`` summed over its shards, then the
     apply pass."""
     group = batch.group
-    lists = _lists(batch, 2)
+    lists = _lists(batch, families.LAMB.state_names(group))
     plan = _plan(batch, lists)
     device = batch.params[0].device
     hyper, hyper_tensors = _hyper((group["lr"], *group["betas"], group["eps"], group["weight_decay"]), device)
     ops = _ops()
-    params, m, v, steps = lists["params"], lists["exp_avgs"], lists["exp_avg_sqs"], lists["steps"]
+    params, m, v, steps = lists["params"], lists["states0"], lists["states1"], lists["steps"]
     tables = (batch.scalars, plan.table, plan.work, plan.counters)
     rounding = _rounding(batch)
     if batch.all_reduce is None:
@@ -271,6 +248,53 @@ def lamb(batch) -> None:
                               group["bias_correction"])
     batch.all_reduce(norms)
     ops.lamb_apply_(params, m, v, steps, *tables, norms, hyper, hyper_tensors, group["bias_correction"], *rounding)
+
+
+def _elementwise(batch, family: families.Family) -> None:
+    """One step of an elementwise ``family`` over ``batch`` through
+    ``torch.ops.fusedopt.elementwise_``, all from the family's spec: its states (torch's keys,
+    those the group keeps, in the family's order: which pick the kernel's variant), its
+    hyper-parameters by name (numbers, or tensors read on the device) and the switches that are
+    on."""
+    group = batch.group
+    names = family.state_names(group)
+    lists = _lists(batch, names)
+    plan = _plan(batch, lists)
+    device = batch.params[0].device
+    hypers = family.values(group)
+    hyper, hyper_tensors = _hyper(list(hypers.values()), device)
+    _ops().elementwise_(
+        family.name, lists["params"], lists["grads"], list(names), *(lists[k] for k in _TABLE_LISTS[2:]),
+        batch.scalars, plan.table, plan.work, plan.counters,
+        codebook(device) if batch.quantized and names else None, list(hypers), hyper, hyper_tensors,
+        [flag for flag in family.flags if group[flag]], batch.block_size if batch.quantized else 0,
+        *_rounding(batch),
+    )
+
+
+@_flat
+def adam(batch) -> None:
+    _elementwise(batch, families.ADAM)
+
+
+@_flat
+def lion(batch) -> None:
+    _elementwise(batch, families.LION)
+
+
+@_flat
+def sgd(batch) -> None:
+    _elementwise(batch, families.SGD)
+
+
+@_flat
+def adagrad(batch) -> None:
+    _elementwise(batch, families.ADAGRAD)
+
+
+@_flat
+def rmsprop(batch) -> None:
+    _elementwise(batch, families.RMSPROP)
 
 
 _norm_plans: collections.OrderedDict = collections.OrderedDict()
@@ -316,15 +340,15 @@ def _register_fakes() -> None:
     lib = "fusedopt::"
 
     @torch.library.register_fake(lib + "make_table")
-    def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, exp_avg_absmaxes, exp_avg_sq_absmaxes,
-          max_exp_avg_sq_absmaxes, steps, block_size, salts=(), offsets=()):
+    def _(params, grads, states0, states1, states2, absmaxes0, absmaxes1, absmaxes2, steps, block_size, salts=(),
+          offsets=()):
         chunk = torch.ops.fusedopt.chunk_size(block_size)
         n_work = sum(max(1, -(-p.numel() // chunk)) for p in params)
         width = torch.ops.fusedopt.table_width()
         return (torch.empty((len(params), width), dtype=torch.int64, device="cpu"),
                 torch.empty((n_work, 2), dtype=torch.int32, device="cpu"))
 
-    for name in ("adam_", "lion_", "lamb_", "lamb_apply_"):
+    for name in ("elementwise_", "lamb_", "lamb_apply_"):
         torch.library.register_fake(lib + name)(lambda *args, **kwargs: None)
 
     @torch.library.register_fake(lib + "lamb_moments_")
