@@ -7,10 +7,12 @@
 //                position in its group, and offset: where a shard starts in its full param) and
 //                the (tensor, chunk) work list of a batch, as CPU tensors; the backend caches
 //                them on the device.
-//   adam_, lamb_, lion_   one optimizer step over a batch, in place; bf16 params are rounded to
+//   adam_, lion_, lamb_, lars_   one optimizer step over a batch, in place (lamb_ and lars_: two
+//                kernels, csrc/two_pass.cuh); fp32 or 8-bit states; bf16 params are rounded to
 //                nearest, or with stochastic_rounding under the group's seed (the reference's bits).
-//   lamb_moments_, lamb_apply_   lamb_'s two passes apart, for sharded params (FSDP2): the
-//                per-tensor norms the first returns are summed over the shards before the second.
+//   lamb_moments_, lamb_apply_, lars_norms_, lars_apply_   the two passes apart, for sharded params
+//                (FSDP2): the per-tensor norms the first returns are summed over the shards
+//                before the second.
 //   global_norm  the norm of many tensors (mixed dtypes), deterministic.
 //   quantize_blockwise   the kernels' 8-bit quantizer, for tests.
 //
@@ -163,13 +165,16 @@ struct OnDevice {
   }
 };
 
-// The tensors of a batch, stream by stream, as the table lays them out.
-struct Streams {
-  TensorList params, grads, states[3], absmaxes[3], steps;
-};
-
 const char* const kStateNames[3] = {"exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"};
 const char* const kAbsmaxNames[3] = {"exp_avg_absmaxes", "exp_avg_sq_absmaxes", "max_exp_avg_sq_absmaxes"};
+
+// The tensors of a batch, stream by stream, as the table lays them out; the state lists' names
+// in messages (an op's argument names).
+struct Streams {
+  TensorList params, grads, states[3], absmaxes[3], steps;
+  const char* const* state_names = kStateNames;
+  const char* const* absmax_names = kAbsmaxNames;
+};
 
 // Lengths, dtypes, layouts and sizes of a batch. `num_states` state lists hold one tensor per
 // param, the others are empty; with block_size > 0 the states are uint8 codes with fp32
@@ -182,8 +187,8 @@ void check_streams(const Streams& s, int num_states, int64_t block_size, OnDevic
   if (reads_grads) check_length(s.grads, "grads", n, op);
   check_length(s.steps, "steps", n, op);
   for (int k = 0; k < 3; ++k) {
-    check_length(s.states[k], kStateNames[k], k < num_states ? n : 0, op);
-    check_length(s.absmaxes[k], kAbsmaxNames[k], k < num_states && block_size > 0 ? n : 0, op);
+    check_length(s.states[k], s.state_names[k], k < num_states ? n : 0, op);
+    check_length(s.absmaxes[k], s.absmax_names[k], k < num_states && block_size > 0 ? n : 0, op);
   }
   if (n == 0) return;
   const ScalarKind param_kind = kind_of(s.params[0], Name{"params", 0}, op);
@@ -203,13 +208,13 @@ void check_streams(const Streams& s, int num_states, int64_t block_size, OnDevic
       check_layout(s.grads[i], gname, p, pname, op);
     }
     for (int k = 0; k < num_states; ++k) {
-      const Name name{kStateNames[k], int64_t(i)};
+      const Name name{s.state_names[k], int64_t(i)};
       check_dtype(s.states[k][i], name, block_size > 0 ? at::kByte : at::kFloat, op);
       check_dense(s.states[k][i], name, op);
       check_numel(s.states[k][i], name, numel, pname, op);
       check_layout(s.states[k][i], name, p, pname, op);
       if (block_size > 0) {
-        const Name aname{kAbsmaxNames[k], int64_t(i)};
+        const Name aname{s.absmax_names[k], int64_t(i)};
         check_dtype(s.absmaxes[k][i], aname, at::kFloat, op);
         check_dense(s.absmaxes[k][i], aname, op);
         TORCH_CHECK(s.absmaxes[k][i].numel() == num_blocks(numel, block_size), "fusedopt.", op, ": ", aname, " has ",
@@ -224,8 +229,8 @@ void check_streams(const Streams& s, int num_states, int64_t block_size, OnDevic
   on_device.add(s.params, "params");
   if (reads_grads) on_device.add(s.grads, "grads");
   for (int k = 0; k < num_states; ++k) {
-    on_device.add(s.states[k], kStateNames[k]);
-    if (block_size > 0) on_device.add(s.absmaxes[k], kAbsmaxNames[k]);
+    on_device.add(s.states[k], s.state_names[k]);
+    if (block_size > 0) on_device.add(s.absmaxes[k], s.absmax_names[k]);
   }
   on_device.add(s.steps, "steps");
 }
@@ -456,97 +461,180 @@ void lion_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList 
   C10_CUDA_CHECK(launch_lion(mt, args, kind_of(params[0], Name{"params", 0}, op), quant, stream_of(device)));
 }
 
-// The checks every LAMB op makes after check_streams: scalars, tables, hyper-parameters.
-Hyper check_lamb(const Tensor& scalars, const Tensor& table, const Tensor& work, const Tensor& counters, size_t n,
-                 at::ArrayRef<double> hyper, const c10::List<std::optional<Tensor>>& hyper_tensors,
-                 OnDevice& on_device, const char* op) {
+// ---- the two-pass families (LAMB, LARS: two_pass.cuh) -------------------------------------------
+//
+// Each has three ops: <family>_ (both passes), and for sharded params (FSDP2) the two apart:
+// <family>_norms_ (pass 1: returns each tensor's [sum p^2, sum u^2] over the elements it holds,
+// for a shard this rank's part; fp32 states are updated, 8-bit ones are not) and <family>_apply_
+// (pass 2 with the norms summed over the shards: the param, 8-bit states and steps). Every op
+// takes the grads (pass 2 reads them for 8-bit states and for some families' u).
+
+// What every two-pass op checks after check_streams: scalars, tables, codebook, hyper-parameters.
+Hyper check_two_pass(const Tensor& scalars, const Tensor& table, const Tensor& work, const Tensor& counters, size_t n,
+                     const std::optional<Tensor>& codebook, int64_t block_size, at::ArrayRef<double> hyper,
+                     const c10::List<std::optional<Tensor>>& hyper_tensors, std::initializer_list<const char*> names,
+                     OnDevice& on_device, const char* op) {
   check_scalars(scalars, on_device, op);
   check_plan(table, work, counters, n, on_device, op);
-  return check_hyper(hyper, hyper_tensors, {"lr", "beta1", "beta2", "eps", "weight_decay"}, on_device, op);
+  check_codebook(codebook, block_size, on_device, op);
+  return check_hyper(hyper, hyper_tensors, names, on_device, op);
 }
 
-// LAMB's `passes` over a checked, non-empty batch on `device`. `norms` ([tensors, 2] fp32) gets
-// each tensor's sums of p^2 and u^2 from the moments pass; the apply pass reads them.
-void run_lamb(const Streams& s, const Tensor& scalars, const Tensor& table, const Tensor& work, const Tensor& counters,
-              const Hyper& h, bool bias_correction, const Tensor& norms, LambPasses passes, const at::Device& device,
-              const char* op, bool stochastic = false, uint32_t seed = 0) {
-  FUSEDOPT_DEVICE_GUARD(device);
-  // Per-chunk partials of the moments pass: every slot is written before it is read.
-  const Tensor partials = passes & kLambMoments ? at::empty({work.size(0), 2}, scalars.options()) : Tensor();
-  const LambHyper args{h.scalar(0),
-                       h.beta(1),
-                       h.beta(2),
-                       h.scalar(3),
-                       h.scalar(4),
-                       bias_correction,
-                       partials.defined() ? partials.data_ptr<float>() : nullptr,
-                       norms.data_ptr<float>()};
-  // The apply pass reads no grads.
-  const ScalarKind grad = passes & kLambMoments ? kind_of(s.grads[0], Name{"grads", 0}, op) : kFloat32;
-  const MultiTensor mt = multi_tensor(table, work, scalars, counters, kChunk, grad, stochastic, seed);
-  C10_CUDA_CHECK(launch_lamb(mt, args, kind_of(s.params[0], Name{"params", 0}, op), passes, stream_of(device)));
+// The norms an apply op takes: [tensors, 2] fp32, from the norms op `from`.
+void check_norms(const Tensor& norms, size_t n, OnDevice& on_device, const char* op, const char* from) {
+  check_dtype(norms, Name{"norms"}, at::kFloat, op);
+  TORCH_CHECK(norms.dim() == 2 && norms.size(0) == int64_t(n) && norms.size(1) == 2 && norms.is_contiguous(),
+              "fusedopt.", op, ": norms must be a contiguous [", n, ", 2] tensor (from ", from, "), got ",
+              norms.sizes());
+  on_device.add(norms, Name{"norms"});
 }
 
 Tensor new_norms(size_t n, const Tensor& scalars) {
   return at::empty({int64_t(n), 2}, scalars.options().dtype(at::kFloat));
 }
 
-void lamb_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList steps,
-           const Tensor& scalars, const Tensor& table, const Tensor& work, const Tensor& counters,
-           at::ArrayRef<double> hyper, const c10::List<std::optional<Tensor>>& hyper_tensors, bool bias_correction,
-           bool stochastic_rounding, int64_t seed) {
-  const char* op = "lamb_";
-  const Streams s{params, grads, {exp_avgs, exp_avg_sqs, {}}, {{}, {}, {}}, steps};
+// One two-pass op: the checks (the family's `num_states` streams and hyper-parameters `names`),
+// then `passes`, launched by launch(hyper, mt, norms, param, quant, passes, stream) (the family's
+// launcher). The apply op takes `norms` (from `norms_op`), summed over the shards; the norms op
+// returns the new ones; the others return an undefined tensor.
+template <typename Launch>
+Tensor two_pass_op(const Streams& s, int num_states, const Tensor& scalars, const Tensor& table, const Tensor& work,
+                   const Tensor& counters, const std::optional<Tensor>& codebook, int64_t block_size,
+                   const Tensor& norms, at::ArrayRef<double> hyper,
+                   const c10::List<std::optional<Tensor>>& hyper_tensors, std::initializer_list<const char*> names,
+                   TwoPass passes, bool stochastic_rounding, int64_t seed, const char* op, const char* norms_op,
+                   Launch&& launch) {
   OnDevice on_device;
-  check_streams(s, 2, 0, on_device, op);
-  if (params.empty()) return;
-  const Hyper h = check_lamb(scalars, table, work, counters, params.size(), hyper, hyper_tensors, on_device, op);
-  const uint32_t seed32 = check_rounding(stochastic_rounding, seed, params[0], op);
+  check_streams(s, num_states, block_size, on_device, op);
+  if (s.params.empty()) return passes == kNormsPass ? new_norms(0, scalars) : Tensor();
+  const Hyper h = check_two_pass(scalars, table, work, counters, s.params.size(), codebook, block_size, hyper,
+                                 hyper_tensors, names, on_device, op);
+  if (passes == kApplyPass) check_norms(norms, s.params.size(), on_device, op, norms_op);
+  const uint32_t seed32 = check_rounding(stochastic_rounding, seed, s.params[0], op);
   const at::Device device = on_device.check(op);
-  run_lamb(s, scalars, table, work, counters, h, bias_correction, new_norms(params.size(), scalars), kLambBoth,
-           device, op, stochastic_rounding, seed32);
+
+  FUSEDOPT_DEVICE_GUARD(device);
+  const Tensor out = passes == kApplyPass ? norms : new_norms(s.params.size(), scalars);
+  // Per-work-item partials of the norms pass: every slot is written before it is read.
+  const Tensor partials = passes & kNormsPass ? at::empty({work.size(0), 2}, scalars.options()) : Tensor();
+  const TensorNorms args{partials.defined() ? partials.data_ptr<float>() : nullptr, out.data_ptr<float>()};
+  const Quant quant{block_size, block_size > 0 ? codebook->data_ptr<float>() : nullptr};
+  const MultiTensor mt = multi_tensor(table, work, scalars, counters, chunk_elements(block_size),
+                                      kind_of(s.grads[0], Name{"grads", 0}, op), stochastic_rounding, seed32);
+  C10_CUDA_CHECK(launch(h, mt, args, kind_of(s.params[0], Name{"params", 0}, op), quant, passes, stream_of(device)));
+  return passes == kNormsPass ? out : Tensor();
 }
 
-// LAMB's first pass: the moments, in place, and each tensor's [sum p^2, sum u^2] over the
-// elements it holds (for a shard: this rank's part of the sums).
+// LAMB: hyper = lr, beta1, beta2, eps, weight_decay; exp_avgs and exp_avg_sqs fp32 (block_size 0)
+// or 8-bit codes with their absmaxes.
+Tensor lamb_op(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+               TensorList exp_avg_absmaxes, TensorList exp_avg_sq_absmaxes, TensorList steps, const Tensor& scalars,
+               const Tensor& table, const Tensor& work, const Tensor& counters,
+               const std::optional<Tensor>& codebook, const Tensor& norms, at::ArrayRef<double> hyper,
+               const c10::List<std::optional<Tensor>>& hyper_tensors, bool bias_correction, int64_t block_size,
+               TwoPass passes, bool stochastic_rounding, int64_t seed, const char* op) {
+  const Streams s{params, grads, {exp_avgs, exp_avg_sqs, {}}, {exp_avg_absmaxes, exp_avg_sq_absmaxes, {}}, steps};
+  return two_pass_op(
+      s, 2, scalars, table, work, counters, codebook, block_size, norms, hyper, hyper_tensors,
+      {"lr", "beta1", "beta2", "eps", "weight_decay"}, passes, stochastic_rounding, seed, op, "lamb_moments_",
+      [&](const Hyper& h, const MultiTensor& mt, const TensorNorms& n, ScalarKind param, const Quant& quant,
+          TwoPass which, cudaStream_t stream) {
+        const LambHyper args{h.scalar(0), h.beta(1), h.beta(2), h.scalar(3), h.scalar(4), bias_correction};
+        return launch_lamb(mt, args, n, param, quant, which, stream);
+      });
+}
+
+void lamb_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+           TensorList exp_avg_absmaxes, TensorList exp_avg_sq_absmaxes, TensorList steps, const Tensor& scalars,
+           const Tensor& table, const Tensor& work, const Tensor& counters, const std::optional<Tensor>& codebook,
+           at::ArrayRef<double> hyper, const c10::List<std::optional<Tensor>>& hyper_tensors, bool bias_correction,
+           int64_t block_size, bool stochastic_rounding, int64_t seed) {
+  lamb_op(params, grads, exp_avgs, exp_avg_sqs, exp_avg_absmaxes, exp_avg_sq_absmaxes, steps, scalars, table, work,
+          counters, codebook, Tensor(), hyper, hyper_tensors, bias_correction, block_size, kBothPasses,
+          stochastic_rounding, seed, "lamb_");
+}
+
+// LAMB's first pass: fp32 moments updated in place (8-bit ones are written by the apply pass),
+// and each tensor's [sum p^2, sum u^2] over the elements it holds (for a shard: this rank's part).
 Tensor lamb_moments_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
-                     TensorList steps, const Tensor& scalars, const Tensor& table, const Tensor& work,
-                     const Tensor& counters, at::ArrayRef<double> hyper,
-                     const c10::List<std::optional<Tensor>>& hyper_tensors, bool bias_correction) {
-  const char* op = "lamb_moments_";
-  const Streams s{params, grads, {exp_avgs, exp_avg_sqs, {}}, {{}, {}, {}}, steps};
-  OnDevice on_device;
-  check_streams(s, 2, 0, on_device, op);
-  if (params.empty()) return new_norms(0, scalars);
-  const Hyper h = check_lamb(scalars, table, work, counters, params.size(), hyper, hyper_tensors, on_device, op);
-  const at::Device device = on_device.check(op);
-  Tensor norms = new_norms(params.size(), scalars);
-  run_lamb(s, scalars, table, work, counters, h, bias_correction, norms, kLambMoments, device, op);
-  return norms;
+                     TensorList exp_avg_absmaxes, TensorList exp_avg_sq_absmaxes, TensorList steps,
+                     const Tensor& scalars, const Tensor& table, const Tensor& work, const Tensor& counters,
+                     const std::optional<Tensor>& codebook, at::ArrayRef<double> hyper,
+                     const c10::List<std::optional<Tensor>>& hyper_tensors, bool bias_correction, int64_t block_size) {
+  return lamb_op(params, grads, exp_avgs, exp_avg_sqs, exp_avg_absmaxes, exp_avg_sq_absmaxes, steps, scalars, table,
+                 work, counters, codebook, Tensor(), hyper, hyper_tensors, bias_correction, block_size, kNormsPass,
+                 false, 0, "lamb_moments_");
 }
 
 // LAMB's second pass: p -= lr * r * u with r from `norms` (lamb_moments_'s, summed over the
-// shards), and the steps advanced.
-void lamb_apply_(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList steps,
-                 const Tensor& scalars, const Tensor& table, const Tensor& work, const Tensor& counters,
+// shards), 8-bit moments requantized, and the steps advanced.
+void lamb_apply_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+                 TensorList exp_avg_absmaxes, TensorList exp_avg_sq_absmaxes, TensorList steps, const Tensor& scalars,
+                 const Tensor& table, const Tensor& work, const Tensor& counters,
+                 const std::optional<Tensor>& codebook, const Tensor& norms, at::ArrayRef<double> hyper,
+                 const c10::List<std::optional<Tensor>>& hyper_tensors, bool bias_correction, int64_t block_size,
+                 bool stochastic_rounding, int64_t seed) {
+  lamb_op(params, grads, exp_avgs, exp_avg_sqs, exp_avg_absmaxes, exp_avg_sq_absmaxes, steps, scalars, table, work,
+          counters, codebook, norms, hyper, hyper_tensors, bias_correction, block_size, kApplyPass,
+          stochastic_rounding, seed, "lamb_apply_");
+}
+
+// LARS: hyper = lr, momentum, dampening, weight_decay, max_unorm. The momentum buffer exists when
+// momentum != 0 (a tensor momentum: always), fp32 (block_size 0) or 8-bit codes with their
+// absmaxes; without it u = d.
+const char* const kLarsStateNames[3] = {"momentum_buffers", "(unused)", "(unused)"};
+const char* const kLarsAbsmaxNames[3] = {"momentum_buffer_absmaxes", "(unused)", "(unused)"};
+
+Tensor lars_op(TensorList params, TensorList grads, TensorList momentum_buffers,
+               TensorList momentum_buffer_absmaxes, TensorList steps, const Tensor& scalars, const Tensor& table,
+               const Tensor& work, const Tensor& counters, const std::optional<Tensor>& codebook,
+               const Tensor& norms, at::ArrayRef<double> hyper, const c10::List<std::optional<Tensor>>& hyper_tensors,
+               bool nesterov, int64_t block_size, TwoPass passes, bool stochastic_rounding, int64_t seed,
+               const char* op) {
+  const Streams s{params, grads, {momentum_buffers, {}, {}}, {momentum_buffer_absmaxes, {}, {}}, steps,
+                  kLarsStateNames, kLarsAbsmaxNames};
+  // (hyper's length is checked with the others; until then momentum is taken as nonzero)
+  const bool momentum = hyper.size() != 5 || hyper[1] != 0.0 || (hyper_tensors.size() == 5 && hyper_tensors.get(1).has_value());
+  return two_pass_op(
+      s, momentum ? 1 : 0, scalars, table, work, counters, codebook, block_size, norms, hyper, hyper_tensors,
+      {"lr", "momentum", "dampening", "weight_decay", "max_unorm"}, passes, stochastic_rounding, seed, op,
+      "lars_norms_",
+      [&](const Hyper& h, const MultiTensor& mt, const TensorNorms& n, ScalarKind param, const Quant& quant,
+          TwoPass which, cudaStream_t stream) {
+        const LarsHyper args{h.scalar(0), h.scalar(1), h.scalar(2), h.scalar(3), h.scalar(4), nesterov};
+        return launch_lars(mt, args, n, param, momentum, quant, which, stream);
+      });
+}
+
+void lars_(TensorList params, TensorList grads, TensorList momentum_buffers, TensorList momentum_buffer_absmaxes,
+           TensorList steps, const Tensor& scalars, const Tensor& table, const Tensor& work, const Tensor& counters,
+           const std::optional<Tensor>& codebook, at::ArrayRef<double> hyper,
+           const c10::List<std::optional<Tensor>>& hyper_tensors, bool nesterov, int64_t block_size,
+           bool stochastic_rounding, int64_t seed) {
+  lars_op(params, grads, momentum_buffers, momentum_buffer_absmaxes, steps, scalars, table, work, counters, codebook,
+          Tensor(), hyper, hyper_tensors, nesterov, block_size, kBothPasses, stochastic_rounding, seed, "lars_");
+}
+
+// LARS's first pass: an fp32 momentum buffer updated in place (an 8-bit one is written by the
+// apply pass), and each tensor's [sum p^2, sum u^2] over the elements it holds.
+Tensor lars_norms_(TensorList params, TensorList grads, TensorList momentum_buffers,
+                   TensorList momentum_buffer_absmaxes, TensorList steps, const Tensor& scalars, const Tensor& table,
+                   const Tensor& work, const Tensor& counters, const std::optional<Tensor>& codebook,
+                   at::ArrayRef<double> hyper, const c10::List<std::optional<Tensor>>& hyper_tensors, bool nesterov,
+                   int64_t block_size) {
+  return lars_op(params, grads, momentum_buffers, momentum_buffer_absmaxes, steps, scalars, table, work, counters,
+                 codebook, Tensor(), hyper, hyper_tensors, nesterov, block_size, kNormsPass, false, 0, "lars_norms_");
+}
+
+// LARS's second pass: p -= lr * scale * u with the scale from `norms` (lars_norms_'s, summed over
+// the shards), an 8-bit buffer requantized, and the steps advanced.
+void lars_apply_(TensorList params, TensorList grads, TensorList momentum_buffers,
+                 TensorList momentum_buffer_absmaxes, TensorList steps, const Tensor& scalars, const Tensor& table,
+                 const Tensor& work, const Tensor& counters, const std::optional<Tensor>& codebook,
                  const Tensor& norms, at::ArrayRef<double> hyper, const c10::List<std::optional<Tensor>>& hyper_tensors,
-                 bool bias_correction, bool stochastic_rounding, int64_t seed) {
-  const char* op = "lamb_apply_";
-  const Streams s{params, {}, {exp_avgs, exp_avg_sqs, {}}, {{}, {}, {}}, steps};
-  OnDevice on_device;
-  check_streams(s, 2, 0, on_device, op, /*reads_grads=*/false);
-  if (params.empty()) return;
-  const Hyper h = check_lamb(scalars, table, work, counters, params.size(), hyper, hyper_tensors, on_device, op);
-  check_dtype(norms, Name{"norms"}, at::kFloat, op);
-  TORCH_CHECK(norms.dim() == 2 && norms.size(0) == int64_t(params.size()) && norms.size(1) == 2 &&
-                  norms.is_contiguous(),
-              "fusedopt.", op, ": norms must be a contiguous [", params.size(),
-              ", 2] tensor (from lamb_moments_), got ", norms.sizes());
-  on_device.add(norms, Name{"norms"});
-  const uint32_t seed32 = check_rounding(stochastic_rounding, seed, params[0], op);
-  const at::Device device = on_device.check(op);
-  run_lamb(s, scalars, table, work, counters, h, bias_correction, norms, kLambApply, device, op, stochastic_rounding,
-           seed32);
+                 bool nesterov, int64_t block_size, bool stochastic_rounding, int64_t seed) {
+  lars_op(params, grads, momentum_buffers, momentum_buffer_absmaxes, steps, scalars, table, work, counters, codebook,
+          norms, hyper, hyper_tensors, nesterov, block_size, kApplyPass, stochastic_rounding, seed, "lars_apply_");
 }
 
 Tensor global_norm(TensorList tensors, const Tensor& table, const Tensor& work, double norm_type) {
@@ -620,16 +708,35 @@ FUSEDOPT_LIBRARY(FUSEDOPT_NAMESPACE, m) {
       "float[] hyper, Tensor?[] hyper_tensors, int block_size, bool stochastic_rounding=False, int seed=0) -> ()");
   m.def(
       "lamb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor(d!)[] steps, Tensor scalars, Tensor table, Tensor work, Tensor(e!) counters, float[] hyper, "
-      "Tensor?[] hyper_tensors, bool bias_correction, bool stochastic_rounding=False, int seed=0) -> ()");
+      "Tensor(d!)[] exp_avg_absmaxes, Tensor(e!)[] exp_avg_sq_absmaxes, Tensor(f!)[] steps, Tensor scalars, "
+      "Tensor table, Tensor work, Tensor(g!) counters, Tensor? codebook, float[] hyper, Tensor?[] hyper_tensors, "
+      "bool bias_correction, int block_size, bool stochastic_rounding=False, int seed=0) -> ()");
   m.def(
       "lamb_moments_(Tensor[] params, Tensor[] grads, Tensor(a!)[] exp_avgs, Tensor(b!)[] exp_avg_sqs, "
-      "Tensor[] steps, Tensor scalars, Tensor table, Tensor work, Tensor(c!) counters, float[] hyper, "
-      "Tensor?[] hyper_tensors, bool bias_correction) -> Tensor");
+      "Tensor[] exp_avg_absmaxes, Tensor[] exp_avg_sq_absmaxes, Tensor[] steps, Tensor scalars, Tensor table, "
+      "Tensor work, Tensor(c!) counters, Tensor? codebook, float[] hyper, Tensor?[] hyper_tensors, "
+      "bool bias_correction, int block_size) -> Tensor");
   m.def(
-      "lamb_apply_(Tensor(a!)[] params, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, Tensor(b!)[] steps, "
-      "Tensor scalars, Tensor table, Tensor work, Tensor(c!) counters, Tensor norms, float[] hyper, "
-      "Tensor?[] hyper_tensors, bool bias_correction, bool stochastic_rounding=False, int seed=0) -> ()");
+      "lamb_apply_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] exp_avg_absmaxes, Tensor(e!)[] exp_avg_sq_absmaxes, Tensor(f!)[] steps, Tensor scalars, "
+      "Tensor table, Tensor work, Tensor(g!) counters, Tensor? codebook, Tensor norms, float[] hyper, "
+      "Tensor?[] hyper_tensors, bool bias_correction, int block_size, bool stochastic_rounding=False, "
+      "int seed=0) -> ()");
+  m.def(
+      "lars_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+      "Tensor(c!)[] momentum_buffer_absmaxes, Tensor(d!)[] steps, Tensor scalars, Tensor table, Tensor work, "
+      "Tensor(e!) counters, Tensor? codebook, float[] hyper, Tensor?[] hyper_tensors, bool nesterov, "
+      "int block_size, bool stochastic_rounding=False, int seed=0) -> ()");
+  m.def(
+      "lars_norms_(Tensor[] params, Tensor[] grads, Tensor(a!)[] momentum_buffers, "
+      "Tensor[] momentum_buffer_absmaxes, Tensor[] steps, Tensor scalars, Tensor table, Tensor work, "
+      "Tensor(b!) counters, Tensor? codebook, float[] hyper, Tensor?[] hyper_tensors, bool nesterov, "
+      "int block_size) -> Tensor");
+  m.def(
+      "lars_apply_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+      "Tensor(c!)[] momentum_buffer_absmaxes, Tensor(d!)[] steps, Tensor scalars, Tensor table, Tensor work, "
+      "Tensor(e!) counters, Tensor? codebook, Tensor norms, float[] hyper, Tensor?[] hyper_tensors, "
+      "bool nesterov, int block_size, bool stochastic_rounding=False, int seed=0) -> ()");
   m.def("global_norm(Tensor[] tensors, Tensor table, Tensor work, float norm_type) -> Tensor");
   m.def("quantize_blockwise(Tensor x, Tensor codebook, bool signed, int block_size) -> (Tensor, Tensor)");
   m.def("table_width() -> int", &table_width);
@@ -646,6 +753,9 @@ static void register_impls(torch::Library& m) {
   m.impl("lamb_", &lamb_);
   m.impl("lamb_moments_", &lamb_moments_);
   m.impl("lamb_apply_", &lamb_apply_);
+  m.impl("lars_", &lars_);
+  m.impl("lars_norms_", &lars_norms_);
+  m.impl("lars_apply_", &lars_apply_);
   m.impl("global_norm", &global_norm);
   m.impl("quantize_blockwise", &quantize_blockwise);
 }
