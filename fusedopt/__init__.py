@@ -9,11 +9,15 @@ in one or two kernel launches per param group, with 32-bit or block-wise 8-bit s
 Backends: ``triton`` and ``cuda`` on GPUs, ``reference`` (torch ops; the specification) on CPU.
 """
 
+from .adagrad import Adagrad, Adagrad8bit
 from .adam import Adam, Adam8bit, AdamW, AdamW8bit
 from .clip import clip_grad_norm_
-from .lamb import LAMB
+from .lamb import LAMB, LAMB8bit
+from .lars import LARS, LARS8bit
 from .lion import Lion, Lion8bit
 from .optimizer import FusedOptimizer
+from .rmsprop import RMSprop, RMSprop8bit
+from .sgd import SGD, SGD8bit
 
 __version__ = "0.1.0"
 
@@ -22,9 +26,18 @@ __all__ = [
     "AdamW",
     "LAMB",
     "Lion",
+    "SGD",
+    "Adagrad",
+    "RMSprop",
+    "LARS",
     "Adam8bit",
     "AdamW8bit",
     "Lion8bit",
+    "LAMB8bit",
+    "SGD8bit",
+    "Adagrad8bit",
+    "RMSprop8bit",
+    "LARS8bit",
     "clip_grad_norm_",
     "FusedOptimizer",
     "__version__",

@@ -2,23 +2,8 @@
 
 from __future__ import annotations
 
-from .optimizer import (
-    DOC_LR,
-    DOC_STORAGE,
-    DOC_TORCH_FLAGS,
-    FusedOptimizer,
-    check_betas,
-    check_block_size,
-    check_eps,
-    check_flag,
-    check_lr,
-    check_min_8bit_size,
-    check_master_weights,
-    check_stochastic_rounding,
-    check_torch_flags,
-    check_weight_decay,
-    torch_flags,
-)
+from . import families
+from .optimizer import DOC_8BIT, DOC_8BIT_ARGS, DOC_LR, DOC_STORAGE, DOC_TORCH_FLAGS, FusedOptimizer, torch_flags
 
 _MATH = r"""
     Per parameter tensor, with ``t`` the tensor's step count after this step and ``g`` its
@@ -49,15 +34,9 @@ _ARGS = r"""
             variable ``FUSEDOPT_BACKEND`` overrides ``"auto"``).
 """ + DOC_STORAGE
 
-_ARGS_8BIT = r"""        block_size: elements per quantization block, one fp32 absmax each (a multiple of 32).
-            The Triton kernels take blocks of up to 4096: ``backend="auto"`` runs larger ones
-            on another backend, ``backend="triton"`` refuses them with a ``RuntimeError``.
-        min_8bit_size: tensors with fewer elements keep fp32 states.
-"""
-
 
 class _AdamFamily(FusedOptimizer):
-    _family = "adam"
+    _spec = families.ADAM
 
     def __init__(self, params, lr, betas, eps, weight_decay, amsgrad, *, foreach, maximize, capturable,
                  differentiable, fused, decoupled_weight_decay, max_grad_norm, backend, stochastic_rounding,
@@ -68,25 +47,6 @@ class _AdamFamily(FusedOptimizer):
                         decoupled_weight_decay=decoupled_weight_decay,
                         stochastic_rounding=stochastic_rounding, **extra)
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, backend=backend)
-
-    def _check_group(self, group: dict) -> None:
-        check_lr(group["lr"])
-        check_eps(group["eps"])
-        check_betas(group["betas"])
-        check_weight_decay(group["weight_decay"])
-        for flag in ("amsgrad", "maximize", "decoupled_weight_decay"):
-            check_flag(flag, group[flag])
-        check_torch_flags(group)
-        check_stochastic_rounding(group)
-        check_master_weights(group)
-        if self._quantized:
-            check_block_size(group["block_size"])
-            check_min_8bit_size(group["min_8bit_size"])
-
-    def _state_names(self, group: dict) -> tuple[str, ...]:
-        if group["amsgrad"]:
-            return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-        return ("exp_avg", "exp_avg_sq")
 
 
 class Adam(_AdamFamily):
@@ -140,19 +100,9 @@ class AdamW(_AdamFamily):
                          master_weights=master_weights)
 
 
-_8BIT = r"""
-    States are stored block-wise in 8 bits (Dettmers et al., ICLR 2022): uint8 codes of the
-    dynamic map (signed for ``exp_avg``, unsigned for ``exp_avg_sq``) with one fp32 absmax per
-    ``block_size`` elements, i.e. about 2 bytes per parameter instead of 8. Each step
-    dequantizes, updates in fp32 exactly as the 32-bit optimizer, writes the parameter from the
-    fp32 states, then requantizes to the nearest code. State keys are torch's; the absmax of
-    state ``name`` is ``name + "_absmax"``.
-"""
-
-
 class Adam8bit(_AdamFamily):
     __doc__ = (
-        "Adam with block-wise 8-bit states.\n" + _8BIT + _MATH + _ARGS + _ARGS_8BIT + r"""
+        "Adam with block-wise 8-bit states.\n" + DOC_8BIT + _MATH + _ARGS + DOC_8BIT_ARGS + r"""
     Example:
         >>> import torch, fusedopt
         >>> model = torch.nn.Linear(128, 64)
@@ -179,7 +129,7 @@ class Adam8bit(_AdamFamily):
 
 class AdamW8bit(_AdamFamily):
     __doc__ = (
-        "AdamW with block-wise 8-bit states.\n" + _8BIT + _MATH + _ARGS + _ARGS_8BIT + r"""
+        "AdamW with block-wise 8-bit states.\n" + DOC_8BIT + _MATH + _ARGS + DOC_8BIT_ARGS + r"""
     Example:
         >>> import torch, fusedopt
         >>> model = torch.nn.Linear(128, 64)

@@ -1,8 +1,10 @@
 """Backend selection: the one place that decides which implementation runs a step.
 
 A backend is a module with ``NAME``, ``DESCRIPTION``, ``available(device) -> str | None``
-(None when it can run on that device, else the reason it cannot) and the family functions
-``adam``, ``lamb``, ``lion`` and ``global_norm`` (see :mod:`fusedopt.reference`). It may also
+(None when it can run on that device, else the reason it cannot), a step function per family
+it runs, named as the family (``adam(batch)``, ``sgd(batch)``, ...: ``fusedopt.families``; a
+backend without one cannot run that family), and ``global_norm`` (see
+:mod:`fusedopt.reference`). It may also
 define (a backend that does not takes everything):
 
 * ``unsupported(tensor) -> str | None``: why it cannot take this param or grad (its dtype,
@@ -32,6 +34,8 @@ from types import ModuleType
 
 import torch
 
+from . import families
+
 NAMES = ("auto", "triton", "cuda", "reference")
 
 # Module of each concrete backend, imported on first use so that importing fusedopt never
@@ -43,8 +47,9 @@ _MODULES = {
 }
 
 #: What ``auto`` picks on CUDA devices, per kind of step, fastest first. The kinds: the
-#: families with 32-bit and with 8-bit states, and the global norm of clipping.
-KINDS = ("adam", "adam8bit", "lamb", "lion", "lion8bit", "norm")
+#: families (``fusedopt.families``) with 32-bit and with 8-bit states, and the global norm of
+#: clipping.
+KINDS = families.kinds() + ("norm",)
 
 #: Measured: nothing yet. No GPU has run the benchmark, so every kind prefers Triton (the cuda
 #: backend, which may need minutes to compile on first use, is only used when asked for).
@@ -94,6 +99,9 @@ def _reason(name: str, device: torch.device, tensors) -> str | None:
 
 def _step_reason(name: str, kind: str, requirements: dict) -> str | None:
     module = load(name)[0]
+    family = kind.removesuffix("8bit")
+    if kind != "norm" and not callable(getattr(module, family, None)):
+        return f"it has no {families.FAMILIES[family].name} step"
     if not hasattr(module, "unsupported_step"):
         return None
     return module.unsupported_step(kind, **requirements)

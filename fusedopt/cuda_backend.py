@@ -84,6 +84,8 @@ def available(device) -> str | None:
 def unsupported_step(kind: str, *, block_size: int | None = None, norm_type: float | None = None) -> str | None:
     """Why this backend cannot run a step of ``kind`` with these requirements, or None (see
     :mod:`fusedopt.backends`): any 8-bit block size, and the 1-, 2- and inf-norms."""
+    if kind == "lamb8bit":
+        return "it has no 8-bit LAMB kernels yet"
     if norm_type is not None and float(norm_type) not in _NORM_TYPES:
         return f"its global norm takes norm_type 1, 2 or inf, not {norm_type}"
     return None

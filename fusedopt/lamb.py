@@ -3,24 +3,23 @@ Learning: Training BERT in 76 minutes", ICLR 2020)."""
 
 from __future__ import annotations
 
-from .optimizer import (
-    DOC_LR,
-    DOC_STORAGE,
-    DOC_TORCH_FLAGS,
-    FusedOptimizer,
-    check_betas,
-    check_eps,
-    check_flag,
-    check_lr,
-    check_master_weights,
-    check_stochastic_rounding,
-    check_torch_flags,
-    check_weight_decay,
-    torch_flags,
-)
+from . import families
+from .optimizer import DOC_8BIT, DOC_8BIT_ARGS, DOC_LR, DOC_STORAGE, DOC_TORCH_FLAGS, FusedOptimizer, torch_flags
 
 
-class LAMB(FusedOptimizer):
+class _LambFamily(FusedOptimizer):
+    _spec = families.LAMB
+
+    def __init__(self, params, lr, betas, eps, weight_decay, *, bias_correction, foreach, capturable,
+                 differentiable, fused, max_grad_norm, backend, stochastic_rounding, master_weights, **extra):
+        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
+                        weight_decay=weight_decay, bias_correction=bias_correction,
+                        **torch_flags(foreach, capturable, differentiable, fused),
+                        stochastic_rounding=stochastic_rounding, master_weights=master_weights, **extra)
+        super().__init__(params, defaults, max_grad_norm=max_grad_norm, backend=backend)
+
+
+class LAMB(_LambFamily):
     __doc__ = r"""LAMB, fused: moments for every tensor in one pass, the per-tensor trust ratio applied
     in a second.
 
@@ -52,26 +51,33 @@ class LAMB(FusedOptimizer):
         >>> opt.step(); opt.zero_grad()
     """
 
-    _family = "lamb"
-
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=1e-2, *,
                  bias_correction=True, foreach=None, capturable=False, differentiable=False, fused=None,
                  max_grad_norm=None, backend="auto", stochastic_rounding=False, master_weights=False):
-        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
-                        weight_decay=weight_decay, bias_correction=bias_correction,
-                        **torch_flags(foreach, capturable, differentiable, fused),
-                        stochastic_rounding=stochastic_rounding, master_weights=master_weights)
-        super().__init__(params, defaults, max_grad_norm=max_grad_norm, backend=backend)
+        super().__init__(params, lr, betas, eps, weight_decay, bias_correction=bias_correction, foreach=foreach,
+                         capturable=capturable, differentiable=differentiable, fused=fused,
+                         max_grad_norm=max_grad_norm, backend=backend, stochastic_rounding=stochastic_rounding,
+                         master_weights=master_weights)
 
-    def _check_group(self, group: dict) -> None:
-        check_lr(group["lr"])
-        check_eps(group["eps"])
-        check_betas(group["betas"])
-        check_weight_decay(group["weight_decay"])
-        check_flag("bias_correction", group["bias_correction"])
-        check_torch_flags(group)
-        check_stochastic_rounding(group)
-        check_master_weights(group)
 
-    def _state_names(self, group: dict) -> tuple[str, ...]:
-        return ("exp_avg", "exp_avg_sq")
+class LAMB8bit(_LambFamily):
+    __doc__ = ("LAMB with block-wise 8-bit moments.\n" + DOC_8BIT + "\n" + LAMB.__doc__.split("\n\n", 1)[1].split("    Example:")[0]
+               + DOC_8BIT_ARGS + r"""
+    Example:
+        >>> import torch, fusedopt
+        >>> model = torch.nn.Linear(128, 64)
+        >>> opt = fusedopt.LAMB8bit(model.parameters(), lr=1e-3)
+        >>> model(torch.randn(8, 128)).square().mean().backward()
+        >>> opt.step(); opt.state[model.weight]["exp_avg"].dtype
+        torch.uint8
+""")
+    _quantized = True
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=1e-2, *,
+                 bias_correction=True, foreach=None, capturable=False, differentiable=False, fused=None,
+                 max_grad_norm=None, backend="auto", block_size=256, min_8bit_size=4096, stochastic_rounding=False,
+                 master_weights=False):
+        super().__init__(params, lr, betas, eps, weight_decay, bias_correction=bias_correction, foreach=foreach,
+                         capturable=capturable, differentiable=differentiable, fused=fused,
+                         max_grad_norm=max_grad_norm, backend=backend, stochastic_rounding=stochastic_rounding,
+                         master_weights=master_weights, block_size=block_size, min_8bit_size=min_8bit_size)

@@ -3,21 +3,8 @@ Algorithms", NeurIPS 2023), with 32-bit or block-wise 8-bit state."""
 
 from __future__ import annotations
 
-from .optimizer import (
-    DOC_LR,
-    DOC_STORAGE,
-    DOC_TORCH_FLAGS,
-    FusedOptimizer,
-    check_betas,
-    check_block_size,
-    check_lr,
-    check_min_8bit_size,
-    check_master_weights,
-    check_stochastic_rounding,
-    check_torch_flags,
-    check_weight_decay,
-    torch_flags,
-)
+from . import families
+from .optimizer import DOC_LR, DOC_STORAGE, DOC_TORCH_FLAGS, FusedOptimizer, torch_flags
 
 _DOC = r"""
     Per parameter tensor, with ``g`` its gradient times the step's multiplier (unscale and
@@ -42,7 +29,7 @@ _DOC = r"""
 
 
 class _LionFamily(FusedOptimizer):
-    _family = "lion"
+    _spec = families.LION
 
     def __init__(self, params, lr, betas, weight_decay, *, foreach, capturable, differentiable, fused,
                  max_grad_norm, backend, stochastic_rounding, **extra):
@@ -50,20 +37,6 @@ class _LionFamily(FusedOptimizer):
                         weight_decay=weight_decay, **torch_flags(foreach, capturable, differentiable, fused),
                         stochastic_rounding=stochastic_rounding, **extra)
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, backend=backend)
-
-    def _check_group(self, group: dict) -> None:
-        check_lr(group["lr"])
-        check_betas(group["betas"])
-        check_weight_decay(group["weight_decay"])
-        check_torch_flags(group)
-        check_stochastic_rounding(group)
-        check_master_weights(group)
-        if self._quantized:
-            check_block_size(group["block_size"])
-            check_min_8bit_size(group["min_8bit_size"])
-
-    def _state_names(self, group: dict) -> tuple[str, ...]:
-        return ("exp_avg",)
 
 
 class Lion(_LionFamily):

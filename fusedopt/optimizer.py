@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import math
-import numbers
 import operator
 import warnings
 from collections import defaultdict
@@ -21,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import backends, compiled, distributed, layout, quant
+from . import backends, compiled, distributed, families, layout, quant
 from .scalars import GRAD_MULT, SIZE
 from .step import MASTER, Batch, run_batches, step_scalars
 
@@ -94,6 +93,28 @@ DOC_STORAGE = """        stochastic_rounding: store bfloat16 params with stochas
             half a 16-bit ulp accumulate instead of being lost. An alternative to
             ``stochastic_rounding`` (not both); ignored for float32 and float64 params.
 """
+#: The clipping and backend arguments every class takes.
+DOC_EXTRAS = """        max_grad_norm: clip the global 2-norm of all gradients to this value inside the step
+            (``None``: no clipping). The unclipped norm is kept on the device as
+            ``last_grad_norm``; a non-finite norm skips the step.
+        backend: ``"auto"``, ``"triton"``, ``"cuda"`` or ``"reference"`` (the environment
+            variable ``FUSEDOPT_BACKEND`` overrides ``"auto"``).
+"""
+
+#: The 8-bit classes' shared text: the format, and their two extra arguments.
+DOC_8BIT = r"""
+    States are stored block-wise in 8 bits (Dettmers et al., ICLR 2022): uint8 codes of the
+    dynamic map (signed for moments and momentum buffers, unsigned for squares) with one fp32
+    absmax per ``block_size`` elements, about 1 byte per parameter and state instead of 4. Each
+    step dequantizes, updates in fp32 exactly as the 32-bit optimizer, writes the parameter from
+    the fp32 states, then requantizes to the nearest code. State keys are torch's; the absmax
+    of state ``name`` is ``name + "_absmax"``.
+"""
+DOC_8BIT_ARGS = """        block_size: elements per quantization block, one fp32 absmax each (a multiple of 32).
+            The Triton kernels take blocks of up to 4096: ``backend="auto"`` runs larger ones
+            on another backend, ``backend="triton"`` refuses them with a ``RuntimeError``.
+        min_8bit_size: tensors with fewer elements keep fp32 states.
+"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,46 +122,7 @@ DOC_STORAGE = """        stochastic_rounding: store bfloat16 params with stochas
 # ---------------------------------------------------------------------------------------------
 
 
-def _is_number(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
-def _scalar(name: str, value) -> float:
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1 or not value.is_floating_point():
-            raise ValueError(f"Tensor {name} must be a 1-element floating-point tensor, got {value!r}")
-        return float(value)
-    if not _is_number(value):
-        raise TypeError(f"Invalid {name}: {value!r}; expected a number")
-    return float(value)
-
-
-def check_lr(lr) -> None:
-    if not 0.0 <= _scalar("lr", lr):
-        raise ValueError(f"Invalid learning rate: {lr}")
-
-
-def check_eps(eps) -> None:
-    if not 0.0 <= _scalar("eps", eps):
-        raise ValueError(f"Invalid epsilon value: {eps}")
-
-
-def check_weight_decay(weight_decay) -> None:
-    if not 0.0 <= _scalar("weight_decay", weight_decay):
-        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-
-
-def check_betas(betas) -> None:
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise TypeError(f"Invalid betas: {betas!r}; expected a pair (beta1, beta2)")
-    for i, beta in enumerate(betas):
-        if not 0.0 <= _scalar(f"betas[{i}]", beta) < 1.0:
-            raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
-
-
-def check_flag(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"Invalid {name}: {value!r}; expected True or False")
+check_flag = families.check_flag
 
 
 def check_torch_flags(group: dict) -> None:
@@ -178,7 +160,7 @@ def torch_flags(foreach, capturable, differentiable, fused) -> dict:
 def check_max_grad_norm(max_grad_norm) -> None:
     if max_grad_norm is None:
         return
-    if not _is_number(max_grad_norm):
+    if not families.is_number(max_grad_norm):
         raise TypeError(f"Invalid max_grad_norm: {max_grad_norm!r}; expected a positive number or None")
     if not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
         raise ValueError(f"Invalid max_grad_norm: {max_grad_norm}; expected a positive number or None")
@@ -246,11 +228,17 @@ def _laid_out_as(p: torch.Tensor, value: torch.Tensor, dtype: torch.dtype) -> to
 # ---------------------------------------------------------------------------------------------
 
 
+#: Every public optimizer class, by name, in the order they are defined (registered by
+#: :meth:`FusedOptimizer.__init_subclass__`): what ``check``, ``bench`` and the test grids list.
+CLASSES: dict[str, type] = {}
+
+
 class FusedOptimizer(torch.optim.Optimizer):
     """Base of every fusedopt optimizer (see the families for the math).
 
-    Subclasses set ``_family`` (the backend function to call), ``_quantized`` (8-bit states),
-    and implement ``_check_group`` and ``_state_names``.
+    Subclasses set ``_spec`` (their :class:`fusedopt.families.Family`: states, hyper-parameters
+    and their checks, the backend step to call) and ``_quantized`` (8-bit states); everything
+    else is read from the spec.
 
     Inside ``torch.compile`` (``fullgraph=True`` works), ``step()`` is one custom op whose
     implementation is this eager step (:mod:`fusedopt.compiled`). A float ``lr`` is specialized
@@ -259,8 +247,13 @@ class FusedOptimizer(torch.optim.Optimizer):
     """
 
     _step_supports_amp_scaling = True
-    _family: str = ""
+    _spec: families.Family
     _quantized: bool = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if not cls.__name__.startswith("_") and cls.__module__.startswith("fusedopt."):
+            CLASSES[cls.__name__] = cls
 
     def __init__(self, params, defaults: dict, *, max_grad_norm=None, backend: str = "auto"):
         if isinstance(params, (set, frozenset)):
@@ -278,6 +271,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._plans: dict = {}
         self._unit_scalars: dict = {}
         super().__init__(params, defaults)
+        if self._spec.eager_state:  # as torch's Adagrad: every param's state made here
+            for group in self.param_groups:
+                names = self._state_names(group)
+                for p in group["params"]:
+                    self._init_state(p, group, names)
 
     @property
     def last_grad_norm(self) -> torch.Tensor | None:
@@ -288,13 +286,26 @@ class FusedOptimizer(torch.optim.Optimizer):
     def last_grad_norm(self, value: torch.Tensor | None) -> None:
         self._results["last_grad_norm"] = value
 
-    # -- to be provided by a family ---------------------------------------------------------
+    # -- read from the family's spec --------------------------------------------------------
 
-    def _check_group(self, group: dict) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @property
+    def _family(self) -> str:
+        """The family's name: the backends' function for its step (``reference.adam``, ...)."""
+        return self._spec.name
 
-    def _state_names(self, group: dict) -> tuple[str, ...]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def _check_group(self, group: dict) -> None:
+        """Every hyper-parameter and flag of ``group`` (``TypeError`` / ``ValueError`` naming
+        the first bad one), before anything changes."""
+        self._spec.check_group(group)
+        check_torch_flags(group)
+        check_stochastic_rounding(group)
+        check_master_weights(group)
+        if self._quantized:
+            check_block_size(group["block_size"])
+            check_min_8bit_size(group["min_8bit_size"])
+
+    def _state_names(self, group: dict) -> tuple[str, ...]:
+        return self._spec.state_names(group)
 
     # -- param groups -----------------------------------------------------------------------
 
@@ -582,8 +593,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         if not self._quantized:
             return False
         state = self.state.get(p)
-        if state and "exp_avg" in state:
-            return state["exp_avg"].dtype == torch.uint8
+        if state:
+            for s in self._spec.states:
+                if s.name in state:
+                    return state[s.name].dtype == torch.uint8
         return p.numel() >= group["min_8bit_size"]
 
     def _missing_state(self, p: torch.Tensor, group: dict, names: tuple[str, ...]) -> bool:
@@ -603,21 +616,26 @@ class FusedOptimizer(torch.optim.Optimizer):
         for name in names:
             if name in state:
                 continue
+            spec = self._spec.state(name)
+            init = 0.0 if spec.init is None else families.scalar(spec.init, group[spec.init])
             if quantized:
                 # Blocks run over the local shard: what a kernel sees. A sharded param's codes
                 # and absmax are DTensors too, so a distributed checkpoint saves every shard.
                 shard = distributed.local(p)
-                signed = quant.signed_state(name)
-                codes = torch.full_like(shard, quant.zero_code(signed), dtype=torch.uint8)  # the param's layout
-                blocks = quant.num_blocks(shard.numel(), group["block_size"])
-                absmax = torch.zeros(blocks, dtype=torch.float32, device=p.device)
+                if init == 0.0:
+                    codes = torch.full_like(shard, quant.zero_code(spec.signed), dtype=torch.uint8)  # the param's layout
+                    blocks = quant.num_blocks(shard.numel(), group["block_size"])
+                    absmax = torch.zeros(blocks, dtype=torch.float32, device=p.device)
+                else:
+                    filled = torch.full_like(shard, init, dtype=torch.float32)
+                    codes, absmax = quant.quantize_blockwise(filled, spec.signed, group["block_size"])
                 if distributed.is_dtensor(p):
                     codes, absmax = distributed.like(p, codes), distributed.blockwise(p, absmax)
                 state[name], state[name + "_absmax"] = codes, absmax
             else:
                 # In the param's layout, as torch.optim: a dense param, its grad and its states
                 # are then flat memory to a kernel (see fusedopt.layout).
-                state[name] = torch.zeros_like(p, dtype=state_dtype(p))
+                state[name] = torch.full_like(p, init, dtype=state_dtype(p))
         return state
 
     def _batch(self, gi, group, key, idx, grads) -> Batch:
@@ -737,10 +755,12 @@ class FusedOptimizer(torch.optim.Optimizer):
                 out["step"] = torch.as_tensor(value, dtype=torch.float32).reshape(()).to(p.device).clone()
             elif key.endswith("_absmax") or not isinstance(value, torch.Tensor):
                 continue  # absmax travels with its codes; non-tensor extras are not ours
+            elif key not in {s.name for s in self._spec.states}:
+                out[key] = value.to(p.device).clone()  # not a state of this family: kept as it is
             else:
                 if value.numel() != p.numel():
                     raise ValueError(f"state {key!r} has {value.numel()} elements but its param has {p.numel()}")
-                signed = quant.signed_state(key)
+                signed = self._spec.state(key).signed
                 absmax = saved.get(key + "_absmax")
                 if distributed.is_dtensor(p) and quantized != (value.dtype == torch.uint8):
                     raise ValueError(
@@ -770,6 +790,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                     out[key], out[key + "_absmax"] = codes, scales
                 else:
                     out[key] = _laid_out_as(p, value, state_dtype(p))
+        if self._spec.stepless and "step" not in out and any(s.name in out for s in self._spec.states):
+            # torch's SGD keeps no step: its momentum buffer says the first step is done (the
+            # next one must blend into it, not copy the gradient)
+            out["step"] = torch.ones((), dtype=torch.float32, device=p.device)
         return out
 
     def __getstate__(self) -> dict:

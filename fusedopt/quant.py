@@ -41,7 +41,7 @@ import math
 
 import torch
 
-from . import layout
+from . import families, layout
 
 __all__ = [
     "dynamic_map",
@@ -115,9 +115,9 @@ def zero_code(signed: bool) -> int:
 
 
 def signed_state(name: str) -> bool:
-    """Which codebook a state uses: the first moment (``exp_avg``) is signed; the second
-    moments (``exp_avg_sq``, ``max_exp_avg_sq``) are non-negative."""
-    return name == "exp_avg"
+    """Which codebook state ``name`` uses, as its family declares it (``fusedopt.families``):
+    signed for moments and momentum buffers, unsigned for squares (``exp_avg_sq``, ``sum``)."""
+    return families.signed(name)
 
 
 def num_blocks(numel: int, block_size: int) -> int:

@@ -17,39 +17,14 @@ import math
 
 import torch
 
-from . import layout, quant
+from . import families, layout, quant
+from .families import log_beta, one_minus_power  # noqa: F401  (the kernels' prologue reads log_beta)
 from .scalars import GRAD_MULT, SKIP
 
 # --------------------------------------------------------------------------------------------
 # The math, once per family. Inputs are tensors in the compute dtype; returns new tensors.
 # ``t`` is the step count after the increment (a float64 tensor, so it may live on the device).
 # --------------------------------------------------------------------------------------------
-
-
-def log_beta(beta):
-    """``log(beta)`` in float64: of a Python number on the host (``-inf`` for 0), of a tensor
-    (whatever its dtype) on its device. What :func:`one_minus_power` starts from; the kernels
-    take the same value (a float64 kernel argument, or computed on the device from a tensor)."""
-    if isinstance(beta, torch.Tensor):
-        return torch.log(beta.to(torch.float64))
-    return math.log(beta) if beta > 0 else -math.inf
-
-
-def one_minus_power(beta, t: torch.Tensor) -> torch.Tensor:
-    """``1 - beta^t`` as ``-expm1(t * log(beta))``, a float64 tensor.
-
-    ``beta`` is a Python number (exact double, as torch.optim's for-loop computes ``beta ** t``
-    on the host) or a tensor; ``t`` a float64 step count on the device. ``1 - beta ** t`` in
-    fp32 cancels: fp32(0.99999) is off from 0.99999 by 1.4e-5 of ``1 - beta``, so the first
-    update was 6.8e-4 too large relative to float64 math; here the result is within an ulp of
-    float64 (no host sync: the step count never leaves the device). What is derived from it
-    (Adam's step size and square root, LAMB's divisors) is rounded once to the compute dtype."""
-    return -torch.expm1(t * log_beta(beta))
-
-
-def _float64(value):
-    """A hyper-parameter in float64: a Python number as it is, a tensor cast."""
-    return value.to(torch.float64) if isinstance(value, torch.Tensor) else value
 
 
 def _add_decay(x, p, weight_decay):
@@ -61,10 +36,12 @@ def _add_decay(x, p, weight_decay):
     return x + weight_decay * p if weight_decay != 0 else x
 
 
-def adam_math(p, g, m, v, v_max, *, t, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
-              decoupled):
+def adam_math(p, g, m, v, v_max, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled,
+              step_size, bias_correction2_sqrt):
     """Adam / AdamW (torch semantics). Returns ``(p, m, v, v_max)``; ``v_max`` is None unless
-    ``amsgrad``."""
+    ``amsgrad``. ``step_size = lr / (1 - beta1^t)`` and ``bias_correction2_sqrt =
+    sqrt(1 - beta2^t)`` (``families.ADAM.derive``: in float64, each rounded once, as torch's
+    for-loop takes them on the host)."""
     if maximize:
         g = -g
     if decoupled:
@@ -79,36 +56,38 @@ def adam_math(p, g, m, v, v_max, *, t, lr, beta1, beta2, eps, weight_decay, amsg
     if amsgrad:
         v_max = torch.maximum(v_max, v)
     v_hat = v_max if amsgrad else v
-    # lr / (1 - beta1^t) and sqrt(1 - beta2^t) in float64, each rounded once, as torch's for-loop
-    # takes them (in double on the host)
-    step_size = (_float64(lr) / one_minus_power(beta1, t)).to(p.dtype)
-    bias_correction2_sqrt = torch.sqrt(one_minus_power(beta2, t)).to(p.dtype)
     denom = torch.sqrt(v_hat) / bias_correction2_sqrt + eps
     p = p - step_size * m / denom
     return p, m, v, v_max
 
 
-def lamb_math(p, g, m, v, *, t, lr, beta1, beta2, eps, weight_decay, bias_correction, all_reduce=None):
-    """LAMB (You et al., 2020), one tensor. Returns ``(p, m, v)``. ``all_reduce`` sums the
+def lamb_math(p, g, m, v, *, lr, beta1, beta2, eps, weight_decay, bias_correction, bias_correction1,
+              bias_correction2, all_reduce=None):
+    """LAMB (You et al., 2020), one tensor. Returns ``(p, m, v)``. ``bias_correction1``,
+    ``bias_correction2``: ``1 - beta^t`` (``families.LAMB.derive``). ``all_reduce`` sums the
     squared norms over the shards when ``p`` is one shard of a larger tensor."""
     m = beta1 * m + (1 - beta1) * g
     v = beta2 * v + (1 - beta2) * g * g
     if bias_correction:
-        m_hat = m / one_minus_power(beta1, t).to(p.dtype)
-        v_hat = v / one_minus_power(beta2, t).to(p.dtype)
+        m_hat = m / bias_correction1
+        v_hat = v / bias_correction2
     else:
         m_hat, v_hat = m, v
     u = _add_decay(m_hat / (torch.sqrt(v_hat) + eps), p, weight_decay)
-    if all_reduce is None:
-        p_norm = torch.linalg.vector_norm(p)
-        u_norm = torch.linalg.vector_norm(u)
-    else:
-        squares = torch.stack([(p * p).sum(), (u * u).sum()])
-        all_reduce(squares)
-        p_norm, u_norm = torch.sqrt(squares)
+    p_norm, u_norm = _norms(p, u, all_reduce)
     r = torch.where((p_norm > 0) & (u_norm > 0), p_norm / u_norm, torch.ones_like(p_norm))
     p = p - lr * r * u
     return p, m, v
+
+
+def _norms(p, u, all_reduce=None):
+    """``(||p||, ||u||)`` of one tensor; of the whole param when ``p`` is one shard of it
+    (``all_reduce`` sums the squares over the shards)."""
+    if all_reduce is None:
+        return torch.linalg.vector_norm(p), torch.linalg.vector_norm(u)
+    squares = torch.stack([(p * p).sum(), (u * u).sum()])
+    all_reduce(squares)
+    return torch.sqrt(squares)
 
 
 def lion_math(p, g, m, *, lr, beta1, beta2, weight_decay):
@@ -118,6 +97,79 @@ def lion_math(p, g, m, *, lr, beta1, beta2, weight_decay):
     p = p - lr * torch.sign(c)
     m = beta2 * m + (1 - beta2) * g
     return p, m
+
+
+def _momentum(buf, d, *, first, momentum, dampening, nesterov):
+    """The heavy-ball buffer of torch's SGD (and bitsandbytes' LARS) and the direction it gives:
+    ``(buf, u)``. ``buf`` is a copy of ``d`` at the first step (``first``), else
+    ``momentum * buf + (1 - dampening) * d``; ``u = d + momentum * buf`` with Nesterov, else
+    ``buf``. Without a buffer (``momentum == 0``), ``u = d``."""
+    if buf is None:
+        return None, d
+    buf = torch.where(first, d, momentum * buf + (1 - dampening) * d)
+    return buf, (d + momentum * buf if nesterov else buf)
+
+
+def sgd_math(p, g, buf, *, lr, momentum, dampening, weight_decay, nesterov, maximize, first):
+    """SGD with momentum (torch.optim.SGD). Returns ``(p, buf)``; ``buf`` is None without
+    momentum. ``first``: whether this is the tensor's first step (``families.SGD.derive``)."""
+    if maximize:
+        g = -g
+    g = _add_decay(g, p, weight_decay)
+    buf, g = _momentum(buf, g, first=first, momentum=momentum, dampening=dampening, nesterov=nesterov)
+    p = p - lr * g
+    return p, buf
+
+
+def adagrad_math(p, g, state_sum, *, lr, lr_decay, weight_decay, initial_accumulator_value, eps, maximize,
+                 clr):
+    """Adagrad (torch.optim.Adagrad). Returns ``(p, sum)``. ``clr = lr / (1 + (t - 1) *
+    lr_decay)`` (``families.ADAGRAD.derive``); ``(clr * g) / std`` is torch's ``addcdiv``."""
+    if maximize:
+        g = -g
+    g = _add_decay(g, p, weight_decay)
+    state_sum = state_sum + g * g
+    std = torch.sqrt(state_sum) + eps
+    p = p - clr * g / std
+    return p, state_sum
+
+
+def rmsprop_math(p, g, square_avg, buf, grad_avg, *, lr, alpha, eps, weight_decay, momentum, centered,
+                 maximize):
+    """RMSprop (torch.optim.RMSprop). Returns ``(p, square_avg, buf, grad_avg)``; ``buf`` is
+    None without momentum, ``grad_avg`` None unless ``centered``. The order of operations is
+    torch's (``addcmul``: ``(value * a) * b``; ``lerp`` for ``grad_avg``)."""
+    if maximize:
+        g = -g
+    g = _add_decay(g, p, weight_decay)
+    square_avg = alpha * square_avg + (1 - alpha) * g * g
+    if centered:
+        grad_avg = torch.lerp(grad_avg, g, 1 - alpha)
+        avg = torch.sqrt(square_avg - grad_avg * grad_avg) + eps
+    else:
+        avg = torch.sqrt(square_avg) + eps
+    if buf is not None:
+        buf = momentum * buf + g / avg
+        p = p - lr * buf
+    else:
+        p = p - lr * g / avg
+    return p, square_avg, buf, grad_avg
+
+
+def lars_math(p, g, buf, *, lr, momentum, dampening, weight_decay, max_unorm, nesterov, first, all_reduce=None):
+    """LARS as bitsandbytes' ``PytorchLARS``, one tensor. Returns ``(p, buf)``. The update
+    ``u`` (after momentum) is scaled down to ``max_unorm * ||p||`` when its norm is larger
+    (``max_unorm > 0``); momentum 0 is plain SGD with that clip."""
+    d = _add_decay(g, p, weight_decay)
+    buf, u = _momentum(buf, d, first=first, momentum=momentum, dampening=dampening, nesterov=nesterov)
+    if isinstance(max_unorm, torch.Tensor) or max_unorm > 0:  # a tensor is decided on the device
+        p_norm, u_norm = _norms(p, u, all_reduce)
+        bound = max_unorm * p_norm
+        scale = torch.where((max_unorm > 0) & (u_norm > bound), bound / u_norm, torch.ones_like(u_norm))
+        p = p - (lr * scale) * u
+    else:
+        p = p - lr * u
+    return p, buf
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,7 +192,7 @@ def _load(batch, name: str, i: int, dtype: torch.dtype) -> torch.Tensor:
     s = batch.state[name][i]
     if batch.quantized:
         return quant.dequantize_blockwise(
-            _in_param_layout(batch, i, s), batch.state[name + "_absmax"][i], quant.signed_state(name),
+            _in_param_layout(batch, i, s), batch.state[name + "_absmax"][i], families.signed(name),
             batch.block_size,
         ).to(dtype)
     return s.to(dtype)
@@ -152,7 +204,7 @@ def _commit(batch, name: str, i: int, new: torch.Tensor, keep: torch.Tensor) -> 
     if batch.quantized:
         absmax_dst = batch.state[name + "_absmax"][i]
         new = _in_param_layout(batch, i, new.to(torch.float32))
-        codes, absmax = quant.quantize_blockwise(new, quant.signed_state(name), batch.block_size)
+        codes, absmax = quant.quantize_blockwise(new, families.signed(name), batch.block_size)
         dst.copy_(torch.where(keep, codes, dst))
         absmax_dst.copy_(torch.where(keep, absmax, absmax_dst))
     else:
@@ -253,90 +305,95 @@ def _salts(batch):
 # --------------------------------------------------------------------------------------------
 
 
-def adam(batch) -> None:
+def _run(batch, family: families.Family, update) -> None:
+    """One step of ``family`` over ``batch``: per tensor, its states loaded in fp32 (or float64),
+    ``update(p, g, states, h)`` with ``h`` the group's hyper-parameters by name (in the compute
+    dtype) and the family's per-step scalars (:meth:`Family.derive`), returning the new param and
+    the new states by name; then the param stored and the states committed, unless the step is
+    skipped."""
     layout.settle_states(batch, quant.relayout)
     group = batch.group
-    amsgrad = group["amsgrad"]
+    names = family.state_names(group)
     grad_mult, keep = _scalars(batch)
     salts = _salts(batch)
     for i, (param, grad, step) in enumerate(zip(batch.params, batch.grads, batch.steps)):
         dt = compute_dtype(param)
-        beta1, beta2 = (_hyper(b, dt) for b in group["betas"])
         t = step.to(torch.float64) + 1
-        p, m, v, v_max = adam_math(
-            param.to(dt),
-            grad.to(dt) * grad_mult.to(dt),
-            _load(batch, "exp_avg", i, dt),
-            _load(batch, "exp_avg_sq", i, dt),
-            _load(batch, "max_exp_avg_sq", i, dt) if amsgrad else None,
-            t=t,
-            lr=_hyper(group["lr"], dt),
-            beta1=beta1,
-            beta2=beta2,
-            eps=_hyper(group["eps"], dt),
-            weight_decay=_hyper(group["weight_decay"], dt),
-            amsgrad=amsgrad,
-            maximize=group["maximize"],
-            decoupled=group["decoupled_weight_decay"],
-        )
+        h = family.values(group, lambda v: _hyper(v, dt))
+        h.update(family.derive(h, t, dt))
+        states = {name: _load(batch, name, i, dt) for name in names}
+        p, new = update(param.to(dt), grad.to(dt) * grad_mult.to(dt), states, h, batch)
         _store(batch, i, p, keep, t, salts)
-        _commit(batch, "exp_avg", i, m, keep)
-        _commit(batch, "exp_avg_sq", i, v, keep)
-        if amsgrad:
-            _commit(batch, "max_exp_avg_sq", i, v_max, keep)
+        for name in names:
+            _commit(batch, name, i, new[name], keep)
         _advance(step, keep)
+
+
+def _flags(group, *names) -> dict:
+    return {name: group[name] for name in names}
+
+
+def adam(batch) -> None:
+    def update(p, g, s, h, batch):
+        group = batch.group
+        p, m, v, v_max = adam_math(p, g, s["exp_avg"], s["exp_avg_sq"], s.get("max_exp_avg_sq"), **h,
+                                   amsgrad=group["amsgrad"], maximize=group["maximize"],
+                                   decoupled=group["decoupled_weight_decay"])
+        return p, dict(exp_avg=m, exp_avg_sq=v, max_exp_avg_sq=v_max)
+
+    _run(batch, families.ADAM, update)
 
 
 def lamb(batch) -> None:
-    layout.settle_states(batch, quant.relayout)
-    group = batch.group
-    grad_mult, keep = _scalars(batch)
-    salts = _salts(batch)
-    for i, (param, grad, step) in enumerate(zip(batch.params, batch.grads, batch.steps)):
-        dt = compute_dtype(param)
-        beta1, beta2 = (_hyper(b, dt) for b in group["betas"])
-        t = step.to(torch.float64) + 1
-        p, m, v = lamb_math(
-            param.to(dt),
-            grad.to(dt) * grad_mult.to(dt),
-            _load(batch, "exp_avg", i, dt),
-            _load(batch, "exp_avg_sq", i, dt),
-            t=t,
-            lr=_hyper(group["lr"], dt),
-            beta1=beta1,
-            beta2=beta2,
-            eps=_hyper(group["eps"], dt),
-            weight_decay=_hyper(group["weight_decay"], dt),
-            bias_correction=group["bias_correction"],
-            all_reduce=batch.all_reduce,
-        )
-        _store(batch, i, p, keep, t, salts)
-        _commit(batch, "exp_avg", i, m, keep)
-        _commit(batch, "exp_avg_sq", i, v, keep)
-        _advance(step, keep)
+    def update(p, g, s, h, batch):
+        p, m, v = lamb_math(p, g, s["exp_avg"], s["exp_avg_sq"], **h, bias_correction=batch.group["bias_correction"],
+                            all_reduce=batch.all_reduce)
+        return p, dict(exp_avg=m, exp_avg_sq=v)
+
+    _run(batch, families.LAMB, update)
 
 
 def lion(batch) -> None:
-    layout.settle_states(batch, quant.relayout)
-    group = batch.group
-    grad_mult, keep = _scalars(batch)
-    salts = _salts(batch)
-    for i, (param, grad, step) in enumerate(zip(batch.params, batch.grads, batch.steps)):
-        dt = compute_dtype(param)
-        beta1, beta2 = (_hyper(b, dt) for b in group["betas"])
-        t = step.to(torch.float64) + 1
-        p, m = lion_math(
-            param.to(dt),
-            grad.to(dt) * grad_mult.to(dt),
-            _load(batch, "exp_avg", i, dt),
-            lr=_hyper(group["lr"], dt),
-            beta1=beta1,
-            beta2=beta2,
-            weight_decay=_hyper(group["weight_decay"], dt),
-        )
-        _store(batch, i, p, keep, t, salts)
-        _commit(batch, "exp_avg", i, m, keep)
-        _advance(step, keep)
+    def update(p, g, s, h, batch):
+        p, m = lion_math(p, g, s["exp_avg"], **h)
+        return p, dict(exp_avg=m)
+
+    _run(batch, families.LION, update)
+
+
+def sgd(batch) -> None:
+    def update(p, g, s, h, batch):
+        p, buf = sgd_math(p, g, s.get("momentum_buffer"), **h, **_flags(batch.group, "nesterov", "maximize"))
+        return p, dict(momentum_buffer=buf)
+
+    _run(batch, families.SGD, update)
+
+
+def adagrad(batch) -> None:
+    def update(p, g, s, h, batch):
+        p, state_sum = adagrad_math(p, g, s["sum"], **h, maximize=batch.group["maximize"])
+        return p, dict(sum=state_sum)
+
+    _run(batch, families.ADAGRAD, update)
+
+
+def rmsprop(batch) -> None:
+    def update(p, g, s, h, batch):
+        p, square_avg, buf, grad_avg = rmsprop_math(p, g, s["square_avg"], s.get("momentum_buffer"),
+                                                    s.get("grad_avg"), **h,
+                                                    **_flags(batch.group, "centered", "maximize"))
+        return p, dict(square_avg=square_avg, momentum_buffer=buf, grad_avg=grad_avg)
+
+    _run(batch, families.RMSPROP, update)
+
+
+def lars(batch) -> None:
+    def update(p, g, s, h, batch):
+        p, buf = lars_math(p, g, s.get("momentum_buffer"), **h, nesterov=batch.group["nesterov"],
+                           all_reduce=batch.all_reduce)
+        return p, dict(momentum_buffer=buf)
+
+    _run(batch, families.LARS, update)
 
 
 def global_norm(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor:

@@ -54,6 +54,8 @@ def unsupported_step(kind: str, *, block_size: int | None = None, norm_type: flo
     """Why the kernels cannot run a step of ``kind`` with these requirements, or None (see
     :mod:`fusedopt.backends`): 8-bit blocks up to ``quant.MAX_BLOCK`` (4096) elements, and the
     1-, 2- and inf-norms."""
+    if kind == "lamb8bit":
+        return "it has no 8-bit LAMB kernels yet"
     if block_size is not None and kind.endswith("8bit"):
         reason = _quant.unsupported_block(block_size)
         if reason is not None:

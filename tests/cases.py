@@ -12,10 +12,73 @@ import io
 
 import torch
 
+import fusedopt
 from fusedopt import quant
+from fusedopt.optimizer import CLASSES as _REGISTERED
 from fusedopt.testing import assert_close, assert_identical
 
 STEPS = 8
+
+# ---------------------------------------------------------------------------------------------
+# The classes, read from fusedopt's registry and their family specs (fusedopt.families): what
+# the generic grids (the base class, torch semantics, master weights, compile) run over.
+# ---------------------------------------------------------------------------------------------
+
+#: Every public optimizer class.
+CLASSES = list(_REGISTERED.values())
+#: Those with 8-bit states.
+EIGHT_BIT = [cls for cls in CLASSES if cls._quantized]
+
+#: The hyper-parameters that give each family its full set of states in the generic grids
+#: (SGD and LARS keep a buffer only with momentum; LARS has no default lr).
+STATEFUL = {
+    "sgd": dict(momentum=0.9),
+    "lars": dict(lr=1e-2, momentum=0.9),
+    "rmsprop": dict(momentum=0.5, centered=True),
+}
+
+#: torch.optim's class for a fusedopt class that is its drop-in (the oracle of torch semantics).
+TORCH = {"Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW, "SGD": torch.optim.SGD,
+         "Adagrad": torch.optim.Adagrad, "RMSprop": torch.optim.RMSprop}
+
+
+def having(name: str) -> list:
+    """The classes whose family takes hyper-parameter or flag ``name``."""
+    return [cls for cls in CLASSES if name in {h.name for h in cls._spec.hypers} | set(cls._spec.flags)]
+
+
+def kwargs_of(cls, **extra) -> dict:
+    """Constructor arguments for the generic grids: the family's :data:`STATEFUL` ones, 8-bit
+    states for the grids' small tensors, then ``extra``."""
+    return {**STATEFUL.get(cls._spec.name, {}), **({"min_8bit_size": 64} if cls._quantized else {}), **extra}
+
+
+def state_names(cls, group: dict | None = None) -> tuple[str, ...]:
+    """The states an optimizer of ``cls`` made with :func:`kwargs_of` keeps."""
+    return cls._spec.state_names({**_defaults(cls), **(group or {})})
+
+
+def skip_unless_backend_has(cls, backend: str, device: str = "cpu") -> None:
+    """Skip (with the resolver's reason) when ``backend`` has no step for ``cls``'s family yet
+    (or its 8-bit kind): ``fusedopt.backends.resolve`` refuses it, naming the backend."""
+    import pytest
+
+    from fusedopt import backends
+
+    for quantized in {False, cls._quantized}:
+        try:
+            backends.resolve(backend, torch.device(device), (), kind=cls._spec.kind(quantized))
+        except RuntimeError as e:
+            pytest.skip(str(e))
+
+
+def _defaults(cls) -> dict:
+    import inspect
+
+    sig = inspect.signature(cls.__init__)
+    out = {k: v.default for k, v in sig.parameters.items() if v.default is not inspect.Parameter.empty}
+    out.update(kwargs_of(cls))
+    return out
 
 # Shapes of each param group. The last param of group 0 never gets a grad (FROZEN).
 SHAPES = ([(0,), (1,), (255,), (16, 17), (33,)], [(257,), (4097,)])

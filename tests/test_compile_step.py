@@ -25,9 +25,10 @@ import fusedopt
 from fusedopt import backends, compiled
 from fusedopt.testing import assert_close, assert_identical
 
+import cases
 from cases import assert_unchanged, snapshot
 
-CLASSES = ["Adam", "AdamW", "LAMB", "Lion", "Adam8bit", "AdamW8bit", "Lion8bit"]
+CLASSES = [cls.__name__ for cls in cases.CLASSES]
 STEPS = 7
 SKIPPED = 4  # the step GradScaler's found_inf skips, in the scaler cases
 CLIP = 20.0  # below the grads' global norm (about 95): clipping is active
@@ -65,10 +66,10 @@ def _compile(fn, backend: str = "aot_eager"):
 def _kwargs(name: str) -> dict:
     # No L2 decay for Adam: it feeds the params into the moments, so 16-bit params that two
     # backends round differently would move the states (tests/test_backends.py covers that).
-    kw = dict(lr=1e-2 if "Lion" not in name else 1e-3, weight_decay=0.0 if name in ("Adam", "Adam8bit") else 0.1)
-    if "8bit" in name:
-        kw["min_8bit_size"] = 256
-    return kw
+    cls = getattr(fusedopt, name)
+    decay = cls._spec.name in ("adam", "lion", "lamb") and name not in ("Adam", "Adam8bit")
+    return cases.kwargs_of(cls, lr=1e-2 if "Lion" not in name else 1e-3, weight_decay=0.1 if decay else 0.0,
+                           **({"min_8bit_size": 256} if cls._quantized else {}))
 
 
 def _params(device: str, seed: int = 0) -> list[list[torch.Tensor]]:
@@ -93,8 +94,10 @@ def _make(name: str, params, backend: str, lr_b, group_b=None, **kwargs):
     """An optimizer of class ``name`` over ``params``: group 0 with the class's defaults (a float
     lr), group 1 with the learning rate ``lr_b`` (a tensor, mostly) and its own betas."""
     kw = {**_kwargs(name), **kwargs}
-    group_b = dict(lr=lr_b, betas=(0.8, 0.95), **(group_b or {}))
-    return getattr(fusedopt, name)([{"params": params[0]}, {"params": params[1], **group_b}], backend=backend, **kw)
+    cls = getattr(fusedopt, name)
+    cases.skip_unless_backend_has(cls, backend, params[0][0].device.type)
+    group_b = dict(lr=lr_b, **({"betas": (0.8, 0.95)} if cases.having("betas").count(cls) else {}), **(group_b or {}))
+    return cls([{"params": params[0]}, {"params": params[1], **group_b}], backend=backend, **kw)
 
 
 def _set_grads(params, grads) -> None:
@@ -146,9 +149,9 @@ def assert_near_reference(opt, params, ref, ref_params, what: str) -> None:
 
 
 # Default tier: each kind of step once per backend, with clipping and GradScaler; the full
-# tier adds the plain steps and Adam / Adam8bit.
+# tier adds the plain steps and the other classes.
 @pytest.mark.parametrize("mode", [pytest.param("plain", marks=pytest.mark.full), "clip+scaler"])
-@pytest.mark.parametrize("name", [n if n in ("AdamW", "LAMB", "Lion", "AdamW8bit", "Lion8bit")
+@pytest.mark.parametrize("name", [n if n in ("AdamW", "LAMB", "Lion", "AdamW8bit", "Lion8bit", "RMSprop", "LARS8bit")
                                   else pytest.param(n, marks=pytest.mark.full) for n in CLASSES])
 @pytest.mark.parametrize("device, backend", RUNS)
 def test_compiled_step_matches_eager(device, backend, name, mode):

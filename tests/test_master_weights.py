@@ -14,18 +14,18 @@ import torch
 import fusedopt
 from fusedopt.testing import assert_identical
 
+import cases
 from cases import checkpoint
 
-CLASSES = ["Adam", "AdamW", "LAMB", "Lion", "Adam8bit", "AdamW8bit", "Lion8bit"]
+CLASSES = [cls.__name__ for cls in cases.CLASSES]
 SIZES = (1, 255, 4097, 5000)
 STEPS = 7
 
 
 def _kwargs(name: str) -> dict:
-    kw = dict(backend="reference", lr=1e-3 if "Lion" not in name else 1e-4, weight_decay=0.1)
-    if "8bit" in name:
-        kw["min_8bit_size"] = 256
-    return kw
+    cls = getattr(fusedopt, name)
+    return cases.kwargs_of(cls, backend="reference", lr=1e-3 if "Lion" not in name else 1e-4, weight_decay=0.1,
+                           **({"min_8bit_size": 256} if cls._quantized else {}))
 
 
 def _params(dtype, seed=0):

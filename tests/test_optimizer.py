@@ -1,5 +1,5 @@
 """The base class every family shares: bad input, param groups, the step protocol, backend
-selection and state dicts, over all seven optimizer classes."""
+selection and state dicts, over every optimizer class (the registry: tests/cases.py)."""
 
 from __future__ import annotations
 
@@ -11,23 +11,18 @@ import pytest
 import torch
 
 import fusedopt
-from cases import assert_unchanged, checkpoint, snapshot
-from fusedopt import backends
+from cases import CLASSES, EIGHT_BIT, assert_unchanged, checkpoint, having, kwargs_of, snapshot
+from fusedopt import backends, families
 from fusedopt.testing import assert_close, assert_identical
-
-ADAM_FAMILY = [fusedopt.Adam, fusedopt.AdamW, fusedopt.Adam8bit, fusedopt.AdamW8bit]
-EIGHT_BIT = [fusedopt.Adam8bit, fusedopt.AdamW8bit, fusedopt.Lion8bit]
-CLASSES = ADAM_FAMILY + [fusedopt.LAMB, fusedopt.Lion, fusedopt.Lion8bit]
-WITH_EPS = ADAM_FAMILY + [fusedopt.LAMB]
 
 
 def name(cls):
     return cls.__name__
 
 
-def _extra(cls):
-    """8-bit classes quantize the test's small tensors too."""
-    return {"min_8bit_size": 64} if cls in EIGHT_BIT else {}
+def _extra(cls, **kw):
+    """8-bit classes quantize the test's small tensors too; every family keeps its states."""
+    return kwargs_of(cls, **kw)
 
 
 def _params(seed=0, dtype=torch.float32):
@@ -44,7 +39,7 @@ def _grads(params, seed, only=None):
 
 
 def _make(cls, params, **kw):
-    return cls([{"params": params[0]}, {"params": params[1], "lr": 5e-3}], **{**_extra(cls), **kw})
+    return cls([{"params": params[0]}, {"params": params[1], "lr": 5e-3}], **_extra(cls, **kw))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,16 +51,25 @@ BAD_HYPER = [
     ("lr", -1e-3, ValueError, "Invalid learning rate: -0.001", CLASSES),
     ("lr", "0.1", TypeError, "Invalid lr: '0.1'", CLASSES),
     ("lr", torch.tensor([1e-3, 1e-3]), ValueError, "Tensor lr must be a 1-element", CLASSES),
-    ("eps", -1e-8, ValueError, "Invalid epsilon value: -1e-08", WITH_EPS),
-    ("betas", (1.0, 0.999), ValueError, "Invalid beta parameter at index 0: 1.0", CLASSES),
-    ("betas", (-0.1, 0.999), ValueError, "Invalid beta parameter at index 0: -0.1", CLASSES),
-    ("betas", (0.9, 1.0), ValueError, "Invalid beta parameter at index 1: 1.0", CLASSES),
-    ("betas", (0.9, -0.5), ValueError, "Invalid beta parameter at index 1: -0.5", CLASSES),
-    ("betas", (0.9,), TypeError, "Invalid betas: (0.9,)", CLASSES),
+    ("eps", -1e-8, ValueError, "Invalid epsilon value: -1e-08", having("eps")),
+    ("betas", (1.0, 0.999), ValueError, "Invalid beta parameter at index 0: 1.0", having("betas")),
+    ("betas", (-0.1, 0.999), ValueError, "Invalid beta parameter at index 0: -0.1", having("betas")),
+    ("betas", (0.9, 1.0), ValueError, "Invalid beta parameter at index 1: 1.0", having("betas")),
+    ("betas", (0.9, -0.5), ValueError, "Invalid beta parameter at index 1: -0.5", having("betas")),
+    ("betas", (0.9,), TypeError, "Invalid betas: (0.9,)", having("betas")),
     ("weight_decay", -0.1, ValueError, "Invalid weight_decay value: -0.1", CLASSES),
-    ("amsgrad", "yes", TypeError, "Invalid amsgrad: 'yes'", ADAM_FAMILY),
-    ("maximize", 1, TypeError, "Invalid maximize: 1", ADAM_FAMILY),
-    ("bias_correction", None, TypeError, "Invalid bias_correction: None", [fusedopt.LAMB]),
+    ("momentum", -0.5, ValueError, "Invalid momentum value: -0.5", having("momentum")),
+    ("dampening", "0", TypeError, "Invalid dampening: '0'", having("dampening")),
+    ("lr_decay", -1.0, ValueError, "Invalid lr_decay value: -1.0", having("lr_decay")),
+    ("initial_accumulator_value", -1.0, ValueError, "Invalid initial_accumulator_value value: -1.0",
+     having("initial_accumulator_value")),
+    ("alpha", -0.5, ValueError, "Invalid alpha value: -0.5", having("alpha")),
+    ("max_unorm", -0.01, ValueError, "Invalid max_unorm value: -0.01", having("max_unorm")),
+    ("amsgrad", "yes", TypeError, "Invalid amsgrad: 'yes'", having("amsgrad")),
+    ("maximize", 1, TypeError, "Invalid maximize: 1", having("maximize")),
+    ("nesterov", 1, TypeError, "Invalid nesterov: 1", having("nesterov")),
+    ("centered", "no", TypeError, "Invalid centered: 'no'", having("centered")),
+    ("bias_correction", None, TypeError, "Invalid bias_correction: None", having("bias_correction")),
     ("block_size", 48, ValueError, "Invalid block_size: 48", EIGHT_BIT),
     ("block_size", 0, ValueError, "Invalid block_size: 0", EIGHT_BIT),
     ("block_size", -256, ValueError, "Invalid block_size: -256", EIGHT_BIT),
@@ -138,7 +142,7 @@ def test_add_param_group(cls):
     """add_param_group validates, rejects a tensor already optimized, fills in the defaults and
     keeps per-group hyper-parameters."""
     p, q, r = torch.randn(10), torch.randn(20), torch.randn(30)
-    opt = cls([p], lr=1e-3, **_extra(cls))
+    opt = cls([p], **_extra(cls, lr=1e-3))
     with pytest.raises(ValueError, match="more than one parameter group"):
         opt.add_param_group({"params": [q, p]})
     with pytest.raises(TypeError, match="param_group must be a dict"):
@@ -226,7 +230,8 @@ def _unavailable(backend):
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_backend_that_cannot_run_changes_nothing(cls, backend):
     """backend="cuda" (or "triton" outside the interpreter) on CPU tensors: RuntimeError naming
-    the backend, the device and why; no state is created and no param changes."""
+    the backend, the device and why; no state is created (beyond what a family makes at
+    construction: torch's Adagrad does) and no param changes."""
     reason = _unavailable(backend)
     params = _params()
     opt = _make(cls, params, backend=backend)
@@ -235,7 +240,7 @@ def test_backend_that_cannot_run_changes_nothing(cls, backend):
     with pytest.raises(RuntimeError, match=re.escape(f"backend {backend!r} cannot run on cpu tensors: {reason}")):
         opt.step()
     assert_unchanged(opt, params, before, f"backend={backend}")
-    assert not opt.state
+    assert bool(opt.state) == cls._spec.eager_state
 
 
 def test_fusedopt_backend_overrides_auto(monkeypatch):
@@ -272,8 +277,9 @@ def test_amp_scaling_supported(cls):
 
 @pytest.mark.parametrize("cls", CLASSES, ids=name)
 def test_frozen_and_intermittent_params(cls):
-    """A param without a grad never gets state; one with a grad every other step advances its
-    step count only on those steps."""
+    """A param without a grad never gets state (but the one a family makes at construction, as
+    torch's Adagrad: it stays at step 0); one with a grad every other step advances its step
+    count only on those steps."""
     always, sometimes, frozen = torch.randn(100), torch.randn(100), torch.randn(100)
     opt = cls([always, sometimes, frozen], **_extra(cls))
     for step in range(8):
@@ -282,7 +288,10 @@ def test_frozen_and_intermittent_params(cls):
         opt.step()
     assert float(opt.state[always]["step"]) == 8
     assert float(opt.state[sometimes]["step"]) == 4
-    assert frozen not in opt.state
+    if cls._spec.eager_state:
+        assert float(opt.state[frozen]["step"]) == 0
+    else:
+        assert frozen not in opt.state
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=name)
@@ -350,7 +359,7 @@ def test_defaults_match_torch_and_lion_pytorch():
 def test_resume_from_checkpoint_is_bit_identical(cls, dtype):
     """state_dict -> torch.save -> torch.load(weights_only=True) -> load_state_dict, then 4 more
     steps: params and every state tensor bit-identical to the run that never stopped."""
-    kw = dict(max_grad_norm=1.0, **({"amsgrad": True} if cls in ADAM_FAMILY else {}))
+    kw = dict(max_grad_norm=1.0, **({"amsgrad": True} if cls in having("amsgrad") else {}))
     params = _params(dtype=dtype)
     opt = _make(cls, params, **kw)
     for step in range(4):
@@ -375,7 +384,7 @@ def test_resume_from_checkpoint_is_bit_identical(cls, dtype):
                 assert_identical(ropt.state[q][k], v, f"{where} {k}")
     assert [g["lr"] for g in ropt.param_groups] == [g["lr"] for g in opt.param_groups]
     if cls in EIGHT_BIT:
-        assert opt.state[params[0][0]]["exp_avg"].dtype == torch.uint8
+        assert opt.state[params[0][0]][cls._spec.states[0].name].dtype == torch.uint8
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=name)
@@ -383,7 +392,7 @@ def test_non_contiguous_param_updates_in_place(cls):
     """A transposed (non-contiguous) param is updated in place, exactly as its memory twin (the
     contiguous tensor of the same memory, ``base``, with the grad transposed alike) would be:
     its states lie in its layout, and 8-bit blocks run over its memory order (fusedopt.layout).
-    LAMB within fp32's tolerance (its per-tensor norms may sum in another order)."""
+    LAMB and LARS within fp32's tolerance (their per-tensor norms may sum in another order)."""
     gen = torch.Generator().manual_seed(0)
     base = torch.randn(40, 30, generator=gen)
     view = base.t()  # the param: a view that is not contiguous
@@ -396,7 +405,9 @@ def test_non_contiguous_param_updates_in_place(cls):
         opt.step()
         dopt.step()
     assert view.data_ptr() == base.data_ptr() and not view.is_contiguous()
-    same = assert_identical if cls is not fusedopt.LAMB else (lambda a, e, what: assert_close(a, e, torch.float32, what))
+    # the per-tensor-norm families within fp32's tolerance (their norms may sum in another order)
+    same = (assert_identical if cls._spec.shape == families.ELEMENTWISE
+            else (lambda a, e, what: assert_close(a, e, torch.float32, what)))
     same(view.t(), dense, "non-contiguous param")
     for k, v in dopt.state[dense].items():
         mine = opt.state[view][k]
@@ -436,7 +447,7 @@ def test_mixed_dtypes_in_one_group(cls):
             assert_identical(opt.state[p][k], v, f"param {i} {k}")
         expected_state = torch.float64 if p.dtype == torch.float64 else torch.float32
         if cls not in EIGHT_BIT:
-            assert opt.state[p]["exp_avg"].dtype == expected_state
+            assert opt.state[p][cls._spec.states[0].name].dtype == expected_state
 
 
 def test_auto_resolves_per_kind_of_step(monkeypatch):
@@ -445,8 +456,8 @@ def test_auto_resolves_per_kind_of_step(monkeypatch):
     from fusedopt import backends
 
     assert set(backends.AUTO_ORDER) == set(backends.KINDS)
-    with pytest.raises(ValueError, match="Invalid kind: 'sgd'"):
-        backends.resolve("auto", torch.device("cpu"), kind="sgd")
+    with pytest.raises(ValueError, match="Invalid kind: 'adafactor'"):
+        backends.resolve("auto", torch.device("cpu"), kind="adafactor")
     asked = []
     real = backends.resolve
 
@@ -526,7 +537,7 @@ def test_8bit_warns_once_when_every_state_stays_fp32(cls):
     # A model whose tensors are all under min_8bit_size gets no 8-bit state: say so, once (when
     # the states are made), naming the knob; the states really are fp32.
     params = [torch.randn(300, requires_grad=True), torch.randn(17, requires_grad=True)]
-    opt = cls(params, backend="reference")
+    opt = cls(params, backend="reference", **{**kwargs_of(cls), "min_8bit_size": 4096})
     with pytest.warns(UserWarning, match=r"min_8bit_size=4096.*fp32.*smaller min_8bit_size") as caught:
         _train(opt, params, 3)
     assert len([w for w in caught if "min_8bit_size" in str(w.message)]) == 1
@@ -542,8 +553,8 @@ def test_8bit_warns_once_when_every_state_stays_fp32(cls):
 def test_8bit_does_not_warn_when_some_state_is_8bit(cls, extra):
     big = 5000 if not extra else 300
     params = [torch.randn(big, requires_grad=True), torch.randn(17, requires_grad=True)]
-    opt = cls(params, backend="reference", **extra)
+    opt = cls(params, backend="reference", **{**kwargs_of(cls), "min_8bit_size": 4096, **extra})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _train(opt, params, 3)
-    assert opt.state[params[0]]["exp_avg"].dtype == torch.uint8
+    assert opt.state[params[0]][cls._spec.states[0].name].dtype == torch.uint8
