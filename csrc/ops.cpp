@@ -579,9 +579,10 @@ void lamb_apply_(TensorList params, TensorList grads, TensorList exp_avgs, Tenso
           stochastic_rounding, seed, "lamb_apply_");
 }
 
-// LARS: hyper = lr, momentum, dampening, weight_decay, max_unorm. The momentum buffer exists when
-// momentum != 0 (a tensor momentum: always), fp32 (block_size 0) or 8-bit codes with their
-// absmaxes; without it u = d.
+// LARS: hyper = lr, momentum, dampening, weight_decay, max_unorm. The momentum buffer (fp32, or
+// with block_size > 0 8-bit codes with their absmaxes) is kept when momentum != 0
+// (fusedopt.families.LARS): the op runs with it when momentum_buffers is not empty, and without it
+// (u = d) when it is; a number momentum must agree.
 const char* const kLarsStateNames[3] = {"momentum_buffers", "(unused)", "(unused)"};
 const char* const kLarsAbsmaxNames[3] = {"momentum_buffer_absmaxes", "(unused)", "(unused)"};
 
@@ -593,8 +594,10 @@ Tensor lars_op(TensorList params, TensorList grads, TensorList momentum_buffers,
                const char* op) {
   const Streams s{params, grads, {momentum_buffers, {}, {}}, {momentum_buffer_absmaxes, {}, {}}, steps,
                   kLarsStateNames, kLarsAbsmaxNames};
-  // (hyper's length is checked with the others; until then momentum is taken as nonzero)
-  const bool momentum = hyper.size() != 5 || hyper[1] != 0.0 || (hyper_tensors.size() == 5 && hyper_tensors.get(1).has_value());
+  const bool momentum = !momentum_buffers.empty();
+  if (hyper.size() == 5 && hyper_tensors.size() == 5 && !hyper_tensors.get(1).has_value())
+    TORCH_CHECK(momentum == (hyper[1] != 0.0), "fusedopt.", op, ": momentum_buffers has ", momentum_buffers.size(),
+                " tensors with momentum ", hyper[1], "; LARS keeps a momentum buffer exactly when momentum != 0");
   return two_pass_op(
       s, momentum ? 1 : 0, scalars, table, work, counters, codebook, block_size, norms, hyper, hyper_tensors,
       {"lr", "momentum", "dampening", "weight_decay", "max_unorm"}, passes, stochastic_rounding, seed, op,

@@ -29,7 +29,7 @@ from itertools import chain
 
 import torch
 
-from . import backends, build, layout, quant, reference
+from . import backends, build, families, layout, quant, reference
 
 NAME = "cuda"
 DESCRIPTION = "CUDA C++ multi-tensor kernels (csrc/), compiled with nvcc on first use or by `python -m fusedopt build`"
@@ -84,8 +84,6 @@ def available(device) -> str | None:
 def unsupported_step(kind: str, *, block_size: int | None = None, norm_type: float | None = None) -> str | None:
     """Why this backend cannot run a step of ``kind`` with these requirements, or None (see
     :mod:`fusedopt.backends`): any 8-bit block size, and the 1-, 2- and inf-norms."""
-    if kind == "lamb8bit":
-        return "it has no 8-bit LAMB kernels yet"
     if norm_type is not None and float(norm_type) not in _NORM_TYPES:
         return f"its global norm takes norm_type 1, 2 or inf, not {norm_type}"
     return None
@@ -292,13 +290,11 @@ def lamb(batch) -> None:
 
 @_flat
 def lars(batch) -> None:
-    """LARS over one batch, with a momentum buffer (fp32 or 8-bit) when ``momentum != 0``: as
-    :func:`lamb`, two kernels, or three steps for sharded params."""
+    """LARS over one batch, with the momentum buffer (fp32 or 8-bit) where the group keeps one
+    (``momentum != 0``): as :func:`lamb`, two kernels, or three steps for sharded params."""
     group = batch.group
-    momentum = group["momentum"]
-    has_buffer = isinstance(momentum, torch.Tensor) or momentum != 0  # as the op decides
-    _two_pass(batch, "lars", 1, ("momentum_buffer",) if has_buffer else (),
-              (group["lr"], momentum, group["dampening"], group["weight_decay"], group["max_unorm"]),
+    _two_pass(batch, "lars", 1, families.LARS.state_names(group),
+              (group["lr"], group["momentum"], group["dampening"], group["weight_decay"], group["max_unorm"]),
               (group["nesterov"],))
 
 
