@@ -103,6 +103,13 @@ _OPTIMIZERS = {
     "AdamW8bit+master-bf16": lambda ps: fusedopt.AdamW8bit(ps, lr=1e-2, min_8bit_size=4096, master_weights=True,
                                                            max_grad_norm=0.5),
     "Lion8bit+clip": lambda ps: fusedopt.Lion8bit(ps, lr=1e-3, weight_decay=0.1, min_8bit_size=4096, max_grad_norm=0.5),
+    # LARS's trust clip needs the norms of the whole param: summed over the shards as LAMB's.
+    "LARS": lambda ps: fusedopt.LARS(ps, lr=0.5, momentum=0.9, max_unorm=0.01),
+    "LARS8bit+clip": lambda ps: fusedopt.LARS8bit(ps, lr=0.5, momentum=0.9, max_unorm=0.01, min_8bit_size=4096,
+                                                   max_grad_norm=0.5),
+    "SGD8bit": lambda ps: fusedopt.SGD8bit(ps, lr=0.1, momentum=0.9, nesterov=True, min_8bit_size=4096),
+    "Adagrad8bit": lambda ps: fusedopt.Adagrad8bit(ps, lr=0.1, initial_accumulator_value=0.1, min_8bit_size=4096),
+    "RMSprop+clip": lambda ps: fusedopt.RMSprop(ps, lr=1e-2, centered=True, momentum=0.5, max_grad_norm=0.5),
 }
 
 
@@ -123,13 +130,14 @@ def _fsdp_matches_unsharded(rank, name):
             assert_close(master.full_tensor(), opt_p.state[pp]["master_param"], torch.float32, f"{pname} master")
         if "8bit" in name and "weight" in pname:
             # Eligibility is decided on the full size, not the shard.
-            assert state["exp_avg"].dtype == torch.uint8, f"{pname}: {state['exp_avg'].dtype}"
+            first = opt_s._spec.states[0].name
+            assert state[first].dtype == torch.uint8, f"{pname}: {state[first].dtype}"
     if opt_p.max_grad_norm is not None:
         assert_close(opt_s.last_grad_norm, opt_p.last_grad_norm, torch.float32, f"rank {rank} last_grad_norm")
 
 
 # The default tier: one optimizer of each family (LAMB on the triton backend); the rest are `full`.
-@pytest.mark.parametrize("name", [n if n in ("AdamW+clip", "LAMB-triton", "Lion8bit+clip")
+@pytest.mark.parametrize("name", [n if n in ("AdamW+clip", "LAMB-triton", "Lion8bit+clip", "LARS8bit+clip")
                                   else pytest.param(n, marks=pytest.mark.full) for n in _OPTIMIZERS])
 def test_fsdp2_matches_unsharded(name):
     if name.endswith("-triton") and os.environ.get("TRITON_INTERPRET") != "1":

@@ -1,7 +1,8 @@
 """Non-finite params, grads and states (inf, -inf, NaN) in every family and backend.
 
-The reference against torch where torch has the family (torch.optim.Adam / AdamW, for-loop,
-fp32; Lion against lion-pytorch), and every other backend against the reference: the same
+The reference against torch where torch has the family (torch.optim.Adam / AdamW / SGD /
+Adagrad / RMSprop, for-loop, fp32; Lion against lion-pytorch; LARS against bitsandbytes'
+PytorchLARS), and every other backend against the reference: the same
 elements must come out NaN, the same ones infinite (``fusedopt.testing.assert_close`` compares
 non-finite values exactly), the finite ones within the fp32 tolerance.
 
@@ -19,6 +20,7 @@ import pytest
 import torch
 from lion_pytorch import Lion as LionPytorch
 
+import cases
 import fusedopt
 from fusedopt import backends, quant
 from fusedopt.testing import assert_close
@@ -44,8 +46,22 @@ FAMILIES = {
     "Adam8bit": ("Adam8bit", dict(weight_decay=0.0)),
     "AdamW8bit-amsgrad": ("AdamW8bit", dict(amsgrad=True)),
     "Lion8bit": ("Lion8bit", dict()),
+    "SGD": ("SGD", dict()),
+    "SGD-nesterov-wd": ("SGD", dict(momentum=0.9, nesterov=True, weight_decay=0.1)),
+    "SGD-dampening-maximize": ("SGD", dict(momentum=0.5, dampening=0.3, maximize=True)),
+    "Adagrad": ("Adagrad", dict(lr_decay=0.1, initial_accumulator_value=0.5)),
+    "Adagrad-wd": ("Adagrad", dict(weight_decay=0.1, maximize=True)),
+    "RMSprop": ("RMSprop", dict()),
+    "RMSprop-centered-momentum": ("RMSprop", dict(centered=True, momentum=0.9, weight_decay=0.1)),
+    "LARS": ("LARS", dict(momentum=0.9)),
+    "LARS-nesterov-noclip": ("LARS", dict(momentum=0.9, nesterov=True, max_unorm=0.0, weight_decay=0.1)),
+    "SGD8bit": ("SGD8bit", dict(momentum=0.9)),
+    "Adagrad8bit": ("Adagrad8bit", dict()),
+    "RMSprop8bit": ("RMSprop8bit", dict(centered=True, momentum=0.9)),
+    "LARS8bit": ("LARS8bit", dict(momentum=0.9)),
+    "LAMB8bit": ("LAMB8bit", dict(weight_decay=0.0)),
 }
-TORCH = {"Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW}
+TORCH = dict(cases.TORCH)
 
 
 def _kwargs(family: str) -> dict:
@@ -82,7 +98,8 @@ def run(family: str, kind: str, backend: str, torch_cls=None):
     p = torch.randn(N, generator=gen)
     kw = _kwargs(family)
     if torch_cls is not None:
-        opt = torch_cls([p], foreach=False, **kw) if torch_cls is not LionPytorch else torch_cls([p], **kw)
+        plain = torch_cls is LionPytorch or torch_cls.__name__ == "PytorchLARS"  # no foreach argument
+        opt = torch_cls([p], **kw) if plain else torch_cls([p], foreach=False, **kw)
     else:
         opt = getattr(fusedopt, FAMILIES[family][0])([p], backend=backend, **kw)
     history = []
@@ -114,11 +131,17 @@ def assert_same(got, expected, what: str) -> None:
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
-@pytest.mark.parametrize("family", [f for f in FAMILIES if FAMILIES[f][0] in TORCH or f == "Lion"])
+@pytest.mark.parametrize("family", [f for f in FAMILIES if FAMILIES[f][0] in TORCH or f in ("Lion", "LARS")
+                                    or f.startswith("LARS-")])
 def test_reference_against_torch(family, kind):
-    """Adam / AdamW against torch.optim, Lion against lion-pytorch (whose ``sign`` update and
-    decoupled decay are the reference's formula)."""
-    baseline = LionPytorch if family == "Lion" else TORCH[FAMILIES[family][0]]
+    """Adam / AdamW / SGD / Adagrad / RMSprop against torch.optim, Lion against lion-pytorch
+    (whose ``sign`` update and decoupled decay are the reference's formula)."""
+    if family == "Lion":
+        baseline = LionPytorch
+    elif family.startswith("LARS"):
+        from bitsandbytes.optim.lars import PytorchLARS as baseline
+    else:
+        baseline = TORCH[FAMILIES[family][0]]
     assert_same(run(family, kind, "reference"), run(family, kind, None, torch_cls=baseline),
                 f"{family} {kind}: reference vs {baseline.__module__}")
 
@@ -127,6 +150,7 @@ def check_backend(family: str, kind: str, backend: str) -> None:
     reason = backends.unavailable_reason(backend, torch.device("cpu"))
     if reason is not None:
         pytest.skip(f"backend {backend!r}: {reason}")
+    cases.skip_unless_backend_has(getattr(fusedopt, FAMILIES[family][0]), backend)
     assert_same(run(family, kind, backend), run(family, kind, "reference"), f"{family} {kind}: {backend}")
 
 
