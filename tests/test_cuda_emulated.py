@@ -135,6 +135,26 @@ def test_sharded_lamb_sums_norms_over_the_shards(emulated, monkeypatch, dtype, s
     test_cuda_gpu.test_sharded_lamb_sums_norms_over_the_shards(torch.device("cpu"), dtype, shards)
 
 
+@pytest.mark.parametrize("cls, dtype, kwargs", test_cuda_gpu.SHARDED_TWO_PASS,
+                         ids=lambda v: getattr(v, "__name__", str(v)))
+@pytest.mark.parametrize("shards", [1, 2])
+def test_sharded_two_pass_sums_norms_over_the_shards(emulated, monkeypatch, cls, dtype, kwargs, shards):
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)  # CPU ops are synchronous
+    test_cuda_gpu.test_sharded_two_pass_sums_norms_over_the_shards(torch.device("cpu"), cls, dtype, kwargs, shards)
+
+
+def test_small_cases_of_every_kernel(emulated):
+    """tests/cuda_small_cases.py (what compute-sanitizer runs on a GPU) on the emulator, whose
+    every global access is bounds- and alignment-checked: every family, 8-bit narrow and wide
+    blocks, the two-pass families' sharded path, a skipped step, the norms, the quantizer."""
+    import cuda_small_cases
+
+    emulator.reset_stats(emulated)
+    cuda_small_cases.run(torch.device("cpu"))
+    stats = emulator.stats(emulated)
+    assert stats["launches"] > 0 and stats["checked_accesses"] > 0, stats
+
+
 @pytest.fixture
 def emulated_once(lib):
     """The emulated backend under one schedule (tests whose kernels the grid runs already)."""
