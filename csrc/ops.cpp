@@ -178,13 +178,11 @@ struct Streams {
 
 // Lengths, dtypes, layouts and sizes of a batch. `num_states` state lists hold one tensor per
 // param, the others are empty; with block_size > 0 the states are uint8 codes with fp32
-// absmaxes, else fp32. Without `reads_grads` (an op that takes no grads) s.grads is not looked
-// at. Adds every tensor to `on_device`.
-void check_streams(const Streams& s, int num_states, int64_t block_size, OnDevice& on_device, const char* op,
-                   bool reads_grads = true) {
+// absmaxes, else fp32. Adds every tensor to `on_device`.
+void check_streams(const Streams& s, int num_states, int64_t block_size, OnDevice& on_device, const char* op) {
   check_block_size(block_size, op);
   const size_t n = s.params.size();
-  if (reads_grads) check_length(s.grads, "grads", n, op);
+  check_length(s.grads, "grads", n, op);
   check_length(s.steps, "steps", n, op);
   for (int k = 0; k < 3; ++k) {
     check_length(s.states[k], s.state_names[k], k < num_states ? n : 0, op);
@@ -192,7 +190,7 @@ void check_streams(const Streams& s, int num_states, int64_t block_size, OnDevic
   }
   if (n == 0) return;
   const ScalarKind param_kind = kind_of(s.params[0], Name{"params", 0}, op);
-  const ScalarKind grad_kind = reads_grads ? kind_of(s.grads[0], Name{"grads", 0}, op) : kFloat32;
+  const ScalarKind grad_kind = kind_of(s.grads[0], Name{"grads", 0}, op);
   for (size_t i = 0; i < n; ++i) {
     const Tensor& p = s.params[i];
     const int64_t numel = p.numel();
@@ -200,13 +198,11 @@ void check_streams(const Streams& s, int num_states, int64_t block_size, OnDevic
     TORCH_CHECK(kind_of(p, pname, op) == param_kind, "fusedopt.", op, ": ", pname, " is ", p.scalar_type(),
                 " but params[0] is ", kind_name(param_kind), "; a batch has one param dtype");
     check_dense(p, pname, op);
-    if (reads_grads) {
-      TORCH_CHECK(kind_of(s.grads[i], gname, op) == grad_kind, "fusedopt.", op, ": ", gname, " is ",
-                  s.grads[i].scalar_type(), " but grads[0] is ", kind_name(grad_kind), "; a batch has one grad dtype");
-      check_dense(s.grads[i], gname, op);
-      check_numel(s.grads[i], gname, numel, pname, op);
-      check_layout(s.grads[i], gname, p, pname, op);
-    }
+    TORCH_CHECK(kind_of(s.grads[i], gname, op) == grad_kind, "fusedopt.", op, ": ", gname, " is ",
+                s.grads[i].scalar_type(), " but grads[0] is ", kind_name(grad_kind), "; a batch has one grad dtype");
+    check_dense(s.grads[i], gname, op);
+    check_numel(s.grads[i], gname, numel, pname, op);
+    check_layout(s.grads[i], gname, p, pname, op);
     for (int k = 0; k < num_states; ++k) {
       const Name name{s.state_names[k], int64_t(i)};
       check_dtype(s.states[k][i], name, block_size > 0 ? at::kByte : at::kFloat, op);
@@ -227,7 +223,7 @@ void check_streams(const Streams& s, int num_states, int64_t block_size, OnDevic
                 s.steps[i].numel());
   }
   on_device.add(s.params, "params");
-  if (reads_grads) on_device.add(s.grads, "grads");
+  on_device.add(s.grads, "grads");
   for (int k = 0; k < num_states; ++k) {
     on_device.add(s.states[k], s.state_names[k]);
     if (block_size > 0) on_device.add(s.absmaxes[k], s.absmax_names[k]);
@@ -464,7 +460,7 @@ void lion_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList 
 // ---- the two-pass families (LAMB, LARS: two_pass.cuh) -------------------------------------------
 //
 // Each has three ops: <family>_ (both passes), and for sharded params (FSDP2) the two apart:
-// <family>_norms_ (pass 1: returns each tensor's [sum p^2, sum u^2] over the elements it holds,
+// <family>_norms_ (lamb_moments_ for LAMB; pass 1: returns each tensor's [sum p^2, sum u^2] over the elements it holds,
 // for a shard this rank's part; fp32 states are updated, 8-bit ones are not) and <family>_apply_
 // (pass 2 with the norms summed over the shards: the param, 8-bit states and steps). Every op
 // takes the grads (pass 2 reads them for 8-bit states and for some families' u).
