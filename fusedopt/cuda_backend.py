@@ -29,7 +29,7 @@ from itertools import chain
 
 import torch
 
-from . import backends, build, families, layout, quant, reference
+from . import backends, build, layout, quant, reference
 
 NAME = "cuda"
 DESCRIPTION = "CUDA C++ multi-tensor kernels (csrc/), compiled with nvcc on first use or by `python -m fusedopt build`"
@@ -293,7 +293,8 @@ def lars(batch) -> None:
     """LARS over one batch, with the momentum buffer (fp32 or 8-bit) where the group keeps one
     (``momentum != 0``): as :func:`lamb`, two kernels, or three steps for sharded params."""
     group = batch.group
-    _two_pass(batch, "lars", 1, families.LARS.state_names(group),
+    # the states the base made for the group (families.LARS: the buffer where momentum != 0)
+    _two_pass(batch, "lars", 1, tuple(n for n in ("momentum_buffer",) if n in batch.state),
               (group["lr"], group["momentum"], group["dampening"], group["weight_decay"], group["max_unorm"]),
               (group["nesterov"],))
 
