@@ -9,7 +9,9 @@ fusedopt optimizer and a baseline on the same data and compares after every step
 from __future__ import annotations
 
 import io
+import re
 
+import pytest
 import torch
 
 import fusedopt
@@ -120,11 +122,14 @@ def param_groups(params, group1: dict) -> list[dict]:
     return [{"params": params[0]}, {"params": params[1], **group1}]
 
 
-def compare(step, ours, opt, theirs, topt, dtype, state_dtype, names) -> None:
+def compare(step, ours, opt, theirs, topt, dtype, state_dtype, names, their_step=True) -> None:
     """Every param (in ``dtype``'s tolerance), every state ``names`` (in ``state_dtype``'s; our
-    states must have that dtype) and every step count of ``opt`` against ``topt``. A baseline
-    without ``step`` in its state (lion-pytorch) is compared on the other keys."""
-    for gi, (og, tg) in enumerate(zip(ours, theirs)):
+    states must have that dtype) and every step count of ``opt`` against ``topt``. ``names``: a
+    tuple for every group, or a list of one tuple per group. A baseline without ``step`` in its
+    state (lion-pytorch, torch's SGD) is compared on the other keys; ``their_step=False``: the
+    baseline's ``step`` is not its own (torch's SGD keeps a loaded one without advancing it)."""
+    per_group = names if isinstance(names, list) else [names] * len(ours)
+    for gi, (og, tg, names) in enumerate(zip(ours, theirs, per_group)):
         for pi, (p, q) in enumerate(zip(og, tg)):
             where = f"step {step} group {gi} param {pi}"
             assert p.dtype == dtype, f"{where}: param dtype {p.dtype}"
@@ -138,7 +143,7 @@ def compare(step, ours, opt, theirs, topt, dtype, state_dtype, names) -> None:
                 assert state[name].dtype == state_dtype, f"{where} {name}: dtype {state[name].dtype}"
                 assert_close(state[name], tstate[name], state_dtype, f"{where} {name}")
             assert state["step"].dtype == torch.float32 and state["step"].shape == ()
-            if "step" in tstate:
+            if "step" in tstate and their_step:
                 assert float(state["step"]) == float(tstate["step"]), f"{where} step"
 
 
@@ -252,3 +257,326 @@ def assert_no_worse_than_bnb(ours, theirs, ref) -> None:
     for name in sa:
         e_ours, e_bnb = _median_relative(sa[name], sr[name]), _median_relative(sb[name], sr[name])
         assert e_ours <= e_bnb, f"{name}: median relative error {e_ours:.4g} > bitsandbytes' {e_bnb:.4g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# What every family's test file checks of its classes (test_sgd.py, test_adagrad.py, ...)
+# ---------------------------------------------------------------------------------------------
+
+
+def clone_params(params, convert=lambda p: p.clone()):
+    return [[convert(p) for p in group] for group in params]
+
+
+def run_against(opt, ours, topt, theirs, dtype, names, steps=range(STEPS), *, state_dtype=None, their_step=True,
+                withhold=()) -> None:
+    """Step ``opt`` and the baseline ``topt`` on the grid's grads of each step, comparing every
+    param and state after each. ``withhold``: ``(group, param)`` pairs without a grad at
+    these steps too."""
+    for step in steps:
+        grads = make_grads(step, ours)
+        for gi, pi in withhold:
+            grads[gi][pi] = None
+        set_grads(ours, grads)
+        for group, gs in zip(theirs, grads):  # in the baseline's dtype (a float64 transcription)
+            for q, g in zip(group, gs):
+                q.grad = None if g is None else g.to(q.dtype).clone()
+        opt.step()
+        topt.step()
+        compare(step, ours, opt, theirs, topt, dtype, state_dtype or dtype, names, their_step)
+
+
+def run_16bit(opt, ours, topt, theirs, dtype, names) -> None:
+    """16-bit params with fp32 states against a baseline on float64 (or fp32) copies of them
+    (``theirs``). Each step starts the baseline from our params and states (so the comparison is
+    of one rounding, see fusedopt/testing.py): params within the 16-bit tolerance, states within
+    fp32's."""
+    for step in range(STEPS):
+        with torch.no_grad():
+            for og, tg in zip(ours, theirs):
+                for p, q in zip(og, tg):
+                    q.copy_(p)
+                    tstate = topt.state.get(q, {})
+                    for name, value in opt.state.get(p, {}).items():
+                        if name in tstate:
+                            tstate[name].copy_(value)
+        grads = make_grads(step, ours)
+        set_grads(ours, grads)
+        set_grads(theirs, grads, convert=lambda g: g.to(theirs[0][0].dtype))
+        opt.step()
+        topt.step()
+        compare(step, ours, opt, theirs, topt, dtype, torch.float32, names, their_step=False)
+
+
+def state_dicts_both_ways(make_ours, make_theirs, group1, names, *, stepless) -> None:
+    """A baseline's state dict (after 3 steps) loads into ours, and ours (3 steps later) into a
+    fresh baseline; each continues as the uninterrupted baseline run (float64).
+
+    Param 1 of group 1 gets its first grad only after the load: a state-less param starts
+    afresh (SGD: its momentum buffer a copy of the grad), a loaded one continues (SGD: the
+    loaded buffer blended with the grad, although torch's state dict has no ``step``)."""
+    dtype, late = torch.float64, {(1, 1)}
+    base = make_params(dtype)
+    torch_run = make_theirs(param_groups(base, group1))
+    ours = clone_params(base)
+    opt = make_ours(param_groups(ours, group1))
+    run_against(opt, ours, torch_run, base, dtype, names, range(3), withhold=late)
+
+    # baseline -> fusedopt
+    ours = clone_params(base)
+    opt = make_ours(param_groups(ours, group1))
+    opt.load_state_dict(checkpoint(torch_run.state_dict()))
+    if stepless:
+        for p in (p for group in ours for p in group):
+            st = opt.state.get(p, {})
+            assert ("step" in st) == any(name in st for name in ("momentum_buffer",))
+            if "step" in st:
+                assert float(st["step"]) == 1.0, "a loaded stepless state is past its first step"
+    run_against(opt, ours, torch_run, base, dtype, names, range(3, 6), their_step=not stepless)
+
+    # fusedopt -> baseline
+    theirs = clone_params(ours)
+    topt = make_theirs(param_groups(theirs, group1))
+    topt.load_state_dict(checkpoint(opt.state_dict()))
+    run_against(opt, ours, topt, theirs, dtype, names, range(6, 9), their_step=not stepless)
+
+
+def check_bad_input(cls, kw, overrides, exc, msg, torch_make=None) -> None:
+    """``overrides`` raise ``exc`` with ``msg`` (naming the argument) before anything changes:
+    as the optimizer's arguments and in a param group at construction, in add_param_group
+    (which then adds nothing), and in a group edited between steps (the step raises and no
+    param, state or step count changes; with the group restored, the next step runs).
+    ``torch_make(params, **overrides)``: the baseline, which raises the same words."""
+    gen = torch.Generator().manual_seed(7)
+
+    def new(n=10):
+        return torch.randn(n, generator=gen)
+
+    pattern = re.escape(msg)
+    with pytest.raises(exc, match=pattern):
+        cls([new()], **{**kw, **overrides})
+    with pytest.raises(exc, match=pattern):
+        cls([{"params": [new()]}, {"params": [new()], **overrides}], **kw)
+    if torch_make is not None:
+        with pytest.raises(exc, match=pattern):
+            torch_make([new()], **overrides)
+    opt = cls([new()], **kw)
+    with pytest.raises(exc, match=pattern):
+        opt.add_param_group({"params": [new()], **overrides})
+    assert len(opt.param_groups) == 1
+
+    params = [[new(300), new(17)], [new(257), new(5)]]
+    opt = cls([{"params": params[0]}, {"params": params[1]}], **kw)
+    for p in (p for group in params for p in group):
+        p.grad = new(p.numel())
+    opt.step()
+    saved = dict(opt.param_groups[1])
+    opt.param_groups[1].update(overrides)
+    before = snapshot(opt, params)
+    with pytest.raises(exc, match=pattern):
+        opt.step()
+    assert_unchanged(opt, params, before, f"a step with {overrides} in group 1")
+    opt.param_groups[1].clear()
+    opt.param_groups[1].update(saved)
+    opt.step()
+    assert all(float(opt.state[p]["step"]) == 2 for group in params for p in group)
+
+
+# The extras every class takes through the base, each against the same class without it.
+EXTRA_SIZES = (1, 255, 4097)
+EXTRAS = ("max_grad_norm", "gradscaler", "master_weights", "stochastic_rounding")
+
+
+def _extra_params(dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, generator=gen).to(dtype) for n in EXTRA_SIZES]
+
+
+def _extra_grads(step, seed=1):
+    """fp32 grads of every size; every other step large enough that a max norm of 1 clips."""
+    gen = torch.Generator().manual_seed(seed * 100 + step)
+    scale = 10.0 if step % 2 else 1e-3
+    return [torch.randn(n, generator=gen) * scale for n in EXTRA_SIZES]
+
+
+def _copy_state(dst_opt, dst, src_opt, src) -> None:
+    """``dst``'s params and states set to ``src``'s (values, in ``dst``'s dtypes)."""
+    with torch.no_grad():
+        for p, q in zip(dst, src):
+            p.copy_(q)
+            dst_opt.state[p] = {k: v.clone() for k, v in src_opt.state[q].items()}
+
+
+def _assert_states(opt, params, topt, theirs, what, exact) -> None:
+    for i, (p, q) in enumerate(zip(params, theirs)):
+        st, tst = opt.state[p], topt.state[q]
+        assert set(st) == set(tst), f"{what} param {i}: state keys {set(st)} vs {set(tst)}"
+        for k, v in st.items():
+            if exact:
+                assert_identical(v, tst[k], f"{what} param {i} {k}")
+            elif v.dtype != torch.uint8 and not k.endswith("_absmax"):
+                assert_close(v, tst[k], v.dtype, f"{what} param {i} {k}")
+
+
+def check_extra(extra, cls, kw) -> None:
+    """One of :data:`EXTRAS` on ``cls`` (reference backend) against ``cls`` without it.
+
+    - ``max_grad_norm``: against grads clipped by ``torch.nn.utils.clip_grad_norm_``, each step
+      from the same params and states (a step of each; 8-bit codes may differ where the clip
+      coefficients differ in the last bit, so they are not compared); ``last_grad_norm`` is
+      torch's norm.
+    - ``gradscaler``: ``torch.amp.GradScaler("cpu")``'s scaled grads (a power of two: unscaling
+      is exact) step bit for bit as the unscaled ones, and a step with an inf changes nothing.
+    - ``master_weights``: bf16 params' masters bit for bit as fp32 params on the same grads,
+      the params the masters rounded to nearest.
+    - ``stochastic_rounding``: a bf16 param is the fp32 update (from the same param and states)
+      rounded with the documented noise (``reference.rounding_noise``), and differs from
+      round-to-nearest somewhere.
+    """
+    from fusedopt import reference
+
+    kw = dict(kw, backend="reference")
+    if extra == "max_grad_norm":
+        ours, theirs = _extra_params(torch.float32), _extra_params(torch.float32)
+        opt, topt = cls(ours, max_grad_norm=1.0, **kw), cls(theirs, **kw)
+        clipped = 0
+        for step in range(STEPS):
+            if step:
+                _copy_state(topt, theirs, opt, ours)
+            for p, q, g in zip(ours, theirs, _extra_grads(step)):
+                p.grad, q.grad = g, g.clone()
+            norm = torch.nn.utils.clip_grad_norm_(theirs, 1.0, foreach=False)
+            clipped += bool(norm > 1.0)
+            opt.step()
+            topt.step()
+            assert_close(opt.last_grad_norm, norm, torch.float32, f"step {step} last_grad_norm")
+            for i, (p, q) in enumerate(zip(ours, theirs)):
+                assert_close(p, q, torch.float32, f"step {step} param {i}")
+            _assert_states(opt, ours, topt, theirs, f"step {step}", exact=False)
+        assert 0 < clipped < STEPS
+    elif extra == "gradscaler":
+        ours, theirs = _extra_params(torch.float32), _extra_params(torch.float32)
+        opt, topt = cls(ours, **kw), cls(theirs, **kw)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+        inf_steps = {3, 4}
+        for step in range(STEPS):
+            scaler.scale(torch.ones(()))
+            scale = scaler.get_scale()
+            for p, q, g in zip(ours, theirs, _extra_grads(step)):
+                p.grad, q.grad = g * scale, g.clone()
+            if step in inf_steps:
+                ours[-1].grad[17] = float("inf")
+            before = snapshot(opt, [ours])
+            scaler.step(opt)
+            scaler.update()
+            if step in inf_steps:
+                assert_unchanged(opt, [ours], before, f"step {step} with an inf")
+                continue
+            topt.step()
+            for i, (p, q) in enumerate(zip(ours, theirs)):
+                assert_identical(p, q, f"step {step} param {i}")
+            _assert_states(opt, ours, topt, theirs, f"step {step}", exact=True)
+        assert float(opt.state[ours[0]]["step"]) == STEPS - len(inf_steps)
+    elif extra == "master_weights":
+        ours = _extra_params(torch.bfloat16)
+        masters = [p.float() for p in ours]
+        opt, topt = cls(ours, master_weights=True, **kw), cls(masters, **kw)
+        for step in range(STEPS):
+            for p, m, g in zip(ours, masters, _extra_grads(step)):
+                p.grad = g.to(torch.bfloat16)
+                m.grad = p.grad.float()
+            opt.step()
+            topt.step()
+            for i, (p, m) in enumerate(zip(ours, masters)):
+                st = opt.state[p]
+                assert_identical(st["master_param"], m, f"step {step} master {i}")
+                assert_identical(p, m.to(torch.bfloat16), f"step {step} param {i}")
+                for k, v in topt.state[m].items():
+                    assert_identical(st[k], v, f"step {step} param {i} {k}")
+    elif extra == "stochastic_rounding":
+        ours = _extra_params(torch.bfloat16)
+        theirs = [p.float() for p in ours]
+        opt, topt = cls(ours, stochastic_rounding=True, **kw), cls(theirs, **kw)
+        differs = 0
+        for step in range(STEPS):
+            if step:
+                _copy_state(topt, theirs, opt, ours)
+            for p, q, g in zip(ours, theirs, _extra_grads(step)):
+                p.grad = g.to(torch.bfloat16)
+                q.grad = p.grad.float()
+            opt.step()
+            topt.step()
+            for i, (p, q) in enumerate(zip(ours, theirs)):
+                t = opt.state[p]["step"].to(torch.float64)
+                noise = reference.rounding_noise(0, t, i, p.numel())
+                assert_identical(p, reference.round_stochastic_bf16(q, noise), f"step {step} param {i}")
+                differs += int((p != q.to(torch.bfloat16)).sum())
+            _assert_states(opt, ours, topt, theirs, f"step {step}", exact=True)
+        assert differs > 0, "stochastic rounding never differed from round-to-nearest"
+    else:
+        raise AssertionError(extra)
+
+
+#: The 8-bit codebook of each state (issue 14: the signed map for first moments and momentum
+#: buffers, the unsigned one for second moments and Adagrad's sum), written here, not read
+#: from fusedopt.families, so that a wrong declaration fails.
+SIGNED = {"exp_avg": True, "momentum_buffer": True, "grad_avg": True,
+          "exp_avg_sq": False, "sum": False, "square_avg": False, "max_exp_avg_sq": False}
+
+
+def check_8bit_lockstep(cls8, cls32, kw, names, dtype=torch.float32, block_size=64, min_8bit_size=256) -> None:
+    """An 8-bit class against its 32-bit class, one step at a time from the same params and
+    (dequantized) states: the 8-bit step runs the 32-bit math on the dequantized states, so the
+    param is bit for bit the 32-bit one, and each state's codes and absmax are
+    ``quant.quantize_blockwise`` of the 32-bit state (in its codebook, :data:`SIGNED`); tensors
+    under ``min_8bit_size`` keep fp32 states, bit for bit the 32-bit ones. ``names``: the
+    states of each group (a list of two tuples)."""
+    ours, plain = make_params(dtype), make_params(dtype)
+    opt = cls8(param_groups(ours, {"lr": 3e-3}), backend="reference", block_size=block_size,
+               min_8bit_size=min_8bit_size, **kw)
+    popt = cls32(param_groups(plain, {"lr": 3e-3}), backend="reference", **kw)
+    quantized = 0
+    for step in range(STEPS):
+        with torch.no_grad():
+            for og, pg in zip(ours, plain):
+                for p, q in zip(og, pg):
+                    q.copy_(p)
+                    st = opt.state.get(p)
+                    if not st:
+                        continue
+                    popt.state[q] = {
+                        k: (quant.dequantize_blockwise(v, st[k + "_absmax"], SIGNED[k], block_size)
+                            if v.dtype == torch.uint8 else v.clone())
+                        for k, v in st.items() if not k.endswith("_absmax")
+                    }
+        grads = make_grads(step, ours)
+        set_grads(ours, grads)
+        set_grads(plain, grads)
+        before = snapshot(opt, ours)
+        opt.step()
+        popt.step()
+        for gi, (og, pg) in enumerate(zip(ours, plain)):
+            for pi, (p, q) in enumerate(zip(og, pg)):
+                where = f"step {step} group {gi} param {pi}"
+                assert_identical(p, q, f"{where} param")
+                st, pst = opt.state.get(p), popt.state.get(q)
+                if not st:
+                    assert not pst, f"{where}: no state, but the 32-bit class has {sorted(pst)}"
+                    continue
+                if grads[gi][pi] is None:  # not stepped: its codes stay as they were
+                    for k, v in st.items():
+                        assert_identical(v, before[sum(map(len, ours[:gi])) + pi][1][k], f"{where} {k}")
+                    continue
+                assert_identical(st["step"], pst["step"], f"{where} step")
+                big = p.numel() >= min_8bit_size
+                assert set(st) == {"step", *names[gi], *(n + "_absmax" for n in names[gi] if big)}, f"{where}: {set(st)}"
+                for name in names[gi]:
+                    if not big:
+                        assert_identical(st[name], pst[name], f"{where} {name}")
+                        continue
+                    quantized += 1
+                    codes, absmax = quant.quantize_blockwise(pst[name], SIGNED[name], block_size)
+                    assert st[name].dtype == torch.uint8 and st[name].shape == p.shape
+                    assert_identical(st[name], codes, f"{where} {name} codes")
+                    assert_identical(st[name + "_absmax"], absmax, f"{where} {name}_absmax")
+    assert quantized or not any(names), "no state was quantized"

@@ -1,4 +1,6 @@
-"""LAMB on the reference backend against a direct transcription of the paper's algorithm.
+"""LAMB / LAMB8bit on the reference backend against a direct transcription of the paper's
+algorithm (LAMB8bit: against LAMB on its dequantized states, and bitsandbytes' CPU LAMB8bit where
+it runs LAMB).
 
 You, Li, Reddi, Hseu, Kumar, Bhojanapalli, Song, Demmel, Keutzer, Hsieh: "Large Batch
 Optimization for Deep Learning: Training BERT in 76 minutes", ICLR 2020, Algorithm 2 (LAMB),
@@ -8,13 +10,29 @@ not from fusedopt/reference.py, and runs in float64.
 
 from __future__ import annotations
 
+import functools
 import math
 
+import bitsandbytes as bnb
 import pytest
 import torch
 
 import fusedopt
-from cases import STEPS, compare, make_grads, make_params, param_groups, set_grads, step_count
+from cases import (
+    EXTRAS,
+    STEPS,
+    assert_no_worse_than_bnb,
+    check_8bit_lockstep,
+    check_bad_input,
+    check_extra,
+    compare,
+    make_grads,
+    make_params,
+    param_groups,
+    run_against_bnb,
+    set_grads,
+    step_count,
+)
 from fusedopt.testing import assert_close
 
 GROUP1 = dict(lr=3e-3, betas=(0.8, 0.99), eps=1e-8, weight_decay=0.05)
@@ -127,3 +145,69 @@ def test_bias_corrections_match_float64(beta2, tensor_betas):
         opt.step()
         paper.step()
         assert_close(ours, theirs, torch.float32, f"t={t} param")
+
+
+# ---------------------------------------------------------------------------------------------
+# LAMB8bit
+# ---------------------------------------------------------------------------------------------
+
+NAMES = ("exp_avg", "exp_avg_sq")
+
+
+@pytest.mark.parametrize("kw", [dict(weight_decay=0.1), dict(weight_decay=0.0, bias_correction=False)],
+                         ids=["wd", "no-bias-correction"])
+def test_lamb8bit_steps_as_lamb_on_dequantized_states(kw):
+    """The trust ratio's norms and the applied update come from this step's fp32 moments, not
+    the requantized ones: the param is bit for bit the 32-bit step's, the codes those of
+    quant.quantize_blockwise of its moments (signed map for exp_avg, unsigned for exp_avg_sq)."""
+    check_8bit_lockstep(fusedopt.LAMB8bit, fusedopt.LAMB, kw, [NAMES, NAMES])
+
+
+def test_lamb8bit_bf16_params():
+    check_8bit_lockstep(fusedopt.LAMB8bit, fusedopt.LAMB, dict(weight_decay=0.1), [NAMES, NAMES], dtype=torch.bfloat16)
+
+
+def _bnb_lamb8bit_is_adamw8bit_on_cpu() -> bool:
+    """Whether bitsandbytes' LAMB8bit steps CPU tensors as its AdamW8bit (0.50.2 does: its CPU
+    8-bit step takes the "lamb" name into the Adam branch, with no trust ratio)."""
+    runs = []
+    for cls in (bnb.optim.LAMB8bit, bnb.optim.AdamW8bit):
+        gen = torch.Generator().manual_seed(0)
+        p = torch.randn(4096, generator=gen)
+        opt = cls([p], lr=1e-2, weight_decay=0.1)
+        for _ in range(2):
+            p.grad = torch.randn(4096, generator=gen)
+            opt.step()
+        runs.append(p)
+    return torch.equal(*runs)
+
+
+def test_lamb8bit_no_worse_than_bitsandbytes():
+    if _bnb_lamb8bit_is_adamw8bit_on_cpu():
+        pytest.skip(f"bitsandbytes {bnb.__version__}'s LAMB8bit runs AdamW8bit's update on CPU tensors (no trust "
+                    "ratio), so it is no baseline for LAMB8bit here")
+    ours, theirs, ref = run_against_bnb(fusedopt.LAMB8bit, bnb.optim.LAMB8bit,
+                                        functools.partial(fusedopt.LAMB, backend="reference"), NAMES,
+                                        lr=1e-3, weight_decay=0.01)
+    assert_no_worse_than_bnb(ours, theirs, ref)
+
+
+BAD = [
+    (dict(lr=-1e-3), ValueError, "Invalid learning rate: -0.001"),
+    (dict(betas=(0.9, 1.0)), ValueError, "Invalid beta parameter at index 1: 1.0"),
+    (dict(eps=-1e-6), ValueError, "Invalid epsilon value: -1e-06"),
+    (dict(weight_decay=-0.1), ValueError, "Invalid weight_decay value: -0.1"),
+    (dict(bias_correction="yes"), TypeError, "Invalid bias_correction: 'yes'"),
+    (dict(block_size=48), ValueError, "Invalid block_size: 48"),
+    (dict(min_8bit_size=-1), ValueError, "Invalid min_8bit_size: -1"),
+]
+
+
+@pytest.mark.parametrize("overrides,exc,msg", BAD, ids=[str(b[0]) for b in BAD])
+def test_lamb8bit_bad_input_changes_nothing(overrides, exc, msg):
+    check_bad_input(fusedopt.LAMB8bit, dict(backend="reference", min_8bit_size=64, block_size=64), overrides, exc, msg)
+
+
+@pytest.mark.parametrize("extra", EXTRAS)
+def test_lamb8bit_extras(extra):
+    check_extra(extra, fusedopt.LAMB8bit, dict(lr=1e-2, weight_decay=0.01, min_8bit_size=256, block_size=64))

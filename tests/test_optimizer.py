@@ -116,6 +116,22 @@ def test_bad_group_hyper_parameter(cls, arg, value, exc, msg):
     assert len(opt.param_groups) == 1
 
 
+@pytest.mark.parametrize("cls,arg,value,exc,msg", _cases(BAD_HYPER))
+def test_bad_group_hyper_parameter_set_between_steps(cls, arg, value, exc, msg):
+    """A bad value set in a group between steps raises at the next step, before any group
+    steps: no param, state or step count changes (group 0 is fine and comes first)."""
+    params = _params()
+    opt = _make(cls, params)
+    _grads(params, 0)
+    opt.step()
+    opt.param_groups[1][arg] = value
+    _grads(params, 1)
+    before = snapshot(opt, params)
+    with pytest.raises(exc, match=re.escape(msg)):
+        opt.step()
+    assert_unchanged(opt, params, before, f"{arg}={value!r} set in group 1")
+
+
 @pytest.mark.parametrize("cls", CLASSES, ids=name)
 def test_bad_params(cls):
     p = torch.randn(10)
