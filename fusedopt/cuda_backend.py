@@ -4,7 +4,8 @@ Each family function builds (once per change of addresses) a device table of the
 tensor addresses and a list of (tensor, chunk) work items, keeps them in ``batch.cache``, and
 calls one op: ``torch.ops.fusedopt.adam_``, ``lion_``, ``lamb_`` or ``lars_`` (the last two: two
 kernels; for sharded params ``lamb_moments_`` / ``lars_norms_`` and ``lamb_apply_`` /
-``lars_apply_``, with the per-tensor norms summed over the shards between them). The step scalars (``fusedopt.scalars``) and tensor-valued hyper-parameters are read on the device, so a
+``lars_apply_``, with the per-tensor norms summed over the shards between them). The step
+scalars (``fusedopt.scalars``) and tensor-valued hyper-parameters are read on the device, so a
 step never waits for the GPU. ``global_norm`` is two kernels (partials in fixed slots, then one
 block), deterministic.
 
@@ -257,7 +258,8 @@ def _two_pass(batch, name: str, slots: int, states: tuple[str, ...], hyper_value
     (two kernels), or for sharded params (``batch.all_reduce``) ``name_norms_`` (``lamb_moments_``
     for LAMB), each tensor's ``||p||^2`` and ``||u||^2`` summed over its shards, then ``name_apply_``.
     The op takes ``slots`` state lists and as many absmax lists: ``states`` (the batch's state
-    names, in the op's order; fp32, or 8-bit codes with absmaxes), the rest empty. ``flags``: the op's arguments between ``hyper_tensors`` and ``block_size``."""
+    names, in the op's order; fp32, or 8-bit codes with absmaxes), the rest empty. ``flags``: the
+    op's arguments between ``hyper_tensors`` and ``block_size``."""
     lists = _state_lists(batch, states)
     plan = _plan(batch, lists)
     device = batch.params[0].device
