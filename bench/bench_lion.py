@@ -5,6 +5,6 @@ import pytest
 from fusedopt import benchmarking as fb
 
 
-@pytest.mark.parametrize("case,provider", fb.pytest_params(("lion", "lion8bit")))
+@pytest.mark.parametrize("case,provider", fb.pytest_params(fb.optimizers_of("lion")))
 def test_lion(benchmark, case, provider, quick):
     fb.pytest_benchmark(benchmark, case, provider, quick)

@@ -10,6 +10,7 @@
 #   bash bench/gpu_session.sh setup large sanitizer
 #   bash bench/gpu_session.sh setup bench gpt2-124m one-82m many-4k
 #   bash bench/gpu_session.sh setup bench llama-1b
+#   bash bench/gpu_session.sh setup bench 'sgd*/gpt2-124m/*' 'adagrad*/gpt2-124m/*'   # case globs
 #   bash bench/gpu_session.sh setup example
 #
 # Everything a stage writes goes to $OUT (logs, JSON, PNG), which the device tool brings back;
@@ -81,7 +82,10 @@ stage_bench() {
     local name
     name=$(IFS=-; echo "${models[*]}")
     local cases=()
-    for m in "${models[@]}"; do cases+=("*/$m/*"); done
+    # A model name runs every optimizer on it; an optimizer/model/dtype glob (with a /) runs
+    # those cases only, e.g. 'sgd*/gpt2-124m/*' 'lars*/*/fp32' for new families within a call.
+    for m in "${models[@]}"; do [[ $m == */* ]] && cases+=("$m") || cases+=("*/$m/*"); done
+    name=${name//[^A-Za-z0-9_.-]/_}
     "$PY" -m fusedopt bench --cases "${cases[@]}" --json "$OUT/bench-$name.json" --plot "$OUT/bench-$name.png" \
         2>&1 | tee "$OUT/bench-$name.txt"
 }

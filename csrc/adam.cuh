@@ -66,7 +66,7 @@ struct Adam {
     return s;
   }
 
-  __device__ __forceinline__ static void math(float& p, float g, float (&s)[kStates], const Step& step) {
+  __device__ __forceinline__ static void math(float& p, float g, States<kStates>& s, const Step& step) {
     adam_math<AMSGRAD>(p, g, s[0], s[1], s[kStates - 1], step);
   }
 };

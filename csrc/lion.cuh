@@ -38,7 +38,7 @@ struct Lion {
     return s;
   }
 
-  __device__ __forceinline__ static void math(float& p, float g, float (&s)[kStates], const Step& step) {
+  __device__ __forceinline__ static void math(float& p, float g, States<kStates>& s, const Step& step) {
     lion_math(p, g, s[0], step);
   }
 };

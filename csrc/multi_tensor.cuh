@@ -322,11 +322,17 @@ inline int grid_size(Kernel kernel, int64_t n_work, int smem_bytes = 0) {
 
 // ---- the elementwise update: one kernel for every family whose math is per element ----------
 //
-// A Family provides kStates (fp32 state streams kState0..), a Step computed once per tensor and
-// work item from the hyper-parameters and the step count t, and the per-element math
-//   static void math(float& p, float g, float (&s)[kStates], const Step&).
+// A Family provides kStates (fp32 state streams kState0.., in the family's order; 0 for a variant
+// with no state, as SGD without momentum), a Step computed once per tensor and work item from the
+// hyper-parameters and the step count t, and the per-element math
+//   static void math(float& p, float g, States<kStates>& s, const Step&).
 // Elements per thread: 8 (two 16-byte words of an fp32 stream, one of a 16-bit stream).
 constexpr int kVec = 8;
+
+// A thread's states of one element: kStates values (one unused slot when there are none, so that
+// every family's math has the same signature).
+template <int S>
+using States = float[S > 0 ? S : 1];
 
 // Two blocks per SM at least: ptxas may use up to 128 registers. Without a minimum it picked 48
 // for Lion on sm_90 and spilled (CUDA 13.0); the kernels need 50-100.
@@ -334,7 +340,7 @@ constexpr int kMinBlocks = 2;
 
 template <typename Family, typename P, bool SR>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) elementwise_kernel(MultiTensor mt, Family family) {
-  constexpr int S = Family::kStates;
+  constexpr int S = Family::kStates, SA = S > 0 ? S : 1;
   if (mt.scalars[kSkip] != 0.f) return;
   const float grad_mult = mt.scalars[kGradMult];
   for (int64_t w = blockIdx.x; w < mt.n_work; w += gridDim.x) {
@@ -345,7 +351,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) elementwise_kernel(Multi
     const typename Family::Step step = family.step(t);
     const Rounding key = row_key<SR>(mt, row, t);
     P* p = address<P>(row[kParam]);
-    float* s[S];
+    float* s[SA];
 #pragma unroll
     for (int k = 0; k < S; ++k) s[k] = address<float>(row[kState0 + k]);
     const int64_t begin = int64_t(item.y) * mt.chunk;
@@ -353,14 +359,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) elementwise_kernel(Multi
 
     for_each_segment<kVec>(begin, end, row[kAligned] != 0, [&](auto vec, int64_t i, int n) {
       constexpr bool V = decltype(vec)::value;
-      float p_[kVec], g_[kVec], s_[S][kVec];
+      float p_[kVec], g_[kVec], s_[SA][kVec];
       load<V>(p_, p + i, n);
       load_grad<V>(g_, mt.grad, row[kGrad], i, n);
 #pragma unroll
       for (int k = 0; k < S; ++k) load<V>(s_[k], s[k] + i, n);
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
-        float e[S];
+        States<S> e;
 #pragma unroll
         for (int k = 0; k < S; ++k) e[k] = s_[k][j];
         Family::math(p_[j], g_[j] * grad_mult, e, step);

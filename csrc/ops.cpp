@@ -7,9 +7,13 @@
 //                position in its group, and offset: where a shard starts in its full param) and
 //                the (tensor, chunk) work list of a batch, as CPU tensors; the backend caches
 //                them on the device.
-//   adam_, lion_, lamb_, lars_   one optimizer step over a batch, in place (lamb_ and lars_: two
-//                kernels, csrc/two_pass.cuh); fp32 or 8-bit states; bf16 params are rounded to
-//                nearest, or with stochastic_rounding under the group's seed (the reference's bits).
+//   elementwise_ one step of an elementwise family (Adam/AdamW, Lion, SGD, Adagrad, RMSprop) over
+//                a batch, in place: the family by name, its states in its own order (states0..2,
+//                absmaxes0..2 when 8-bit), its hyper-parameters and switches by name.
+//   lamb_, lars_ one step of a two-pass family over a batch, in place (two kernels,
+//                csrc/two_pass.cuh); fp32 or 8-bit states.
+//                All round bf16 params to nearest, or with stochastic_rounding under the group's
+//                seed (the reference's bits).
 //   lamb_moments_, lamb_apply_, lars_norms_, lars_apply_   the two passes apart, for sharded params
 //                (FSDP2): the per-tensor norms the first returns are summed over the shards
 //                before the second.
@@ -45,7 +49,9 @@
 #define FUSEDOPT_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
 #define FUSEDOPT_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
 
+#include <algorithm>
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <optional>
 #include <string>
@@ -62,9 +68,11 @@ using at::TensorList;
 // An argument's name for messages, formatted only when a check fails (a step checks every
 // tensor of a batch: no string is built on the way). index < 0: not a list item.
 struct Name {
+  Name(const char* list_, int64_t index_ = -1, const char* note_ = nullptr)
+      : list(list_), index(index_), note(note_) {}
   const char* list;
-  int64_t index = -1;
-  const char* note = nullptr;
+  int64_t index;
+  const char* note;
 };
 
 std::ostream& operator<<(std::ostream& os, const Name& n) {
@@ -89,7 +97,7 @@ const char* kind_name(ScalarKind k) {
   return k == kFloat32 ? "float32" : k == kBFloat16 ? "bfloat16" : "float16";
 }
 
-void check_length(TensorList list, const char* name, size_t expected, const char* op) {
+void check_length(TensorList list, const Name& name, size_t expected, const char* op) {
   TORCH_CHECK(list.size() == expected, "fusedopt.", op, ": ", name, " has ", list.size(), " tensors; expected ",
               expected, expected ? " (one per param)" : " (the stream is not used)");
 }
@@ -165,15 +173,22 @@ struct OnDevice {
   }
 };
 
-const char* const kStateNames[3] = {"exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"};
-const char* const kAbsmaxNames[3] = {"exp_avg_absmaxes", "exp_avg_sq_absmaxes", "max_exp_avg_sq_absmaxes"};
+const char* const kAdamStateLists[3] = {"exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"};
+const char* const kAdamAbsmaxLists[3] = {"exp_avg_absmaxes", "exp_avg_sq_absmaxes", "max_exp_avg_sq_absmaxes"};
+const char* const kStateLists[3] = {"states0", "states1", "states2"};
+const char* const kAbsmaxLists[3] = {"absmaxes0", "absmaxes1", "absmaxes2"};
 
-// The tensors of a batch, stream by stream, as the table lays them out; the state lists' names
-// in messages (an op's argument names).
+// The tensors of a batch, stream by stream, as the table lays them out, and for messages the
+// op's names of the state lists and, where the op is family-neutral, the family's name of each
+// state ("states1 (momentum_buffer)").
 struct Streams {
   TensorList params, grads, states[3], absmaxes[3], steps;
-  const char* const* state_names = kStateNames;
-  const char* const* absmax_names = kAbsmaxNames;
+  const char* const* state_lists = kAdamStateLists;
+  const char* const* absmax_lists = kAdamAbsmaxLists;
+  const char* const* notes = nullptr;
+
+  Name state(int k, int64_t i = -1) const { return Name{state_lists[k], i, notes ? notes[k] : nullptr}; }
+  Name absmax(int k, int64_t i = -1) const { return Name{absmax_lists[k], i, notes ? notes[k] : nullptr}; }
 };
 
 // Lengths, dtypes, layouts and sizes of a batch. `num_states` state lists hold one tensor per
@@ -185,8 +200,8 @@ void check_streams(const Streams& s, int num_states, int64_t block_size, OnDevic
   check_length(s.grads, "grads", n, op);
   check_length(s.steps, "steps", n, op);
   for (int k = 0; k < 3; ++k) {
-    check_length(s.states[k], s.state_names[k], k < num_states ? n : 0, op);
-    check_length(s.absmaxes[k], s.absmax_names[k], k < num_states && block_size > 0 ? n : 0, op);
+    check_length(s.states[k], s.state(k), k < num_states ? n : 0, op);
+    check_length(s.absmaxes[k], s.absmax(k), k < num_states && block_size > 0 ? n : 0, op);
   }
   if (n == 0) return;
   const ScalarKind param_kind = kind_of(s.params[0], Name{"params", 0}, op);
@@ -204,13 +219,13 @@ void check_streams(const Streams& s, int num_states, int64_t block_size, OnDevic
     check_numel(s.grads[i], gname, numel, pname, op);
     check_layout(s.grads[i], gname, p, pname, op);
     for (int k = 0; k < num_states; ++k) {
-      const Name name{s.state_names[k], int64_t(i)};
+      const Name name = s.state(k, int64_t(i));
       check_dtype(s.states[k][i], name, block_size > 0 ? at::kByte : at::kFloat, op);
       check_dense(s.states[k][i], name, op);
       check_numel(s.states[k][i], name, numel, pname, op);
       check_layout(s.states[k][i], name, p, pname, op);
       if (block_size > 0) {
-        const Name aname{s.absmax_names[k], int64_t(i)};
+        const Name aname = s.absmax(k, int64_t(i));
         check_dtype(s.absmaxes[k][i], aname, at::kFloat, op);
         check_dense(s.absmaxes[k][i], aname, op);
         TORCH_CHECK(s.absmaxes[k][i].numel() == num_blocks(numel, block_size), "fusedopt.", op, ": ", aname, " has ",
@@ -225,8 +240,8 @@ void check_streams(const Streams& s, int num_states, int64_t block_size, OnDevic
   on_device.add(s.params, "params");
   on_device.add(s.grads, "grads");
   for (int k = 0; k < num_states; ++k) {
-    on_device.add(s.states[k], s.state_names[k]);
-    if (block_size > 0) on_device.add(s.absmaxes[k], s.absmax_names[k]);
+    on_device.add(s.states[k], s.state_lists[k]);
+    if (block_size > 0) on_device.add(s.absmaxes[k], s.absmax_lists[k]);
   }
   on_device.add(s.steps, "steps");
 }
@@ -296,7 +311,7 @@ struct Hyper {
 };
 
 Hyper check_hyper(at::ArrayRef<double> hyper, const c10::List<std::optional<Tensor>>& hyper_tensors,
-                  std::initializer_list<const char*> names, OnDevice& on_device, const char* op) {
+                  const std::vector<const char*>& names, OnDevice& on_device, const char* op) {
   const size_t n = names.size();
   TORCH_CHECK(hyper.size() == n && hyper_tensors.size() == n, "fusedopt.", op, ": hyper and hyper_tensors must hold ",
               n, " entries each, got ", hyper.size(), " and ", hyper_tensors.size());
@@ -337,10 +352,9 @@ cudaStream_t stream_of(const at::Device& device) { return c10::cuda::getCurrentC
 
 // ---- the ops ----------------------------------------------------------------------------------
 
-std::tuple<Tensor, Tensor> make_table(TensorList params, TensorList grads, TensorList exp_avgs,
-                                      TensorList exp_avg_sqs, TensorList max_exp_avg_sqs,
-                                      TensorList exp_avg_absmaxes, TensorList exp_avg_sq_absmaxes,
-                                      TensorList max_exp_avg_sq_absmaxes, TensorList steps, int64_t block_size,
+std::tuple<Tensor, Tensor> make_table(TensorList params, TensorList grads, TensorList states0, TensorList states1,
+                                      TensorList states2, TensorList absmaxes0, TensorList absmaxes1,
+                                      TensorList absmaxes2, TensorList steps, int64_t block_size,
                                       at::IntArrayRef salts, at::IntArrayRef offsets) {
   const char* op = "make_table";
   check_block_size(block_size, op);
@@ -354,8 +368,7 @@ std::tuple<Tensor, Tensor> make_table(TensorList params, TensorList grads, Tenso
               " entries; expected none or one per param (", n, ")");
   for (size_t i = 0; i < offsets.size(); ++i)
     TORCH_CHECK(offsets[i] >= 0, "fusedopt.", op, ": offsets[", i, "] must be >= 0, got ", offsets[i]);
-  const Streams s{params, grads, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs},
-                  {exp_avg_absmaxes, exp_avg_sq_absmaxes, max_exp_avg_sq_absmaxes}, steps};
+  const Streams s{params, grads, {states0, states1, states2}, {absmaxes0, absmaxes1, absmaxes2}, steps};
   // Each list is empty (the stream is not used) or holds one tensor per param.
   auto optional_list = [&](TensorList list, const char* name) {
     TORCH_CHECK(list.empty() || list.size() == n, "fusedopt.", op, ": ", name, " has ", list.size(),
@@ -364,8 +377,8 @@ std::tuple<Tensor, Tensor> make_table(TensorList params, TensorList grads, Tenso
   optional_list(grads, "grads");
   optional_list(steps, "steps");
   for (int k = 0; k < 3; ++k) {
-    optional_list(s.states[k], kStateNames[k]);
-    optional_list(s.absmaxes[k], kAbsmaxNames[k]);
+    optional_list(s.states[k], kStateLists[k]);
+    optional_list(s.absmaxes[k], kAbsmaxLists[k]);
   }
   const int64_t chunk = chunk_elements(block_size);
   Tensor table = at::empty({int64_t(n), kRowWidth}, at::TensorOptions().dtype(at::kLong));
@@ -404,59 +417,6 @@ std::tuple<Tensor, Tensor> make_table(TensorList params, TensorList grads, Tenso
   return {table, work_list};
 }
 
-void adam_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
-           TensorList max_exp_avg_sqs, TensorList exp_avg_absmaxes, TensorList exp_avg_sq_absmaxes,
-           TensorList max_exp_avg_sq_absmaxes, TensorList steps, const Tensor& scalars, const Tensor& table,
-           const Tensor& work, const Tensor& counters, const std::optional<Tensor>& codebook,
-           at::ArrayRef<double> hyper, const c10::List<std::optional<Tensor>>& hyper_tensors, bool amsgrad,
-           bool maximize, bool decoupled_weight_decay, int64_t block_size, bool stochastic_rounding, int64_t seed) {
-  const char* op = "adam_";
-  const Streams s{params, grads, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs},
-                  {exp_avg_absmaxes, exp_avg_sq_absmaxes, max_exp_avg_sq_absmaxes}, steps};
-  OnDevice on_device;
-  check_streams(s, amsgrad ? 3 : 2, block_size, on_device, op);
-  if (params.empty()) return;
-  check_scalars(scalars, on_device, op);
-  check_plan(table, work, counters, params.size(), on_device, op);
-  check_codebook(codebook, block_size, on_device, op);
-  const Hyper h = check_hyper(hyper, hyper_tensors, {"lr", "beta1", "beta2", "eps", "weight_decay"}, on_device, op);
-  const uint32_t seed32 = check_rounding(stochastic_rounding, seed, params[0], op);
-  const at::Device device = on_device.check(op);
-
-  FUSEDOPT_DEVICE_GUARD(device);
-  const AdamHyper args{h.scalar(0),   h.beta(1), h.beta(2), h.scalar(3), h.scalar(4),
-                       h.decay(0, 4), maximize,  decoupled_weight_decay};
-  const Quant quant{block_size, block_size > 0 ? codebook->data_ptr<float>() : nullptr};
-  const MultiTensor mt = multi_tensor(table, work, scalars, counters, chunk_elements(block_size),
-                                      kind_of(grads[0], Name{"grads", 0}, op), stochastic_rounding, seed32);
-  C10_CUDA_CHECK(launch_adam(mt, args, kind_of(params[0], Name{"params", 0}, op), amsgrad, quant, stream_of(device)));
-}
-
-void lion_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_absmaxes, TensorList steps,
-           const Tensor& scalars, const Tensor& table, const Tensor& work, const Tensor& counters,
-           const std::optional<Tensor>& codebook, at::ArrayRef<double> hyper,
-           const c10::List<std::optional<Tensor>>& hyper_tensors, int64_t block_size, bool stochastic_rounding,
-           int64_t seed) {
-  const char* op = "lion_";
-  const Streams s{params, grads, {exp_avgs, {}, {}}, {exp_avg_absmaxes, {}, {}}, steps};
-  OnDevice on_device;
-  check_streams(s, 1, block_size, on_device, op);
-  if (params.empty()) return;
-  check_scalars(scalars, on_device, op);
-  check_plan(table, work, counters, params.size(), on_device, op);
-  check_codebook(codebook, block_size, on_device, op);
-  const Hyper h = check_hyper(hyper, hyper_tensors, {"lr", "beta1", "beta2", "weight_decay"}, on_device, op);
-  const uint32_t seed32 = check_rounding(stochastic_rounding, seed, params[0], op);
-  const at::Device device = on_device.check(op);
-
-  FUSEDOPT_DEVICE_GUARD(device);
-  const LionHyper args{h.scalar(0), h.beta(1), h.beta(2), h.scalar(3), h.decay(0, 3)};
-  const Quant quant{block_size, block_size > 0 ? codebook->data_ptr<float>() : nullptr};
-  const MultiTensor mt = multi_tensor(table, work, scalars, counters, chunk_elements(block_size),
-                                      kind_of(grads[0], Name{"grads", 0}, op), stochastic_rounding, seed32);
-  C10_CUDA_CHECK(launch_lion(mt, args, kind_of(params[0], Name{"params", 0}, op), quant, stream_of(device)));
-}
-
 // ---- the two-pass families (LAMB, LARS: two_pass.cuh) -------------------------------------------
 //
 // Each has three ops: <family>_ (both passes), and for sharded params (FSDP2) the two apart:
@@ -468,7 +428,7 @@ void lion_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList 
 // What every two-pass op checks after check_streams: scalars, tables, codebook, hyper-parameters.
 Hyper check_two_pass(const Tensor& scalars, const Tensor& table, const Tensor& work, const Tensor& counters, size_t n,
                      const std::optional<Tensor>& codebook, int64_t block_size, at::ArrayRef<double> hyper,
-                     const c10::List<std::optional<Tensor>>& hyper_tensors, std::initializer_list<const char*> names,
+                     const c10::List<std::optional<Tensor>>& hyper_tensors, const std::vector<const char*>& names,
                      OnDevice& on_device, const char* op) {
   check_scalars(scalars, on_device, op);
   check_plan(table, work, counters, n, on_device, op);
@@ -497,7 +457,7 @@ template <typename Launch>
 Tensor two_pass_op(const Streams& s, int num_states, const Tensor& scalars, const Tensor& table, const Tensor& work,
                    const Tensor& counters, const std::optional<Tensor>& codebook, int64_t block_size,
                    const Tensor& norms, at::ArrayRef<double> hyper,
-                   const c10::List<std::optional<Tensor>>& hyper_tensors, std::initializer_list<const char*> names,
+                   const c10::List<std::optional<Tensor>>& hyper_tensors, const std::vector<const char*>& names,
                    TwoPass passes, bool stochastic_rounding, int64_t seed, const char* op, const char* norms_op,
                    Launch&& launch) {
   OnDevice on_device;
@@ -636,6 +596,243 @@ void lars_apply_(TensorList params, TensorList grads, TensorList momentum_buffer
           norms, hyper, hyper_tensors, nesterov, block_size, kApplyPass, stochastic_rounding, seed, "lars_apply_");
 }
 
+// ---- elementwise_: every elementwise family through one op ------------------------------------
+//
+// A family declares here what the op takes from it, under fusedopt.families' names: its
+// hyper-parameters by name (all required), its switches by name (`flags` lists those that are
+// on), the state lists it accepts (each in the family's order; the states passed pick the
+// kernel's variant, as an RMSprop with momentum_buffer and grad_avg, and must agree with the
+// switches and numbers that decide them: amsgrad, centered, momentum), and how its params
+// struct (params.h) is filled from those names. The op makes every check (streams, tables,
+// codebook, hyper tensors, rounding) for any family, so a family adds only its entry below and
+// its launcher.
+
+// A family's named inputs, checked: hyper-parameters (numbers or device tensors), flags, states.
+struct Named {
+  Hyper hyper;
+  std::vector<std::string> hyper_names, flags, states;
+
+  size_t index(const char* name) const {
+    for (size_t i = 0; i < hyper_names.size(); ++i)
+      if (hyper_names[i] == name) return i;
+    TORCH_CHECK(false, "fusedopt: internal error: no hyper-parameter ", name);  // checked before
+  }
+  Scalar scalar(const char* name) const { return hyper.scalar(int(index(name))); }
+  Beta beta(const char* name) const { return hyper.beta(int(index(name))); }
+  Decay decay(const char* lr, const char* weight_decay) const {
+    return hyper.decay(int(index(lr)), int(index(weight_decay)));
+  }
+  // The value given as a number (not a device tensor), or nullopt.
+  std::optional<double> number(const char* name) const {
+    const size_t i = index(name);
+    return hyper.ptrs[i] ? std::nullopt : std::optional<double>(hyper.values[i]);
+  }
+  bool flag(const char* name) const { return std::find(flags.begin(), flags.end(), name) != flags.end(); }
+  bool has_state(const char* name) const { return std::find(states.begin(), states.end(), name) != states.end(); }
+};
+
+using Launch = std::function<cudaError_t(const MultiTensor&, const Quant&, ScalarKind, cudaStream_t)>;
+
+struct ElementwiseFamily {
+  const char* name;
+  std::vector<const char*> hypers;  // every one required, in any order
+  std::vector<const char*> flags;   // the switches it takes
+  std::vector<std::vector<const char*>> layouts;  // the state lists it accepts
+  // Switches that decide whether a state exists (amsgrad: max_exp_avg_sq): on exactly when the
+  // state is passed.
+  std::vector<std::pair<const char*, const char*>> flag_states;
+  // Checks what only this family knows (before anything runs), and returns the launch.
+  Launch (*prepare)(const Named&, const char* op);
+};
+
+// momentum given as a number decides whether the momentum_buffer state exists (> 0 or != 0, in
+// the family's words): a step with the wrong states would run another variant's math.
+void check_momentum_buffer(const Named& v, bool positive_only, const char* family, const char* op) {
+  const std::optional<double> momentum = v.number("momentum");
+  if (!momentum) return;
+  const bool needs = positive_only ? *momentum > 0 : *momentum != 0;
+  TORCH_CHECK(needs == v.has_state("momentum_buffer"), "fusedopt.", op, ": ", family, " with momentum=", *momentum,
+              needs ? " needs" : " takes no", " momentum_buffer state");
+}
+
+Launch prepare_adam(const Named& v, const char*) {
+  const AdamHyper h{v.scalar("lr"),
+                    v.beta("beta1"),
+                    v.beta("beta2"),
+                    v.scalar("eps"),
+                    v.scalar("weight_decay"),
+                    v.decay("lr", "weight_decay"),
+                    v.flag("maximize"),
+                    v.flag("decoupled_weight_decay")};
+  const bool amsgrad = v.has_state("max_exp_avg_sq");
+  return [h, amsgrad](const MultiTensor& mt, const Quant& q, ScalarKind param, cudaStream_t stream) {
+    return launch_adam(mt, h, param, amsgrad, q, stream);
+  };
+}
+
+Launch prepare_lion(const Named& v, const char*) {
+  const LionHyper h{v.scalar("lr"), v.beta("beta1"), v.beta("beta2"), v.scalar("weight_decay"),
+                    v.decay("lr", "weight_decay")};
+  return [h](const MultiTensor& mt, const Quant& q, ScalarKind param, cudaStream_t stream) {
+    return launch_lion(mt, h, param, q, stream);
+  };
+}
+
+Launch prepare_sgd(const Named& v, const char* op) {
+  check_momentum_buffer(v, false, "sgd", op);
+  TORCH_CHECK(!v.flag("nesterov") || v.has_state("momentum_buffer"), "fusedopt.", op,
+              ": sgd with nesterov needs the momentum_buffer state (and momentum > 0)");
+  const SgdHyper h{v.scalar("lr"),           v.scalar("momentum"), v.beta("dampening"),
+                   v.scalar("weight_decay"), v.flag("nesterov"),   v.flag("maximize"),
+                   v.has_state("momentum_buffer")};
+  return [h](const MultiTensor& mt, const Quant& q, ScalarKind param, cudaStream_t stream) {
+    return launch_sgd(mt, h, param, q, stream);
+  };
+}
+
+Launch prepare_adagrad(const Named& v, const char*) {
+  const AdagradHyper h{v.scalar("lr"), v.scalar("lr_decay"), v.scalar("weight_decay"), v.scalar("eps"),
+                       v.flag("maximize")};
+  return [h](const MultiTensor& mt, const Quant& q, ScalarKind param, cudaStream_t stream) {
+    return launch_adagrad(mt, h, param, q, stream);
+  };
+}
+
+Launch prepare_rmsprop(const Named& v, const char* op) {
+  check_momentum_buffer(v, true, "rmsprop", op);
+  const RmspropHyper h{v.scalar("lr"),
+                       v.beta("alpha"),
+                       v.scalar("eps"),
+                       v.scalar("weight_decay"),
+                       v.scalar("momentum"),
+                       v.flag("maximize"),
+                       v.has_state("momentum_buffer"),
+                       v.has_state("grad_avg")};
+  return [h](const MultiTensor& mt, const Quant& q, ScalarKind param, cudaStream_t stream) {
+    return launch_rmsprop(mt, h, param, q, stream);
+  };
+}
+
+const std::vector<ElementwiseFamily>& elementwise_families() {
+  static const std::vector<ElementwiseFamily> families{
+      {"adam", {"lr", "beta1", "beta2", "eps", "weight_decay"}, {"amsgrad", "maximize", "decoupled_weight_decay"},
+       {{"exp_avg", "exp_avg_sq"}, {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"}}, {{"amsgrad", "max_exp_avg_sq"}},
+       &prepare_adam},
+      {"lion", {"lr", "beta1", "beta2", "weight_decay"}, {}, {{"exp_avg"}}, {}, &prepare_lion},
+      {"sgd", {"lr", "momentum", "dampening", "weight_decay"}, {"nesterov", "maximize"},
+       {{}, {"momentum_buffer"}}, {}, &prepare_sgd},
+      // initial_accumulator_value is the sum's initial value (the optimizer fills the state
+      // with it): taken so that the op's names are the family's (fusedopt.families.ADAGRAD),
+      // and checked like the others, though the kernel does not read it.
+      {"adagrad", {"lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps"}, {"maximize"}, {{"sum"}},
+       {}, &prepare_adagrad},
+      {"rmsprop", {"lr", "alpha", "eps", "weight_decay", "momentum"}, {"centered", "maximize"},
+       {{"square_avg"}, {"square_avg", "momentum_buffer"}, {"square_avg", "grad_avg"},
+        {"square_avg", "momentum_buffer", "grad_avg"}},
+       {{"centered", "grad_avg"}}, &prepare_rmsprop},
+  };
+  return families;
+}
+
+template <typename List>
+std::string join(const List& items) {
+  std::string out = "[";
+  for (const auto& item : items) out += (out.size() > 1 ? ", " : "") + std::string(item);
+  return out + "]";
+}
+
+const ElementwiseFamily& find_family(const std::string& name, const char* op) {
+  std::vector<const char*> known;
+  for (const ElementwiseFamily& f : elementwise_families()) {
+    if (name == f.name) return f;
+    known.push_back(f.name);
+  }
+  TORCH_CHECK(false, "fusedopt.", op, ": family must be one of ", join(known), ", got '", name, "'");
+}
+
+// state_names: one of the family's layouts. hyper_names: its hyper-parameters, each once.
+// flags: switches it takes, each once.
+Named check_named(const ElementwiseFamily& f, const std::vector<std::string>& state_names,
+                  const std::vector<std::string>& hyper_names, at::ArrayRef<double> hyper,
+                  const c10::List<std::optional<Tensor>>& hyper_tensors, const std::vector<std::string>& flags,
+                  OnDevice& on_device, const char* op) {
+  Named v;
+  v.states.assign(state_names.begin(), state_names.end());
+  bool known_layout = false;
+  for (const auto& layout : f.layouts)
+    known_layout = known_layout || std::equal(layout.begin(), layout.end(), v.states.begin(), v.states.end());
+  if (!known_layout) {
+    std::string layouts;
+    for (const auto& layout : f.layouts) layouts += (layouts.empty() ? "" : ", ") + join(layout);
+    TORCH_CHECK(false, "fusedopt.", op, ": state_names ", join(v.states), " are not states of ", f.name,
+                "; it takes ", layouts);
+  }
+  std::vector<const char*> names;
+  for (const std::string& name : hyper_names) {
+    TORCH_CHECK(std::find_if(f.hypers.begin(), f.hypers.end(), [&](const char* h) { return name == h; }) !=
+                    f.hypers.end(),
+                "fusedopt.", op, ": hyper_names has '", name, "'; ", f.name, " takes ", join(f.hypers));
+    TORCH_CHECK(std::count(hyper_names.begin(), hyper_names.end(), name) == 1, "fusedopt.", op,
+                ": hyper_names has '", name, "' more than once");
+    names.push_back(name.c_str());
+  }
+  for (const char* h : f.hypers)
+    TORCH_CHECK(std::find(hyper_names.begin(), hyper_names.end(), h) != hyper_names.end(), "fusedopt.", op,
+                ": hyper_names lacks '", h, "'; ", f.name, " takes ", join(f.hypers));
+  for (const std::string& flag : flags) {
+    TORCH_CHECK(std::find_if(f.flags.begin(), f.flags.end(), [&](const char* x) { return flag == x; }) !=
+                    f.flags.end(),
+                "fusedopt.", op, ": flags has '", flag, "'; ", f.name, " takes ", join(f.flags));
+    TORCH_CHECK(std::count(flags.begin(), flags.end(), flag) == 1, "fusedopt.", op, ": flags has '", flag,
+                "' more than once");
+  }
+  v.hyper = check_hyper(hyper, hyper_tensors, names, on_device, op);
+  v.hyper_names.assign(hyper_names.begin(), hyper_names.end());
+  v.flags.assign(flags.begin(), flags.end());
+  for (const auto& [flag, state] : f.flag_states) {
+    const bool on = v.flag(flag);
+    TORCH_CHECK(on == v.has_state(state), "fusedopt.", op, ": ", f.name, on ? " with " : " without ", flag,
+                on ? " needs the " : " takes no ", state, " state");
+  }
+  return v;
+}
+
+void elementwise_(const std::string& family, TensorList params, TensorList grads,
+                  const std::vector<std::string>& state_names, TensorList states0, TensorList states1,
+                  TensorList states2, TensorList absmaxes0, TensorList absmaxes1, TensorList absmaxes2,
+                  TensorList steps, const Tensor& scalars,
+                  const Tensor& table, const Tensor& work, const Tensor& counters,
+                  const std::optional<Tensor>& codebook, const std::vector<std::string>& hyper_names,
+                  at::ArrayRef<double> hyper, const c10::List<std::optional<Tensor>>& hyper_tensors,
+                  const std::vector<std::string>& flags, int64_t block_size, bool stochastic_rounding, int64_t seed) {
+  const char* op = "elementwise_";
+  const ElementwiseFamily& f = find_family(family, op);
+  OnDevice on_device;
+  const Named v = check_named(f, state_names, hyper_names, hyper, hyper_tensors, flags, on_device, op);
+  const char* notes[3] = {nullptr, nullptr, nullptr};
+  for (size_t k = 0; k < v.states.size(); ++k) notes[k] = v.states[k].c_str();
+  Streams s{params, grads, {states0, states1, states2}, {absmaxes0, absmaxes1, absmaxes2}, steps};
+  s.state_lists = kStateLists;
+  s.absmax_lists = kAbsmaxLists;
+  s.notes = notes;
+  check_streams(s, int(v.states.size()), block_size, on_device, op);
+  const Launch launch_family = f.prepare(v, op);
+  if (params.empty()) return;
+  check_scalars(scalars, on_device, op);
+  check_plan(table, work, counters, params.size(), on_device, op);
+  // Without states (SGD without momentum) an 8-bit batch has nothing to decode.
+  if (!v.states.empty()) check_codebook(codebook, block_size, on_device, op);
+  const uint32_t seed32 = check_rounding(stochastic_rounding, seed, params[0], op);
+  const at::Device device = on_device.check(op);
+
+  FUSEDOPT_DEVICE_GUARD(device);
+  const Quant quant{v.states.empty() ? 0 : block_size,
+                    block_size > 0 && !v.states.empty() ? codebook->data_ptr<float>() : nullptr};
+  const MultiTensor mt = multi_tensor(table, work, scalars, counters, chunk_elements(block_size),
+                                      kind_of(grads[0], Name{"grads", 0}, op), stochastic_rounding, seed32);
+  C10_CUDA_CHECK(launch_family(mt, quant, kind_of(params[0], Name{"params", 0}, op), stream_of(device)));
+}
+
 Tensor global_norm(TensorList tensors, const Tensor& table, const Tensor& work, double norm_type) {
   const char* op = "global_norm";
   TORCH_CHECK(!tensors.empty(), "fusedopt.", op, ": tensors must hold at least one tensor");
@@ -692,19 +889,9 @@ int64_t chunk_size(int64_t block_size) {
 
 FUSEDOPT_LIBRARY(FUSEDOPT_NAMESPACE, m) {
   m.def(
-      "make_table(Tensor[] params, Tensor[] grads, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, "
-      "Tensor[] max_exp_avg_sqs, Tensor[] exp_avg_absmaxes, Tensor[] exp_avg_sq_absmaxes, "
-      "Tensor[] max_exp_avg_sq_absmaxes, Tensor[] steps, int block_size, int[] salts=[], int[] offsets=[]) -> (Tensor, Tensor)");
-  m.def(
-      "adam_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] exp_avg_absmaxes, Tensor(f!)[] exp_avg_sq_absmaxes, "
-      "Tensor(g!)[] max_exp_avg_sq_absmaxes, Tensor(h!)[] steps, Tensor scalars, Tensor table, Tensor work, "
-      "Tensor(i!) counters, Tensor? codebook, float[] hyper, Tensor?[] hyper_tensors, bool amsgrad, "
-      "bool maximize, bool decoupled_weight_decay, int block_size, bool stochastic_rounding=False, int seed=0) -> ()");
-  m.def(
-      "lion_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_absmaxes, "
-      "Tensor(d!)[] steps, Tensor scalars, Tensor table, Tensor work, Tensor(e!) counters, Tensor? codebook, "
-      "float[] hyper, Tensor?[] hyper_tensors, int block_size, bool stochastic_rounding=False, int seed=0) -> ()");
+      "make_table(Tensor[] params, Tensor[] grads, Tensor[] states0, Tensor[] states1, Tensor[] states2, "
+      "Tensor[] absmaxes0, Tensor[] absmaxes1, Tensor[] absmaxes2, Tensor[] steps, int block_size, "
+      "int[] salts=[], int[] offsets=[]) -> (Tensor, Tensor)");
   m.def(
       "lamb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] exp_avg_absmaxes, Tensor(e!)[] exp_avg_sq_absmaxes, Tensor(f!)[] steps, Tensor scalars, "
@@ -736,6 +923,12 @@ FUSEDOPT_LIBRARY(FUSEDOPT_NAMESPACE, m) {
       "Tensor(c!)[] momentum_buffer_absmaxes, Tensor(d!)[] steps, Tensor scalars, Tensor table, Tensor work, "
       "Tensor(e!) counters, Tensor? codebook, Tensor norms, float[] hyper, Tensor?[] hyper_tensors, "
       "bool nesterov, int block_size, bool stochastic_rounding=False, int seed=0) -> ()");
+  m.def(
+      "elementwise_(str family, Tensor(a!)[] params, Tensor[] grads, str[] state_names, Tensor(b!)[] states0, "
+      "Tensor(c!)[] states1, Tensor(d!)[] states2, Tensor(e!)[] absmaxes0, Tensor(f!)[] absmaxes1, "
+      "Tensor(g!)[] absmaxes2, Tensor(h!)[] steps, Tensor scalars, Tensor table, Tensor work, Tensor(i!) counters, "
+      "Tensor? codebook, str[] hyper_names, float[] hyper, Tensor?[] hyper_tensors, str[] flags, int block_size, "
+      "bool stochastic_rounding=False, int seed=0) -> ()");
   m.def("global_norm(Tensor[] tensors, Tensor table, Tensor work, float norm_type) -> Tensor");
   m.def("quantize_blockwise(Tensor x, Tensor codebook, bool signed, int block_size) -> (Tensor, Tensor)");
   m.def("table_width() -> int", &table_width);
@@ -747,14 +940,13 @@ FUSEDOPT_LIBRARY(FUSEDOPT_NAMESPACE, m) {
 // tensor") rather than the dispatcher's "no kernel" error.
 static void register_impls(torch::Library& m) {
   m.impl("make_table", &make_table);
-  m.impl("adam_", &adam_);
-  m.impl("lion_", &lion_);
   m.impl("lamb_", &lamb_);
   m.impl("lamb_moments_", &lamb_moments_);
   m.impl("lamb_apply_", &lamb_apply_);
   m.impl("lars_", &lars_);
   m.impl("lars_norms_", &lars_norms_);
   m.impl("lars_apply_", &lars_apply_);
+  m.impl("elementwise_", &elementwise_);
   m.impl("global_norm", &global_norm);
   m.impl("quantize_blockwise", &quantize_blockwise);
 }

@@ -18,9 +18,9 @@ enum Column : int {
   kDtype,      // ScalarKind of the tensor at kParam (the global norm's tensors differ)
   kParam,      // address of the param (or of the tensor whose norm is taken)
   kGrad,
-  kState0,     // exp_avg
-  kState1,     // exp_avg_sq
-  kState2,     // max_exp_avg_sq
+  kState0,     // the family's states, in its order (Adam: exp_avg, exp_avg_sq, max_exp_avg_sq;
+  kState1,     // RMSprop: square_avg, then momentum_buffer and grad_avg when it has them)
+  kState2,
   kAbsmax0,    // 8-bit states: fp32 absmax of each state
   kAbsmax1,
   kAbsmax2,
@@ -81,7 +81,7 @@ struct Scalar {
   const float* ptr;
 };
 
-// A beta, with 1 - beta and log(beta) computed in double on the host when beta is a number (as
+// A beta (or any value the math takes with its complement: RMSprop's alpha, SGD's dampening), with 1 - beta and log(beta) computed in double on the host when beta is a number (as
 // the reference computes them), on the device when it is a tensor (1 - beta in fp32, log(beta)
 // in double).
 struct Beta {
@@ -120,6 +120,30 @@ struct LambHyper {
   bool bias_correction;
 };
 
+// torch.optim.SGD. has_momentum: the momentum_buffer state exists (momentum != 0), a variant of
+// the kernel; nesterov and maximize are runtime switches.
+struct SgdHyper {
+  Scalar lr, momentum;
+  Beta dampening;  // its 1 - dampening is what the math uses
+  Scalar weight_decay;
+  bool nesterov, maximize, has_momentum;
+};
+
+// torch.optim.Adagrad: clr = lr / (1 + (t - 1) * lr_decay) is derived per step (adagrad.cuh).
+struct AdagradHyper {
+  Scalar lr, lr_decay, weight_decay, eps;
+  bool maximize;
+};
+
+// torch.optim.RMSprop. has_momentum (a momentum_buffer state, momentum > 0) and centered (a
+// grad_avg state) are variants of the kernel; maximize is a runtime switch.
+struct RmspropHyper {
+  Scalar lr;
+  Beta alpha;  // square_avg = alpha * square_avg + (1 - alpha) * g^2
+  Scalar eps, weight_decay, momentum;
+  bool maximize, has_momentum, centered;
+};
+
 struct LarsHyper {
   Scalar lr, momentum, dampening, weight_decay, max_unorm;
   bool nesterov;
@@ -155,6 +179,12 @@ cudaError_t launch_adam(const MultiTensor& mt, const AdamHyper& h, ScalarKind pa
                         const Quant& quant, cudaStream_t stream);
 cudaError_t launch_lion(const MultiTensor& mt, const LionHyper& h, ScalarKind param, const Quant& quant,
                         cudaStream_t stream);
+cudaError_t launch_sgd(const MultiTensor& mt, const SgdHyper& h, ScalarKind param, const Quant& quant,
+                       cudaStream_t stream);
+cudaError_t launch_adagrad(const MultiTensor& mt, const AdagradHyper& h, ScalarKind param, const Quant& quant,
+                           cudaStream_t stream);
+cudaError_t launch_rmsprop(const MultiTensor& mt, const RmspropHyper& h, ScalarKind param, const Quant& quant,
+                           cudaStream_t stream);
 cudaError_t launch_lamb(const MultiTensor& mt, const LambHyper& h, const TensorNorms& norms, ScalarKind param,
                         const Quant& quant, TwoPass passes, cudaStream_t stream);
 // momentum: whether the momentum buffer exists (momentum != 0), kState0.

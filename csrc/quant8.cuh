@@ -142,7 +142,7 @@ __device__ __forceinline__ void update_elements(float (&p_)[N], float (&s_)[S][N
   }
 #pragma unroll
   for (int j = 0; j < N; ++j) {
-    float e[S];
+    States<S> e;
 #pragma unroll
     for (int k = 0; k < S; ++k) e[k] = s_[k][j];
     Family::math(p_[j], g_[j] * grad_mult, e, step);
@@ -237,6 +237,7 @@ __device__ __forceinline__ auto tensor_step(const Family& family, float t, int, 
 template <typename Family, typename P, bool SR, bool WIDE>
 __device__ __forceinline__ void quant8_body(const MultiTensor& mt, const Family& family, const Quant& q) {
   constexpr int S = Family::kStates, N = kQuantVec;
+  static_assert(S > 0, "a variant without states has nothing to quantize: it takes elementwise_kernel");
   __shared__ float book[4][256];
   __shared__ float scratch[kThreads];
   if (wide_blocks(q) != WIDE) __trap();  // the host picked the wrong kernel: fail loudly

@@ -2,12 +2,14 @@
 
 Each family function builds (once per change of addresses) a device table of the batch's
 tensor addresses and a list of (tensor, chunk) work items, keeps them in ``batch.cache``, and
-calls one op: ``torch.ops.fusedopt.adam_``, ``lion_``, ``lamb_`` or ``lars_`` (the last two: two
-kernels; for sharded params ``lamb_moments_`` / ``lars_norms_`` and ``lamb_apply_`` /
-``lars_apply_``, with the per-tensor norms summed over the shards between them). The step
-scalars (``fusedopt.scalars``) and tensor-valued hyper-parameters are read on the device, so a
-step never waits for the GPU. ``global_norm`` is two kernels (partials in fixed slots, then one
-block), deterministic.
+calls one op: ``torch.ops.fusedopt.elementwise_`` for the elementwise families (Adam/AdamW,
+Lion, SGD, Adagrad, RMSprop: the family by name, its states in its own order, its
+hyper-parameters by name, all read from its spec in ``fusedopt.families``), or ``lamb_`` or
+``lars_`` for the two-pass families (two kernels; for sharded params ``lamb_moments_`` /
+``lars_norms_`` and ``lamb_apply_`` / ``lars_apply_``, with the per-tensor norms summed over the
+shards between them). The step scalars (``fusedopt.scalars``) and tensor-valued
+hyper-parameters are read on the device, so a step never waits for the GPU. ``global_norm`` is
+two kernels (partials in fixed slots, then one block), deterministic.
 
 The extension is loaded on first use: the ahead-of-time build (``FUSEDOPT_BUILD_CUDA=1 pip
 install .``), else the user's cache, else compiled there now (see :mod:`fusedopt.build`).
@@ -30,7 +32,7 @@ from itertools import chain
 
 import torch
 
-from . import backends, build, layout, quant, reference
+from . import backends, build, families, layout, quant, reference
 
 NAME = "cuda"
 DESCRIPTION = "CUDA C++ multi-tensor kernels (csrc/), compiled with nvcc on first use or by `python -m fusedopt build`"
@@ -103,9 +105,6 @@ def unsupported(tensor: torch.Tensor) -> str | None:
 # Tables, codebooks and hyper-parameters.
 # --------------------------------------------------------------------------------------------
 
-_STATE_NAMES = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-
-
 class _Plan:
     """A batch's device tables: addresses (``table``, with each param's salt: its position in its
     group, and offset: where the tensor starts in its full param, ``Batch.offsets``), work items
@@ -120,8 +119,11 @@ class _Plan:
         self.counters = torch.zeros(len(lists["params"]), dtype=torch.int32, device=device)
 
 
-_TABLE_LISTS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "exp_avg_absmaxes",
-                "exp_avg_sq_absmaxes", "max_exp_avg_sq_absmaxes", "steps")
+# The op's tensor lists, in its argument order: a family's states (at most three) in its own
+# order, their absmaxes when 8-bit.
+_MAX_STATES = 3
+_TABLE_LISTS = ("params", "grads", *(f"states{k}" for k in range(_MAX_STATES)),
+                *(f"absmaxes{k}" for k in range(_MAX_STATES)), "steps")
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -132,18 +134,17 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
-def _lists(batch, num_states: int) -> dict:
-    return _state_lists(batch, _STATE_NAMES[:num_states])
-
-
-def _state_lists(batch, names: tuple[str, ...]) -> dict:
-    """The table's lists of a batch: its states ``names`` in the state slots 0, 1, ... (with their
-    absmaxes when 8-bit), the other slots empty."""
+def _lists(batch, names) -> dict:
+    """The op's tensor lists of ``batch``: its states ``names`` (torch's keys, in the family's
+    order) as ``states0``, ``states1``, ... and their absmaxes as ``absmaxes0``, ... when 8-bit;
+    the unused lists empty."""
+    if len(names) > _MAX_STATES:
+        raise ValueError(f"the cuda backend takes at most {_MAX_STATES} states per param, got {list(names)}")
     lists = {"params": batch.params, "grads": batch.grads, "steps": batch.steps}
-    for i in range(len(_STATE_NAMES)):
-        name = names[i] if i < len(names) else None
-        lists[_TABLE_LISTS[2 + i]] = batch.state[name] if name else []
-        lists[_TABLE_LISTS[5 + i]] = batch.state[name + "_absmax"] if name and batch.quantized else []
+    for k in range(_MAX_STATES):
+        name = names[k] if k < len(names) else None
+        lists[f"states{k}"] = batch.state[name] if name else []
+        lists[f"absmaxes{k}"] = batch.state[name + "_absmax"] if name and batch.quantized else []
     return lists
 
 
@@ -224,35 +225,6 @@ def _flat(fn):
     return run
 
 
-@_flat
-def adam(batch) -> None:
-    group = batch.group
-    amsgrad = group["amsgrad"]
-    lists = _lists(batch, 3 if amsgrad else 2)
-    plan = _plan(batch, lists)
-    device = batch.params[0].device
-    hyper, hyper_tensors = _hyper((group["lr"], *group["betas"], group["eps"], group["weight_decay"]), device)
-    _ops().adam_(
-        *(lists[k] for k in _TABLE_LISTS), batch.scalars, plan.table, plan.work, plan.counters,
-        codebook(device) if batch.quantized else None, hyper, hyper_tensors, amsgrad, group["maximize"],
-        group["decoupled_weight_decay"], batch.block_size if batch.quantized else 0, *_rounding(batch),
-    )
-
-
-@_flat
-def lion(batch) -> None:
-    group = batch.group
-    lists = _lists(batch, 1)
-    plan = _plan(batch, lists)
-    device = batch.params[0].device
-    hyper, hyper_tensors = _hyper((group["lr"], *group["betas"], group["weight_decay"]), device)
-    _ops().lion_(
-        lists["params"], lists["grads"], lists["exp_avgs"], lists["exp_avg_absmaxes"], lists["steps"],
-        batch.scalars, plan.table, plan.work, plan.counters, codebook(device) if batch.quantized else None,
-        hyper, hyper_tensors, batch.block_size if batch.quantized else 0, *_rounding(batch),
-    )
-
-
 def _two_pass(batch, name: str, slots: int, states: tuple[str, ...], hyper_values, flags: tuple) -> None:
     """A two-pass family's step over one batch (LAMB, LARS: csrc/two_pass.cuh): the op ``name_``
     (two kernels), or for sharded params (``batch.all_reduce``) ``name_norms_`` (``lamb_moments_``
@@ -260,13 +232,13 @@ def _two_pass(batch, name: str, slots: int, states: tuple[str, ...], hyper_value
     The op takes ``slots`` state lists and as many absmax lists: ``states`` (the batch's state
     names, in the op's order; fp32, or 8-bit codes with absmaxes), the rest empty. ``flags``: the
     op's arguments between ``hyper_tensors`` and ``block_size``."""
-    lists = _state_lists(batch, states)
+    lists = _lists(batch, states)
     plan = _plan(batch, lists)
     device = batch.params[0].device
     hyper, hyper_tensors = _hyper(hyper_values, device)
     ops = _ops()
-    streams = [lists["params"], lists["grads"], *(lists[_TABLE_LISTS[2 + k]] for k in range(slots)),
-               *(lists[_TABLE_LISTS[5 + k]] for k in range(slots)), lists["steps"]]
+    streams = [lists["params"], lists["grads"], *(lists[f"states{k}"] for k in range(slots)),
+               *(lists[f"absmaxes{k}"] for k in range(slots)), lists["steps"]]
     tables = (batch.scalars, plan.table, plan.work, plan.counters)
     book = codebook(device) if batch.quantized else None
     block_size = batch.block_size if batch.quantized else 0
@@ -299,6 +271,53 @@ def lars(batch) -> None:
     _two_pass(batch, "lars", 1, tuple(n for n in ("momentum_buffer",) if n in batch.state),
               (group["lr"], group["momentum"], group["dampening"], group["weight_decay"], group["max_unorm"]),
               (group["nesterov"],))
+
+
+def _elementwise(batch, family: families.Family) -> None:
+    """One step of an elementwise ``family`` over ``batch`` through
+    ``torch.ops.fusedopt.elementwise_``, all from the family's spec: its states (torch's keys,
+    those the group keeps, in the family's order: which pick the kernel's variant), its
+    hyper-parameters by name (numbers, or tensors read on the device) and the switches that are
+    on."""
+    group = batch.group
+    names = family.state_names(group)
+    lists = _lists(batch, names)
+    plan = _plan(batch, lists)
+    device = batch.params[0].device
+    hypers = family.values(group)
+    hyper, hyper_tensors = _hyper(list(hypers.values()), device)
+    _ops().elementwise_(
+        family.name, lists["params"], lists["grads"], list(names), *(lists[k] for k in _TABLE_LISTS[2:]),
+        batch.scalars, plan.table, plan.work, plan.counters,
+        codebook(device) if batch.quantized and names else None, list(hypers), hyper, hyper_tensors,
+        [flag for flag in family.flags if group[flag]], batch.block_size if batch.quantized else 0,
+        *_rounding(batch),
+    )
+
+
+@_flat
+def adam(batch) -> None:
+    _elementwise(batch, families.ADAM)
+
+
+@_flat
+def lion(batch) -> None:
+    _elementwise(batch, families.LION)
+
+
+@_flat
+def sgd(batch) -> None:
+    _elementwise(batch, families.SGD)
+
+
+@_flat
+def adagrad(batch) -> None:
+    _elementwise(batch, families.ADAGRAD)
+
+
+@_flat
+def rmsprop(batch) -> None:
+    _elementwise(batch, families.RMSPROP)
 
 
 _norm_plans: collections.OrderedDict = collections.OrderedDict()
@@ -344,15 +363,15 @@ def _register_fakes() -> None:
     lib = "fusedopt::"
 
     @torch.library.register_fake(lib + "make_table")
-    def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, exp_avg_absmaxes, exp_avg_sq_absmaxes,
-          max_exp_avg_sq_absmaxes, steps, block_size, salts=(), offsets=()):
+    def _(params, grads, states0, states1, states2, absmaxes0, absmaxes1, absmaxes2, steps, block_size, salts=(),
+          offsets=()):
         chunk = torch.ops.fusedopt.chunk_size(block_size)
         n_work = sum(max(1, -(-p.numel() // chunk)) for p in params)
         width = torch.ops.fusedopt.table_width()
         return (torch.empty((len(params), width), dtype=torch.int64, device="cpu"),
                 torch.empty((n_work, 2), dtype=torch.int32, device="cpu"))
 
-    for name in ("adam_", "lion_", "lamb_", "lamb_apply_", "lars_", "lars_apply_"):
+    for name in ("elementwise_", "lamb_", "lamb_apply_", "lars_", "lars_apply_"):
         torch.library.register_fake(lib + name)(lambda *args, **kwargs: None)
 
     # The two-pass families' first passes: each tensor's sums of p^2 and u^2.

@@ -14,12 +14,16 @@ import triton  # noqa: F401  (an ImportError here is the "not importable" reason
 
 from .. import layout
 from ..quant import relayout as _relayout_codes
+from . import adagrad as _adagrad
 from . import adam as _adam
 from . import common
+from . import elementwise as _elementwise
 from . import lamb as _lamb
 from . import lion as _lion
 from . import norm as _norm
 from . import quant as _quant
+from . import rmsprop as _rmsprop
+from . import sgd as _sgd
 from .table import unsupported  # noqa: F401  (what backends.resolve asks of a backend)
 
 NAME = "triton"
@@ -89,7 +93,7 @@ def _flat(fn, batch) -> None:
 @_on_device
 def adam(batch) -> None:
     """Adam / AdamW over one batch (32-bit or 8-bit states)."""
-    _adam.step(batch)
+    _elementwise.step(batch, _adam.ADAM)
 
 
 @_on_device
@@ -101,7 +105,25 @@ def lamb(batch) -> None:
 @_on_device
 def lion(batch) -> None:
     """Lion over one batch (32-bit or 8-bit state)."""
-    _lion.step(batch)
+    _elementwise.step(batch, _lion.LION)
+
+
+@_on_device
+def sgd(batch) -> None:
+    """SGD over one batch (32-bit or 8-bit momentum buffer, or none)."""
+    _elementwise.step(batch, _sgd.SGD)
+
+
+@_on_device
+def adagrad(batch) -> None:
+    """Adagrad over one batch (32-bit or 8-bit sum)."""
+    _elementwise.step(batch, _adagrad.ADAGRAD)
+
+
+@_on_device
+def rmsprop(batch) -> None:
+    """RMSprop over one batch (32-bit or 8-bit states)."""
+    _elementwise.step(batch, _rmsprop.RMSPROP)
 
 
 def global_norm(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor:

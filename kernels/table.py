@@ -224,39 +224,84 @@ def rounding(batch) -> list[tuple[int, int]]:
     return list(zip(batch.positions, offsets))
 
 
-def prologue(batch, tab: Table, values, beta1_index: int | None = None, beta2_index: int | None = None,
-             adam: bool = False):
-    """What every family launch over ``batch`` starts with: its runtime hyper-parameters
-    (:func:`hyper_args` of ``values``) and the step prologue (:func:`launch_steps`). Returns
-    ``(values, in_memory, hyper_tensor)``; ``hyper_tensor`` is the batch's scalars when no value
-    is a tensor (the kernels then never read it). ``adam``: the prologue derives Adam's step
-    size from ``values[0]``, the lr (see ``common.step_kernel``)."""
-    betas = [values[i] if i is not None else None for i in (beta1_index, beta2_index)]
-    lr = values[0] if adam else None
-    values, in_memory, values_tensor = hyper_args(values, batch.params[0].device)
-    hyper_tensor = values_tensor if in_memory else batch.scalars
-    launch_steps(tab, batch.scalars, hyper_tensor, betas, (beta1_index, beta2_index), lr)
-    return values, in_memory, hyper_tensor
+def hyper_struct(values):
+    """A family's runtime hyper-parameters for the kernels: ``(struct, in_memory)``.
+
+    ``values`` is the family's struct (a namedtuple) of group values (:func:`group_value`).
+    Python numbers become float kernel arguments (a new value never recompiles anything); a
+    device tensor (a learning rate a scheduler updates in place, or what is derived from one)
+    stays a tensor, which the kernel reads through its pointer: no host sync, and a captured
+    CUDA graph follows it. ``in_memory[i]`` says which (``common.hypers``)."""
+    tensors = tuple(isinstance(v, torch.Tensor) for v in values)
+    return type(values)(*(v if t else float(v) for v, t in zip(values, tensors))), tensors
 
 
-def launch_steps(tab: Table, scalars: torch.Tensor, hyper_tensor: torch.Tensor, betas=(None, None),
-                 indices=(None, None), lr=None) -> None:
-    """Write ``t``, ``1 - beta1^t``, ``1 - beta2^t`` of every tensor into ``tab.steps`` (with an
-    ``lr``: Adam's ``lr / (1 - beta1^t)``, ``sqrt(1 - beta2^t)``) and advance every step unless
-    the step is skipped (one launch; see ``common.step_kernel``). ``betas`` and ``lr``: the
-    group's values (:func:`group_value`; None for a family without them), a tensor one read at
-    ``indices`` (the lr at 0) in ``hyper_tensor``; a number passes in double, a beta as its log
-    (see ``reference.log_beta``)."""
+class LogOf:
+    """A device-tensor beta whose ``log`` the step prologue takes in fp64 (see :func:`log_of`)."""
+
+    __slots__ = ("beta",)
+
+    def __init__(self, beta: torch.Tensor):
+        self.beta = beta
+
+
+def log_of(beta):
+    """A step-prologue field holding ``log(beta)`` in fp64 (``reference.log_beta``): of a Python
+    number on the host, of a device tensor (:func:`group_value`) in the prologue."""
+    return LogOf(beta) if isinstance(beta, torch.Tensor) else reference.log_beta(beta)
+
+
+def step_args(values, scalars: torch.Tensor):
+    """The step prologue's arguments for a family's step struct ``values`` (a namedtuple of at
+    most three fields: Python numbers, device tensors, :func:`log_of` markers):
+    ``(pointers, numbers, modes)``, see ``common.step_hypers``. Numbers pass in float64."""
+    if not values:  # none (an empty tuple is no kernel argument: the scalars stand in, never read)
+        return (scalars,), (0.0, 0.0, 0.0), ()
+    if len(values) > 3:
+        raise ValueError(f"the step prologue takes at most 3 hyper-parameters, not {len(values)}: {values}")
+    pointers, numbers, modes = [], [0.0, 0.0, 0.0], []
+    for i, v in enumerate(values):
+        if isinstance(v, LogOf):
+            pointers.append(v.beta)
+            modes.append(2)
+        elif isinstance(v, torch.Tensor):
+            pointers.append(v)
+            modes.append(1)
+        else:
+            pointers.append(scalars)  # never read
+            numbers[i] = float(v)
+            modes.append(0)
+    return tuple(pointers), tuple(numbers), tuple(modes)
+
+
+def launch_steps(tab: Table, scalars: torch.Tensor, derive=None, values=None) -> None:
+    """Write ``t`` of every tensor and the family's per-step scalars (``derive``, a
+    ``triton.jit`` function of ``t`` and ``values``, the family's step struct: see
+    :func:`step_args`) into ``tab.steps``, and advance every step unless the step is skipped
+    (one launch; see ``common.step_kernel``)."""
     from .common import step_kernel
 
-    def number(value):
-        return value is not None and not isinstance(value, torch.Tensor)
-
-    logs = [reference.log_beta(b) if number(b) else 0.0 for b in betas]
+    pointers, numbers, modes = step_args(values if derive is not None else None, scalars)
     step_kernel[(-(-tab.n_tensors // STEP_BLOCK),)](
-        tab.rows, tab.steps, tab.n_tensors, scalars, hyper_tensor, float(lr) if number(lr) else 0.0, logs[0],
-        logs[1], WIDTH=tab.width, STEP_COL=tab.width - 4, ADAM=lr is not None,
-        LR_IN_MEMORY=isinstance(lr, torch.Tensor), BETA1_INDEX=indices[0] or 0, BETA2_INDEX=indices[1] or 0,
-        BETA1_IN_MEMORY=isinstance(betas[0], torch.Tensor), BETA2_IN_MEMORY=isinstance(betas[1], torch.Tensor),
-        BLOCK=STEP_BLOCK,
+        tab.rows, tab.steps, tab.n_tensors, scalars, pointers, *numbers, DERIVE=derive,
+        HYPERS=type(values) if derive is not None else None, MODES=modes, WIDTH=tab.width,
+        STEP_COL=tab.width - 4, BLOCK=STEP_BLOCK,
     )
+
+
+def prologue(batch, tab: Table, values, beta1_index: int | None = None, beta2_index: int | None = None):
+    """What a family launch with positional hyper-parameters (LAMB) starts with: its runtime
+    hyper-parameters (:func:`hyper_args` of ``values``) and the step prologue (:func:`launch_steps`),
+    which with both beta indices writes ``1 - beta1^t``, ``1 - beta2^t`` (read back by
+    ``common.bias_corrections``). Returns ``(values, in_memory, hyper_tensor)``; ``hyper_tensor``
+    is the batch's scalars when no value is a tensor (the kernels then never read it)."""
+    from . import common
+
+    derive = step = None
+    if beta1_index is not None and beta2_index is not None:
+        derive = common.bias_corrections_derive
+        step = common.BiasCorrections(log_of(values[beta1_index]), log_of(values[beta2_index]))
+    values, in_memory, values_tensor = hyper_args(values, batch.params[0].device)
+    hyper_tensor = values_tensor if in_memory else batch.scalars
+    launch_steps(tab, batch.scalars, derive, step)
+    return values, in_memory, hyper_tensor

@@ -1,10 +1,11 @@
 """Small steps of every cuda kernel, for compute-sanitizer (tests/test_cuda_gpu.py runs this file
 under memcheck and racecheck; tests/test_cuda_emulated.py on the emulator): odd sizes, every
-family, 8-bit states with both absmax reductions (block_size 256: warp shuffles; 96: shared
-memory) and blocks wider than a thread block's span (4128: swept twice, with stochastic rounding
-of bf16 params), LAMB over several chunks, LARS with and without its buffer, LAMB8bit and
-LARS8bit, the two-pass families also on their sharded path (two passes apart, the norms summed
-over the shards in between), clipping and a skipped step, the norms and the stand-alone quantizer.
+family (SGD, Adagrad, RMSprop in their variants too), 8-bit states with both absmax reductions
+(block_size 256: warp shuffles; 96: shared memory) and blocks wider than a thread block's span
+(4128: swept twice, with stochastic rounding of bf16 params), LAMB over several chunks, LARS with
+and without its buffer, LAMB8bit and LARS8bit, the two-pass families also on their sharded path
+(two passes apart, the norms summed over the shards in between), clipping and a skipped step,
+the norms and the stand-alone quantizer.
 
 Run directly: ``python tests/cuda_small_cases.py`` (needs a GPU).
 """
@@ -45,6 +46,14 @@ def run(device: torch.device = torch.device("cuda")) -> None:
         (fusedopt.Adam8bit, torch.float32, dict(block_size=96, min_8bit_size=256)),
         (fusedopt.Lion8bit, torch.float32, dict(block_size=4096, min_8bit_size=256)),
         (fusedopt.AdamW8bit, torch.bfloat16, dict(block_size=4128, min_8bit_size=256, stochastic_rounding=True)),
+        (fusedopt.SGD, torch.float32, dict(lr=0.1)),
+        (fusedopt.SGD, torch.bfloat16, dict(lr=0.1, momentum=0.9, nesterov=True, max_grad_norm=1.0)),
+        (fusedopt.Adagrad, torch.float16, dict(lr_decay=0.01, weight_decay=0.1)),
+        (fusedopt.RMSprop, torch.float32, dict(centered=True, momentum=0.9)),
+        (fusedopt.RMSprop, torch.bfloat16, dict(stochastic_rounding=True)),
+        (fusedopt.SGD8bit, torch.float32, dict(lr=0.1, momentum=0.9, block_size=96, min_8bit_size=256)),
+        (fusedopt.Adagrad8bit, torch.bfloat16, dict(min_8bit_size=256)),
+        (fusedopt.RMSprop8bit, torch.float32, dict(centered=True, momentum=0.9, block_size=4128, min_8bit_size=256)),
         # the two-pass families (csrc/two_pass.cuh): LARS with and without its buffer, nesterov
         # (the apply pass reads the grad), the 8-bit forms with narrow and wide blocks
         (fusedopt.LARS, torch.float32, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)),

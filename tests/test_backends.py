@@ -138,6 +138,58 @@ def _8bit_cases():
     return cases
 
 
+def _sgd_cases():
+    return [
+        Case("SGD", "fp32", dict(momentum=0.9, weight_decay=0.1), group_b=dict(lr=3e-3, momentum=0.0)),
+        Case("SGD", "bf16", dict(momentum=0.9, nesterov=True), group_b=dict(weight_decay=0.01, maximize=True)),
+        Case("SGD", "fp32", dict(momentum=0.9, nesterov=True, maximize=True, max_grad_norm=CLIP),
+             dict(momentum=0.5, weight_decay=0.2), nonfinite=True),
+        Case("SGD", "fp32", dict(momentum=0.8, dampening=0.3), dict(lr=torch.tensor(2e-3)), scaler=True),
+    ]
+
+
+def _adagrad_cases():
+    return [
+        Case("Adagrad", "fp32", dict(lr_decay=0.01, weight_decay=0.1),
+             group_b=dict(lr=3e-2, initial_accumulator_value=0.5)),
+        Case("Adagrad", "bf16", dict(lr_decay=0.1), dict(maximize=True)),
+        Case("Adagrad", "fp32", dict(maximize=True, max_grad_norm=CLIP), dict(eps=1e-6, lr_decay=0.5),
+             nonfinite=True, scaler=True),
+        Case("Adagrad", "fp32", {}, dict(lr=torch.tensor(5e-3), lr_decay=0.05, weight_decay=0.3)),
+    ]
+
+
+def _rmsprop_cases():
+    return [
+        Case("RMSprop", "fp32", dict(momentum=0.9, centered=True),
+             group_b=dict(lr=3e-3, momentum=0.0, centered=False)),
+        Case("RMSprop", "bf16", dict(centered=True), dict(momentum=0.5, weight_decay=0.1)),
+        # no weight decay with clipping: where g + weight_decay * p cancels to about eps, the update
+        # follows the last bit of the clip coefficient, which each backend's norm sums in its own order
+        Case("RMSprop", "fp32", dict(maximize=True, max_grad_norm=CLIP), dict(centered=True, alpha=0.9),
+             nonfinite=True, scaler=True),
+        Case("RMSprop", "fp32", dict(momentum=0.5, weight_decay=0.1),
+             dict(lr=torch.tensor(2e-3), alpha=0.3, centered=True)),
+    ]
+
+
+def _new_8bit_cases():
+    small = dict(min_8bit_size=256)
+    return [
+        Case("SGD8bit", "fp32", dict(small, momentum=0.9), group_b=dict(block_size=96, nesterov=True)),
+        Case("Adagrad8bit", "fp32", dict(small, lr_decay=0.01),
+             group_b=dict(block_size=64, initial_accumulator_value=0.1)),
+        Case("RMSprop8bit", "fp32", dict(small, momentum=0.9, centered=True),
+             group_b=dict(block_size=96, momentum=0.0)),
+        Case("SGD8bit", "bf16", dict(small, momentum=0.9, weight_decay=0.1, max_grad_norm=CLIP), dict(block_size=2048),
+             nonfinite=True, scaler=True),
+        Case("Adagrad8bit", "bf16", dict(small, maximize=True), dict(lr=torch.tensor(2e-3), weight_decay=0.1)),
+        Case("RMSprop8bit", "bf16", dict(small, weight_decay=0.1), dict(block_size=2048, centered=True)),
+        Case("SGD8bit", "fp32", dict(small, momentum=0.9, dampening=0.2), dict(lr=torch.tensor(2e-3), block_size=4096)),
+        Case("RMSprop8bit", "fp16", dict(small, centered=True, max_grad_norm=CLIP), dict(block_size=8192), scaler=True),
+    ]
+
+
 def _stochastic_rounding_cases():
     sr = dict(stochastic_rounding=True)
     return [  # both backends draw the same noise: results as close as round-to-nearest ones
@@ -172,13 +224,15 @@ def _many_tensor_cases():
     ]
 
 
-CASES = (_adam_cases() + _lion_cases() + _lamb_cases() + _8bit_cases() + _stochastic_rounding_cases()
-         + _master_weights_cases() + _many_tensor_cases())
+CASES = (_adam_cases() + _lion_cases() + _lamb_cases() + _8bit_cases() + _sgd_cases() + _adagrad_cases()
+         + _rmsprop_cases() + _new_8bit_cases() + _stochastic_rounding_cases() + _master_weights_cases()
+         + _many_tensor_cases())
 
 
 def lean_params(cases) -> list:
-    """``cases`` as pytest params: the first case of each kind of step (Adam/AdamW, LAMB, Lion
-    and their 8-bit forms) and dtype runs in the default tier, every other one is ``full``."""
+    """``cases`` as pytest params: the first case of each kind of step (Adam/AdamW, LAMB, Lion,
+    SGD, Adagrad, RMSprop and their 8-bit forms) and dtype runs in the default tier, every other
+    one is ``full``."""
     seen, out = set(), []
     for case in cases:
         key = (case.cls.lower().replace("adamw", "adam"), case.dtype)
@@ -258,9 +312,10 @@ class Runner:
 
 
 def _p_feeds_states(case: Case) -> bool:
-    """Whether the params enter the moments (Adam's L2 weight decay): then a param that two
-    backends round to neighbouring 16-bit values moves the states by that much."""
-    if case.cls not in ("Adam", "Adam8bit"):
+    """Whether the params enter the states (L2 weight decay into the gradient: Adam, SGD,
+    Adagrad, RMSprop): then a param that two backends round to neighbouring 16-bit values moves
+    the states by that much."""
+    if case.cls.removesuffix("8bit") not in ("Adam", "SGD", "Adagrad", "RMSprop"):
         return False
     return any(g.get("weight_decay", 0.0) for g in (case.kwargs, case.group_b))
 

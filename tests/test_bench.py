@@ -6,17 +6,23 @@ import importlib.metadata
 import json
 import re
 import sys
+from pathlib import Path
 
 import jsonschema
 import pytest
 import torch
 
-from fusedopt import benchmarking
+from fusedopt import benchmarking, families
+from fusedopt.benchmarking import providers as bench_providers
 
-# A cross-section of the quick suite that stays fast on two cores: every family, both dtypes,
-# 8-bit, clipping, the many-tensor model, and a provider that cannot run here.
+ROOT = Path(__file__).resolve().parent.parent
+
+# A cross-section of the quick suite that stays fast on two cores: both dtypes, 8-bit, clipping,
+# both passes, the many-tensor model, and a provider that cannot run here. (Every optimizer's
+# registry entry is checked against its peers below, on the check's small shapes.)
 QUICK_CASES = ["adamw-clip/gpt2-124m/fp32", "adamw/many-4k/bf16", "lamb/llama-1b/fp32",
-               "lion/gpt2-124m/bf16", "adamw8bit/llama-1b/bf16", "lion8bit/many-4k/fp32"]
+               "lion/gpt2-124m/bf16", "adamw8bit/llama-1b/bf16", "lion8bit/many-4k/fp32",
+               "sgd-nesterov/gpt2-124m/bf16", "lars/llama-1b/fp32", "adagrad8bit/gpt2-124m/fp32"]
 QUICK_PROVIDERS = ["torch-fused", "torch-compile", "bnb-8bit", "lion-pytorch*", "fusedopt-*"]
 
 TIMINGS = ("median_ms", "q20_ms", "q80_ms", "gbps", "pct_copy", "x_floor", "host_ms",
@@ -184,27 +190,78 @@ def test_a_provider_that_raises_is_reported_as_an_error(monkeypatch, tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("optimizer,dtype,separate_clip,want", [
-    ("adamw", torch.float32, False, 28), ("adamw-clip", torch.float32, False, 32),
-    ("adamw-clip", torch.float32, True, 40), ("lamb", torch.float32, False, 40),
-    ("lion", torch.float32, False, 20), ("adamw8bit", torch.float32, False, 16 + 16 / 256),
-    ("lion8bit", torch.float32, False, 14 + 8 / 256),
-    ("adamw", torch.bfloat16, False, 22), ("adamw-clip", torch.bfloat16, False, 24),
-    ("adamw-clip", torch.bfloat16, True, 28), ("lamb", torch.bfloat16, False, 32),
-    ("lion", torch.bfloat16, False, 14), ("adamw8bit", torch.bfloat16, False, 10 + 16 / 256),
-    ("lion8bit", torch.bfloat16, False, 8 + 8 / 256),
-])
-def test_bytes_per_param_follow_the_roofline(optimizer, dtype, separate_clip, want):
+# Written out by hand from the rules (P param bytes, S = 4 per 32-bit state, k states; one
+# pass 3P + 2kS; two passes 4P + 3kS, + P when the apply pass reads the grad; 8-bit one pass
+# 3P + 2k + 8k/256, two passes 5P + 3k + 12k/256), not from the code under test.
+ROOFLINE = {  # optimizer: (fp32, bf16)
+    "adamw": (28, 22), "adamw-clip": (32, 24), "lamb": (40, 32), "lion": (20, 14),
+    "sgd": (20, 14), "sgd-nesterov": (20, 14), "adagrad": (20, 14), "rmsprop": (20, 14),
+    "rmsprop-centered": (36, 30), "lars": (28, 20),
+    "adamw8bit": (16 + 16 / 256, 10 + 16 / 256), "lion8bit": (14 + 8 / 256, 8 + 8 / 256),
+    "lamb8bit": (26 + 24 / 256, 16 + 24 / 256), "sgd8bit": (14 + 8 / 256, 8 + 8 / 256),
+    "adagrad8bit": (14 + 8 / 256, 8 + 8 / 256), "rmsprop8bit": (14 + 8 / 256, 8 + 8 / 256),
+    "lars8bit": (23 + 12 / 256, 13 + 12 / 256),
+}
+
+
+def test_every_optimizer_has_a_roofline_row():
+    assert set(ROOFLINE) == set(benchmarking.OPTIMIZERS)
+
+
+@pytest.mark.parametrize("optimizer", list(ROOFLINE))
+def test_bytes_per_param_follow_the_roofline(optimizer):
     n = 1 << 20
-    got = benchmarking.bytes_per_step(benchmarking.OPTIMIZERS[optimizer], ((n,),), dtype, separate_clip=separate_clip)
-    assert got / n == pytest.approx(want, rel=1e-12)
+    for dtype, want in zip((torch.float32, torch.bfloat16), ROOFLINE[optimizer]):
+        got = benchmarking.bytes_per_step(benchmarking.OPTIMIZERS[optimizer], ((n,),), dtype)
+        assert got / n == pytest.approx(want, rel=1e-12), (optimizer, dtype)
+        assert benchmarking.bytes_per_param(benchmarking.OPTIMIZERS[optimizer], dtype) == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype,want", [(torch.float32, 40), (torch.bfloat16, 28)])
+def test_bytes_with_a_separate_clip(dtype, want):
+    n = 1 << 20
+    got = benchmarking.bytes_per_step(benchmarking.OPTIMIZERS["adamw-clip"], ((n,),), dtype, separate_clip=True)
+    assert got / n == want
+
+
+@pytest.mark.parametrize("cls,hp,states,want", [
+    # the states kept follow the family's declaration, the passes its shape
+    ("SGD", dict(lr=0.1), (), 12),                                     # no momentum: no state
+    ("RMSprop", dict(lr=0.1, momentum=0.9), ("square_avg", "momentum_buffer"), 28),
+    ("Adam", dict(lr=0.1, amsgrad=True), ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), 36),
+    ("LARS", dict(lr=0.1, momentum=0.9, nesterov=True), ("momentum_buffer",), 32),  # apply pass reads g
+    ("LARS", dict(lr=0.1), (), 20),                                    # the update is the grad: 5P
+    ("LARS8bit", dict(lr=0.1), (), 20),
+])
+def test_bytes_read_the_family(cls, hp, states, want):
+    spec = benchmarking.OptSpec("x", cls, hp, hp)
+    assert spec.states == states
+    assert spec.passes == (2 if spec.spec.shape == families.TENSOR_NORM else 1)
+    assert benchmarking.bytes_per_param(spec, torch.float32) == want
 
 
 def test_bytes_with_states_in_the_param_dtype_and_small_tensors():
     adamw, adamw8 = benchmarking.OPTIMIZERS["adamw"], benchmarking.OPTIMIZERS["adamw8bit"]
     assert benchmarking.bytes_per_step(adamw, ((100,),), torch.bfloat16, state_bytes=2) == 100 * 14
-    # Under min_8bit_size an 8-bit optimizer keeps 32-bit states.
+    # Under min_8bit_size an 8-bit optimizer keeps 32-bit states (two passes: LAMB's 40).
     assert benchmarking.bytes_per_step(adamw8, ((4095,),), torch.float32) == 4095 * 28
+    assert benchmarking.bytes_per_step(benchmarking.OPTIMIZERS["lamb8bit"], ((4095,),), torch.float32) == 4095 * 40
+    # A short last block still has its absmax.
+    assert benchmarking.bytes_per_step(adamw8, ((4097,),), torch.float32) == 4097 * 16 + 17 * 16
+
+
+def test_readme_roofline_table_is_the_computed_one():
+    # The README's table is `python -m fusedopt bench --roofline`, row for row.
+    readme = (ROOT / "README.md").read_text()
+    begin, end = "<!-- roofline: python -m fusedopt bench --roofline -->\n", "\n<!-- /roofline -->"
+    assert begin in readme and end in readme
+    table = readme.split(begin, 1)[1].split(end, 1)[0]
+    assert table == benchmarking.roofline_table()
+    rows = {line.split("|")[1].strip(" `"): line.split("|")[5:7] for line in table.splitlines()[2:]}
+    assert set(rows) == set(benchmarking.OPTIMIZERS)
+    for name, (fp32, bf16) in rows.items():  # the hand-written figures, to 0.01
+        for cell, want in zip((fp32, bf16), ROOFLINE[name]):
+            assert abs(float(cell.split()[0]) - want) <= 0.005, (name, cell, want)
 
 
 def test_model_shapes_have_the_advertised_sizes():
@@ -224,7 +281,7 @@ def test_case_and_provider_patterns():
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--cases", "sgd"], "Invalid --cases pattern 'sgd'"),
+    (["--cases", "adafactor"], "Invalid --cases pattern 'adafactor'"),
     (["--providers", "apex"], "Invalid --providers pattern 'apex'"),
     (["--device", "tpu"], "Invalid --device"),
     (["--threads", "0"], "Invalid --threads"),
@@ -238,8 +295,91 @@ def test_list_and_schema_run_nothing(capsys):
     assert benchmarking.main(["--list", "--quick", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "adamw8bit/many-4k/bf16" in out and "fusedopt-cuda" in out
+    assert re.search(r"lars8bit/one-82m/bf16 .* 13\.\d+ B/param", out)
     assert benchmarking.main(["--schema"]) == 0
     assert json.loads(capsys.readouterr().out) == benchmarking.JSON_SCHEMA
+    assert benchmarking.main(["--roofline"]) == 0
+    assert capsys.readouterr().out == benchmarking.roofline_table() + "\n"
+
+
+def test_every_family_has_cases_and_a_bench_file():
+    # The families come from the spec; each has 32- and 8-bit cases, a pytest-benchmark file,
+    # and its cases' kinds are the backends' kinds.
+    for name, family in families.FAMILIES.items():
+        mine = benchmarking.optimizers_of(name)
+        assert {benchmarking.OPTIMIZERS[o].quantized for o in mine} == {False, True}, name
+        assert f'fb.optimizers_of("{name}")' in (ROOT / "bench" / f"bench_{name}.py").read_text()
+    for o in benchmarking.OPTIMIZERS.values():
+        assert o.kind == o.spec.kind(o.quantized) and o.kind in families.kinds()
+    with pytest.raises(ValueError, match="Invalid family: 'adafactor'"):
+        benchmarking.optimizers_of("adafactor")
+
+
+def test_peers_are_read_from_the_peer():
+    # torch's providers take the cases whose fusedopt class torch.optim has, with the flag the
+    # provider needs; bitsandbytes' the cases of its classes; fusedopt's every case.
+    by = {p.name: set(p.optimizers) for p in benchmarking.PROVIDERS.values()}
+    assert by["torch-fused"] == {"adamw", "adamw-clip", "sgd", "sgd-nesterov", "adagrad"}
+    assert by["torch-foreach"] == by["torch-forloop"] == by["torch-fused"] | {"rmsprop", "rmsprop-centered"}
+    assert by["torch-fused-graph"] == {"adamw", "adamw-clip"}
+    assert by["bnb-8bit"] == {o for o, s in benchmarking.OPTIMIZERS.items() if s.quantized}
+    assert by["bnb-32bit"] == {o for o, s in benchmarking.OPTIMIZERS.items() if not s.quantized}
+    for backend in ("reference", "triton", "cuda"):
+        assert by[f"fusedopt-{backend}"] == set(benchmarking.OPTIMIZERS)
+
+
+def _cpu_peers():
+    return [p for p in benchmarking.PROVIDERS.values()
+            if not p.name.startswith("fusedopt-") and p.reason(torch.device("cpu"), True) is None]
+
+
+@pytest.mark.parametrize("optimizer", list(benchmarking.OPTIMIZERS))
+def test_every_optimizer_passes_the_check_against_its_cpu_peers(optimizer):
+    # Each case's hyper-parameters run on every peer that has the optimizer: the peer agrees
+    # with fusedopt's reference, or differs as its known_differences say (and still does), or
+    # refuses the hyper-parameters with a reason; the reference agrees with itself exactly.
+    cpu = torch.device("cpu")
+    spec = benchmarking.OPTIMIZERS[optimizer]
+    case = next(c for c in benchmarking.all_cases(quick=True) if c.optimizer is spec)
+    err, _ = benchmarking.check(benchmarking.PROVIDERS["fusedopt-reference"], case, cpu, steps=2)
+    assert err == 0.0
+    for peer in _cpu_peers():
+        if optimizer not in peer.optimizers:
+            continue
+        why = peer.unsupported(spec, cpu)
+        if why is not None:
+            assert "refuses these hyper-parameters" in why and optimizer == "rmsprop-centered", (peer.name, why)
+            continue
+        err, tol = benchmarking.check(peer, case, cpu, steps=3)
+        if optimizer in peer.known_differences:
+            assert err > tol, (peer.name, "no longer differs: drop its known difference")
+        else:
+            assert err <= tol, (peer.name, err, tol)  # (Lion's sign update may agree exactly)
+
+
+def test_a_case_a_provider_cannot_run_is_unavailable_with_the_reason(monkeypatch):
+    # A backend without the family's kernels (a stand-in that has only Lion's) is reported
+    # with backends.resolve's reason, not as an error.
+    import types
+
+    from fusedopt import backends, reference
+
+    module = types.SimpleNamespace(NAME="triton", DESCRIPTION="stand-in", available=lambda device: None,
+                                   lion=reference.lion, global_norm=reference.global_norm)
+    monkeypatch.setitem(sys.modules, "fusedopt_bench_stand_in", module)
+    monkeypatch.setitem(backends._MODULES, "triton", "fusedopt_bench_stand_in")
+    cpu = torch.device("cpu")
+    provider = benchmarking.PROVIDERS["fusedopt-triton"]
+    assert provider.unsupported(benchmarking.OPTIMIZERS["lion8bit"], cpu) is None
+    why = provider.unsupported(benchmarking.OPTIMIZERS["sgd"], cpu)
+    assert why == "backend 'triton' cannot run this sgd step: it has no sgd step"
+    stand_in = benchmarking.Provider("stand-in", "fusedopt's triton without SGD", ("sgd",),
+                                     bench_providers._fusedopt_make("triton"),
+                                     unsupported=provider.unsupported)
+    case = benchmarking.select_cases(["sgd/gpt2-124m/fp32"], quick=True)[0]
+    r = benchmarking.measure(stand_in, case, cpu, benchmarking.default_config(True, cpu), 1.0, quick=True)
+    assert r["status"] == "unavailable" and r["reason"] == why
+    assert all(r[k] is None for k in TIMINGS)
 
 
 def test_plot_without_matplotlib_says_so(monkeypatch, tmp_path, capsys):
@@ -291,6 +431,21 @@ def test_headlines_are_ratios_of_medians_within_a_run(tmp_path, capsys):
         paths[-1].write_text(json.dumps(doc))
     assert benchmarking.main(["--headlines", *map(str, paths)]) == 0
     assert "2.50x torch-fused" in capsys.readouterr().out
+    # Where torch has no fused step (RMSprop), the fastest other provider; 8-bit forms of the
+    # new families against bitsandbytes'; the auto table per kind, read from the family.
+    run_c = _fake_run("H100", {
+        ("rmsprop/gpt2-124m/fp32", "torch-forloop"): 9.0,
+        ("rmsprop/gpt2-124m/fp32", "torch-foreach"): 6.0,
+        ("rmsprop/gpt2-124m/fp32", "fusedopt-triton"): 2.0,
+        ("sgd8bit/gpt2-124m/fp32", "bnb-8bit"): 5.0,
+        ("sgd8bit/gpt2-124m/fp32", "fusedopt-triton"): 2.0,
+        ("sgd8bit/gpt2-124m/fp32", "fusedopt-cuda"): 1.0,
+    })
+    text = "\n".join(benchmarking.headlines([run_c]))
+    assert "3.00x torch-foreach" in text and "torch-forloop" not in text
+    assert "2.50x bnb-8bit" in text and "5.00x bnb-8bit" in text
+    assert re.search(r"auto sgd8bit\s+cuda \(2\.00x", text), text
+
     other = tmp_path / "h200.json"
     other.write_text(json.dumps(_fake_run("H200", {})))
     assert benchmarking.main(["--headlines", str(paths[0]), str(other)]) == 2

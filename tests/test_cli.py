@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from fusedopt import build, check, cli
+from fusedopt import build, check, cli, families
 from fusedopt.progress import Progress
 
 
@@ -47,9 +47,17 @@ def test_check_passes_on_this_machine():
     # Not a terminal: one plain progress line per check as it starts, on stderr.
     lines = _plain_progress(out.stderr, "check")
     rows = out.stdout.count(" PASS")
-    assert lines[0][2] == "reference vs torch.optim Adam, AdamW"
+    assert lines[0][2] == check._PEERS[0][1] == "reference vs torch.optim Adam, AdamW, SGD, Adagrad, RMSprop"
     assert len(lines) == lines[0][1] >= 4
     assert len(lines) == 4 + sum(" PASS" in line and "  triton " in line for line in out.stdout.splitlines()) <= rows
+    # Every family, 32- and 8-bit, has a triton row: checked, or not run with resolve's reason.
+    triton = [line for line in out.stdout.splitlines() if "  triton " in line]
+    for config in check._CONFIGS:
+        mine = [line for line in triton if line.startswith(config.label + "  ")]
+        assert mine and all(line.endswith(("PASS", "not run")) for line in mine), (config.label, triton)
+        if mine[0].endswith("not run"):
+            assert f"triton / {config.label} / -: not run: backend 'triton' cannot run this {config.kind} step: " \
+                in out.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="about machines without a CUDA device")
@@ -160,8 +168,9 @@ def test_bench_is_dispatched_with_its_own_options(tmp_path):
     assert [label for _, _, label in lines] == ["adamw/gpt2-124m/fp32 torch-fused", "adamw/gpt2-124m/fp32 fusedopt-reference"]
 
 
-def _fake_backend(monkeypatch, name, lr_factor):
-    """Register a backend under ``name`` that is the reference with lr scaled by lr_factor."""
+def _fake_backend(monkeypatch, name, lr_factor, has=tuple(families.FAMILIES)):
+    """Register a backend under ``name`` that is the reference with lr scaled by lr_factor,
+    with a step for each family in ``has`` (default: every family of the spec)."""
     import types
 
     from fusedopt import backends, reference
@@ -173,8 +182,7 @@ def _fake_backend(monkeypatch, name, lr_factor):
         return run
 
     module = types.SimpleNamespace(NAME=name, DESCRIPTION="test double", available=lambda device: None,
-                                   adam=wrap("adam"), lamb=wrap("lamb"), lion=wrap("lion"),
-                                   global_norm=reference.global_norm)
+                                   global_norm=reference.global_norm, **{f: wrap(f) for f in has})
     monkeypatch.setitem(sys.modules, "fusedopt_test_double", module)
     monkeypatch.setitem(backends._MODULES, name, "fusedopt_test_double")
 
@@ -188,11 +196,56 @@ def test_check_compares_a_backend_step_by_step(monkeypatch, lr_factor, must_fail
     _fake_backend(monkeypatch, "triton", lr_factor)
     rows = check._backend_rows("triton", torch.device("cpu"))
     assert len(rows) == 2 * len(check._CONFIGS)
+    # every family of the spec, 32- and 8-bit, with every state it declares
+    assert {c.kind for c in check._CONFIGS} == set(families.kinds())
     for r in rows:
         if r.dtype in must_fail:
             assert r.ok is False, check.format_rows(rows)
         elif not must_fail:
             assert r.ok is True, check.format_rows(rows)
+
+
+def test_check_says_which_families_a_backend_lacks(monkeypatch, capsys):
+    # A backend with Lion's step only: every other family's rows say why they were not run
+    # (backends.resolve's reason) and the command still passes on the rows that ran.
+    _fake_backend(monkeypatch, "triton", 1.0, has=("lion",))
+    rows = check._backend_rows("triton", torch.device("cpu"))
+    ran = [r for r in rows if r.ok is not None]
+    assert {r.check for r in ran} == {c.label for c in check._CONFIGS if c.kind.startswith("lion")}
+    assert all(r.ok for r in ran) and len(ran) == 4
+    for config in check._CONFIGS:
+        if not config.kind.startswith("lion"):
+            (row,) = [r for r in rows if r.check == config.label]
+            family = config.cls._spec.name
+            assert row.ok is None and row.dtype == "-"
+            assert row.detail == f"not run: backend 'triton' cannot run this {config.kind} step: it has no {family} step"
+    monkeypatch.setattr(check, "run", lambda device, progress=None: rows)
+    assert cli.main(["check", "--device", "cpu"]) == 0
+    assert f"4 passed, 0 failed, {len(rows) - 4} not run" in capsys.readouterr().out
+
+
+def test_check_configs_keep_every_state():
+    # Read from the spec: each family's first class with 32- and 8-bit states, every flag on
+    # and a momentum where the family has one, so every declared state is kept and compared.
+    for config in check._CONFIGS[:-1]:  # the last: the clip, on the flags' defaults
+        family = config.cls._spec
+        group = {**config.kwargs}
+        for flag in ("amsgrad", "centered", "nesterov"):
+            if flag in family.flags and flag in group:
+                assert group[flag] is True
+        opt = config.make([torch.randn(5000, requires_grad=True)], "reference")
+        kept = set(family.state_names(opt.param_groups[0]))
+        assert kept == {s.name for s in family.states}, config.label
+    assert [c.cls.__name__ for c in check._CONFIGS[:2]] == ["Adam", "Adam8bit"]
+    assert check._CONFIGS[-1].kwargs["max_grad_norm"] == 1.0
+    # Each at the lr that moves a param by about check.MOVE of its size in one step.
+    for config in check._CONFIGS:
+        p = torch.randn(5000, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        p0 = p.detach().clone()
+        p.grad = torch.randn(5000, generator=torch.Generator().manual_seed(2))
+        config.make([p], "reference").step()
+        moved = float((p.detach() - p0).abs().mean() / p0.abs().mean())
+        assert check.MOVE / 2 < moved < 2 * check.MOVE, (config.label, moved)
 
 
 @pytest.mark.parametrize("switch", [[], pytest.param(["--full"], marks=pytest.mark.full),

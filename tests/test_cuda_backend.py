@@ -226,14 +226,15 @@ def test_table_is_rebuilt_when_an_address_changes(ops, monkeypatch):
     state = {"exp_avg": [torch.zeros(5), torch.zeros(7)], "exp_avg_sq": [torch.zeros(5), torch.zeros(7)]}
     batch = fusedopt.step.Batch(params, grads, state, [torch.zeros(()), torch.zeros(())],
                                      {"amsgrad": False}, torch.zeros(3))
-    lists = cuda_backend._lists(batch, 2)
+    names = ("exp_avg", "exp_avg_sq")
+    lists = cuda_backend._lists(batch, names)
     first = cuda_backend._plan(batch, lists)
     assert cuda_backend._plan(batch, lists) is first and len(built) == 1  # same addresses: cached
     batch.grads[1] = grads[1].clone()  # a new grad tensor
-    lists = cuda_backend._lists(batch, 2)
+    lists = cuda_backend._lists(batch, names)
     assert cuda_backend._plan(batch, lists) is not first and len(built) == 2
     batch.params[0].data = torch.randn(5)  # a re-bound param
-    cuda_backend._plan(batch, cuda_backend._lists(batch, 2))
+    cuda_backend._plan(batch, cuda_backend._lists(batch, names))
     assert len(built) == 3
 
 
@@ -260,30 +261,13 @@ def _batch(n_states, block_size=0, p_dtype=torch.float32, g_dtype=None, sizes=(3
 
 
 def adam_args(ops, amsgrad=False, block_size=0, **kw):
-    params, grads, states, absmax, steps = _batch(3 if amsgrad else 2, block_size, **kw)
-    table, work = ops.make_table(params, grads, *states, *absmax, steps, block_size)
-    return dict(
-        params=params, grads=grads, exp_avgs=states[0], exp_avg_sqs=states[1], max_exp_avg_sqs=states[2],
-        exp_avg_absmaxes=absmax[0], exp_avg_sq_absmaxes=absmax[1], max_exp_avg_sq_absmaxes=absmax[2], steps=steps,
-        scalars=torch.tensor([1.0, 0.0, 0.0]), table=table, work=work,
-        counters=torch.zeros(len(params), dtype=torch.int32),
-        codebook=cuda_backend.codebook(torch.device("cpu")) if block_size else None,
-        hyper=[1e-3, 0.9, 0.999, 1e-8, 0.01], hyper_tensors=[None] * 5, amsgrad=amsgrad, maximize=False,
-        decoupled_weight_decay=True, block_size=block_size, stochastic_rounding=False, seed=0,
-    )
+    states = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")[:3 if amsgrad else 2]
+    flags = ("amsgrad", "decoupled_weight_decay") if amsgrad else ("decoupled_weight_decay",)
+    return elementwise_args(ops, "adam", states, block_size, flags=flags, **kw)
 
 
 def lion_args(ops, block_size=0, **kw):
-    params, grads, states, absmax, steps = _batch(1, block_size, **kw)
-    table, work = ops.make_table(params, grads, *states, *absmax, steps, block_size)
-    return dict(
-        params=params, grads=grads, exp_avgs=states[0], exp_avg_absmaxes=absmax[0], steps=steps,
-        scalars=torch.tensor([1.0, 0.0, 0.0]), table=table, work=work,
-        counters=torch.zeros(len(params), dtype=torch.int32),
-        codebook=cuda_backend.codebook(torch.device("cpu")) if block_size else None,
-        hyper=[1e-4, 0.9, 0.99, 0.0], hyper_tensors=[None] * 4, block_size=block_size, stochastic_rounding=False,
-        seed=0,
-    )
+    return elementwise_args(ops, "lion", ("exp_avg",), block_size, **kw)
 
 
 def lamb_args(ops, block_size=0, **kw):
@@ -336,6 +320,34 @@ def lars_apply_args(ops, **kw):
     return args
 
 
+# The hyper-parameters of each family of elementwise_, by name.
+ELEMENTWISE_HYPER = {
+    "adam": dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01),
+    "lion": dict(lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=0.0),
+    "sgd": dict(lr=1e-2, momentum=0.9, dampening=0.1, weight_decay=0.01),
+    "adagrad": dict(lr=1e-2, lr_decay=0.01, weight_decay=0.0, initial_accumulator_value=0.0, eps=1e-10),
+    "rmsprop": dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.9),
+}
+
+
+def elementwise_args(ops, family="sgd", states=("momentum_buffer",), block_size=0, flags=(), **kw):
+    params, grads, lists, absmax, steps = _batch(len(states), block_size, **kw)
+    table, work = ops.make_table(params, grads, *lists, *absmax, steps, block_size)
+    hyper = ELEMENTWISE_HYPER[family]
+    return dict(
+        family=family, params=params, grads=grads, state_names=list(states), states0=lists[0], states1=lists[1],
+        states2=lists[2], absmaxes0=absmax[0], absmaxes1=absmax[1], absmaxes2=absmax[2], steps=steps,
+        scalars=torch.tensor([1.0, 0.0, 0.0]), table=table, work=work,
+        counters=torch.zeros(len(params), dtype=torch.int32),
+        codebook=cuda_backend.codebook(torch.device("cpu")) if block_size else None,
+        hyper_names=list(hyper), hyper=list(hyper.values()), hyper_tensors=[None] * len(hyper), flags=list(flags),
+        block_size=block_size, stochastic_rounding=False, seed=0,
+    )
+
+
+_RMSPROP_ALL = dict(family="rmsprop", states=("square_avg", "momentum_buffer", "grad_avg"), flags=("centered",))
+
+
 def norm_args(ops, dtypes=(torch.float32, torch.bfloat16, torch.float16)):
     tensors = [torch.randn(n).to(d) for n, d in zip((300, 5, 70000), dtypes)]
     table, work = ops.make_table(tensors, [], [], [], [], [], [], [], [], 0)
@@ -357,51 +369,51 @@ def _noncontiguous(n, dtype=torch.float32):
 # (op, argument builder and its options, the defect: argument, list index or None, new value,
 #  the message expected)
 INVALID = [
-    ("adam_", {}, ("grads", None, "drop"), r"grads has 1 tensors; expected 2"),
-    ("adam_", {}, ("max_exp_avg_sqs", None, "zeros"), r"max_exp_avg_sqs has 2 tensors; expected 0 \(the stream is not used\)"),
-    ("adam_", {"amsgrad": True}, ("max_exp_avg_sqs", None, "drop"), r"max_exp_avg_sqs has 1 tensors; expected 2"),
-    ("adam_", {}, ("steps", None, "drop"), r"steps has 1 tensors; expected 2"),
-    ("adam_", {}, ("params", 0, torch.zeros(300, dtype=torch.float64)), r"params\[0\] has dtype Double"),
-    ("adam_", {}, ("grads", 1, torch.zeros(5, dtype=torch.int32)), r"grads\[1\] has dtype Int"),
-    ("adam_", {"p_dtype": torch.bfloat16, "g_dtype": torch.float32}, None, r"params\[0\] must be a CUDA tensor"),
-    ("adam_", {}, ("params", 1, torch.zeros(5, dtype=torch.float16)), r"params\[1\] is Half but params\[0\] is float32"),
-    ("adam_", {}, ("grads", 1, torch.zeros(7)), r"grads\[1\] has 7 elements; params\[1\] has 5"),
-    ("adam_", {}, ("params", 1, _noncontiguous(5)), r"params\[1\] must be non-overlapping and dense"),
-    ("adam_", {}, ("grads", 0, _noncontiguous(300)), r"grads\[0\] must be non-overlapping and dense"),
-    ("adam_", {}, ("exp_avgs", 0, torch.zeros(300, dtype=torch.float16)), r"exp_avgs\[0\] must be Float, got Half"),
-    ("adam_", {}, ("exp_avg_sqs", 1, torch.zeros(6)), r"exp_avg_sqs\[1\] has 6 elements; params\[1\] has 5"),
-    ("adam_", {"amsgrad": True}, ("max_exp_avg_sqs", 1, _noncontiguous(5)), r"max_exp_avg_sqs\[1\] must be non-overlapping and dense"),
-    ("adam_", {}, ("exp_avgs", 0, torch.zeros(20, 15).t()), r"exp_avgs\[0\] has sizes \[15, 20\] and strides \[1, 15\] but params\[0\] has sizes \[300\] and strides \[1\]; a param's grad and states must be laid out as the param"),
-    ("adam_", {}, ("steps", 0, torch.zeros((), dtype=torch.int64)), r"steps\[0\] must be Float, got Long"),
-    ("adam_", {}, ("steps", 1, torch.zeros(2)), r"steps\[1\] must have one element, got 2"),
-    ("adam_", {"block_size": 256}, ("exp_avgs", 1, torch.zeros(5)), r"exp_avgs\[1\] must be Byte, got Float"),
-    ("adam_", {"block_size": 256}, ("exp_avg_sq_absmaxes", 0, torch.zeros(1)), r"exp_avg_sq_absmaxes\[0\] has 1 elements; params\[0\] has 300 elements, so block_size=256 needs 2"),
-    ("adam_", {"block_size": 256}, ("exp_avg_absmaxes", None, "drop"), r"exp_avg_absmaxes has 1 tensors; expected 2"),
-    ("adam_", {"block_size": 256}, ("codebook", None, None), r"codebook is required with 8-bit states"),
-    ("adam_", {"block_size": 256}, ("codebook", None, torch.zeros(3, 256)), r"codebook must be a contiguous \[4, 256\] tensor"),
-    ("adam_", {"block_size": 256}, ("block_size", None, 100), r"block_size must be 0 \(fp32 states\) or a positive multiple of 32, got 100"),
-    ("adam_", {"block_size": 256}, ("block_size", None, -32), r"block_size must be .*, got -32"),
-    ("adam_", {}, ("scalars", None, torch.zeros(2)), r"scalars must be a contiguous tensor of 3 elements"),
-    ("adam_", {}, ("scalars", None, torch.zeros(3, dtype=torch.float64)), r"scalars must be Float, got Double"),
-    ("adam_", {}, ("table", None, torch.zeros(2, 5, dtype=torch.int64)), r"table must be a contiguous \[2, 14\] tensor"),
-    ("adam_", {}, ("table", None, torch.zeros(2, 13, dtype=torch.int32)), r"table must be Long, got Int"),
-    ("adam_", {}, ("work", None, torch.zeros(3, 2, dtype=torch.int64)), r"work must be Int, got Long"),
-    ("adam_", {}, ("counters", None, torch.zeros(5, dtype=torch.int32)), r"counters must be a contiguous zero-filled tensor of 2 elements"),
-    ("adam_", {}, ("hyper", None, [1e-3, 0.9]), r"hyper and hyper_tensors must hold 5 entries each, got 2 and 5"),
-    ("adam_", {}, ("hyper_tensors", 0, torch.tensor(1e-3, dtype=torch.float64)), r"hyper_tensors\[0\] \(lr\) must be Float, got Double"),
-    ("adam_", {}, ("hyper_tensors", 1, torch.tensor([0.9, 0.9])), r"hyper_tensors\[1\] \(beta1\) must have one element, got 2"),
-    ("adam_", {}, ("seed", None, 2**32), r"seed must be in \[0, 2\*\*32\), got 4294967296"),
-    ("adam_", {}, ("stochastic_rounding", None, True), r"stochastic_rounding applies to bfloat16 params; params\[0\] is Float"),
-    ("adam_", {"p_dtype": torch.bfloat16, "block_size": 256}, ("stochastic_rounding", None, True), r"params\[0\] must be a CUDA tensor"),
-    ("adam_", {}, None, r"params\[0\] must be a CUDA tensor, got a cpu tensor"),
-    ("adam_", {"block_size": 256, "amsgrad": True}, None, r"params\[0\] must be a CUDA tensor"),
-    ("lion_", {}, ("exp_avgs", 1, torch.zeros(5, dtype=torch.float16)), r"exp_avgs\[1\] must be Float, got Half"),
-    ("lion_", {}, ("hyper_tensors", 3, torch.zeros(2)), r"hyper_tensors\[3\] \(weight_decay\) must have one element"),
-    ("lion_", {"block_size": 64}, ("exp_avg_absmaxes", 1, torch.zeros(2)), r"exp_avg_absmaxes\[1\] has 2 elements; params\[1\] has 5 elements, so block_size=64 needs 1"),
-    ("lion_", {"p_dtype": torch.bfloat16}, ("seed", None, -1), r"seed must be in \[0, 2\*\*32\), got -1"),
-    ("lion_", {"p_dtype": torch.float16}, ("stochastic_rounding", None, True), r"stochastic_rounding applies to bfloat16 params; params\[0\] is Half"),
-    ("lion_", {"p_dtype": torch.bfloat16}, ("stochastic_rounding", None, True), r"params\[0\] must be a CUDA tensor"),
-    ("lion_", {}, None, r"params\[0\] must be a CUDA tensor"),
+    ("adam", {}, ("grads", None, "drop"), r"grads has 1 tensors; expected 2"),
+    ("adam", {}, ("states2", None, "zeros"), r"states2 has 2 tensors; expected 0 \(the stream is not used\)"),
+    ("adam", {"amsgrad": True}, ("states2", None, "drop"), r"states2 \(max_exp_avg_sq\) has 1 tensors; expected 2"),
+    ("adam", {}, ("steps", None, "drop"), r"steps has 1 tensors; expected 2"),
+    ("adam", {}, ("params", 0, torch.zeros(300, dtype=torch.float64)), r"params\[0\] has dtype Double"),
+    ("adam", {}, ("grads", 1, torch.zeros(5, dtype=torch.int32)), r"grads\[1\] has dtype Int"),
+    ("adam", {"p_dtype": torch.bfloat16, "g_dtype": torch.float32}, None, r"params\[0\] must be a CUDA tensor"),
+    ("adam", {}, ("params", 1, torch.zeros(5, dtype=torch.float16)), r"params\[1\] is Half but params\[0\] is float32"),
+    ("adam", {}, ("grads", 1, torch.zeros(7)), r"grads\[1\] has 7 elements; params\[1\] has 5"),
+    ("adam", {}, ("params", 1, _noncontiguous(5)), r"params\[1\] must be non-overlapping and dense"),
+    ("adam", {}, ("grads", 0, _noncontiguous(300)), r"grads\[0\] must be non-overlapping and dense"),
+    ("adam", {}, ("states0", 0, torch.zeros(300, dtype=torch.float16)), r"states0\[0\] \(exp_avg\) must be Float, got Half"),
+    ("adam", {}, ("states1", 1, torch.zeros(6)), r"states1\[1\] \(exp_avg_sq\) has 6 elements; params\[1\] has 5"),
+    ("adam", {"amsgrad": True}, ("states2", 1, _noncontiguous(5)), r"states2\[1\] \(max_exp_avg_sq\) must be non-overlapping and dense"),
+    ("adam", {}, ("states0", 0, torch.zeros(20, 15).t()), r"states0\[0\] \(exp_avg\) has sizes \[15, 20\] and strides \[1, 15\] but params\[0\] has sizes \[300\] and strides \[1\]; a param's grad and states must be laid out as the param"),
+    ("adam", {}, ("steps", 0, torch.zeros((), dtype=torch.int64)), r"steps\[0\] must be Float, got Long"),
+    ("adam", {}, ("steps", 1, torch.zeros(2)), r"steps\[1\] must have one element, got 2"),
+    ("adam", {"block_size": 256}, ("states0", 1, torch.zeros(5)), r"states0\[1\] \(exp_avg\) must be Byte, got Float"),
+    ("adam", {"block_size": 256}, ("absmaxes1", 0, torch.zeros(1)), r"absmaxes1\[0\] \(exp_avg_sq\) has 1 elements; params\[0\] has 300 elements, so block_size=256 needs 2"),
+    ("adam", {"block_size": 256}, ("absmaxes0", None, "drop"), r"absmaxes0 \(exp_avg\) has 1 tensors; expected 2"),
+    ("adam", {"block_size": 256}, ("codebook", None, None), r"codebook is required with 8-bit states"),
+    ("adam", {"block_size": 256}, ("codebook", None, torch.zeros(3, 256)), r"codebook must be a contiguous \[4, 256\] tensor"),
+    ("adam", {"block_size": 256}, ("block_size", None, 100), r"block_size must be 0 \(fp32 states\) or a positive multiple of 32, got 100"),
+    ("adam", {"block_size": 256}, ("block_size", None, -32), r"block_size must be .*, got -32"),
+    ("adam", {}, ("scalars", None, torch.zeros(2)), r"scalars must be a contiguous tensor of 3 elements"),
+    ("adam", {}, ("scalars", None, torch.zeros(3, dtype=torch.float64)), r"scalars must be Float, got Double"),
+    ("adam", {}, ("table", None, torch.zeros(2, 5, dtype=torch.int64)), r"table must be a contiguous \[2, 14\] tensor"),
+    ("adam", {}, ("table", None, torch.zeros(2, 13, dtype=torch.int32)), r"table must be Long, got Int"),
+    ("adam", {}, ("work", None, torch.zeros(3, 2, dtype=torch.int64)), r"work must be Int, got Long"),
+    ("adam", {}, ("counters", None, torch.zeros(5, dtype=torch.int32)), r"counters must be a contiguous zero-filled tensor of 2 elements"),
+    ("adam", {}, ("hyper", None, [1e-3, 0.9]), r"hyper and hyper_tensors must hold 5 entries each, got 2 and 5"),
+    ("adam", {}, ("hyper_tensors", 0, torch.tensor(1e-3, dtype=torch.float64)), r"hyper_tensors\[0\] \(lr\) must be Float, got Double"),
+    ("adam", {}, ("hyper_tensors", 1, torch.tensor([0.9, 0.9])), r"hyper_tensors\[1\] \(beta1\) must have one element, got 2"),
+    ("adam", {}, ("seed", None, 2**32), r"seed must be in \[0, 2\*\*32\), got 4294967296"),
+    ("adam", {}, ("stochastic_rounding", None, True), r"stochastic_rounding applies to bfloat16 params; params\[0\] is Float"),
+    ("adam", {"p_dtype": torch.bfloat16, "block_size": 256}, ("stochastic_rounding", None, True), r"params\[0\] must be a CUDA tensor"),
+    ("adam", {}, None, r"params\[0\] must be a CUDA tensor, got a cpu tensor"),
+    ("adam", {"block_size": 256, "amsgrad": True}, None, r"params\[0\] must be a CUDA tensor"),
+    ("lion", {}, ("states0", 1, torch.zeros(5, dtype=torch.float16)), r"states0\[1\] \(exp_avg\) must be Float, got Half"),
+    ("lion", {}, ("hyper_tensors", 3, torch.zeros(2)), r"hyper_tensors\[3\] \(weight_decay\) must have one element"),
+    ("lion", {"block_size": 64}, ("absmaxes0", 1, torch.zeros(2)), r"absmaxes0\[1\] \(exp_avg\) has 2 elements; params\[1\] has 5 elements, so block_size=64 needs 1"),
+    ("lion", {"p_dtype": torch.bfloat16}, ("seed", None, -1), r"seed must be in \[0, 2\*\*32\), got -1"),
+    ("lion", {"p_dtype": torch.float16}, ("stochastic_rounding", None, True), r"stochastic_rounding applies to bfloat16 params; params\[0\] is Half"),
+    ("lion", {"p_dtype": torch.bfloat16}, ("stochastic_rounding", None, True), r"params\[0\] must be a CUDA tensor"),
+    ("lion", {}, None, r"params\[0\] must be a CUDA tensor"),
     ("lamb_", {}, ("exp_avg_sqs", None, "drop"), r"exp_avg_sqs has 1 tensors; expected 2"),
     ("lamb_", {"p_dtype": torch.float16, "g_dtype": torch.bfloat16}, None, r"params\[0\] must be a CUDA tensor"),
     ("lamb_", {}, ("grads", 1, torch.zeros(5, dtype=torch.bfloat16)), r"grads\[1\] is BFloat16 but grads\[0\] is float32"),
@@ -466,6 +478,42 @@ INVALID = [
     ("lars_apply_", {"p_dtype": torch.float16}, ("stochastic_rounding", None, True), r"stochastic_rounding applies to bfloat16 params; params\[0\] is Half"),
     ("lars_apply_", {"momentum": 0.0}, None, r"params\[0\] must be a CUDA tensor"),
     ("lars_apply_", {"block_size": 256}, None, r"params\[0\] must be a CUDA tensor"),
+    ("elementwise_", {}, ("family", None, "adamw"), r"family must be one of \[adam, lion, sgd, adagrad, rmsprop\], got 'adamw'"),
+    ("elementwise_", {}, ("state_names", None, ["exp_avg"]), r"state_names \[exp_avg\] are not states of sgd; it takes \[\], \[momentum_buffer\]"),
+    ("elementwise_", _RMSPROP_ALL, ("state_names", None, ["square_avg", "grad_avg", "momentum_buffer"]), r"state_names \[square_avg, grad_avg, momentum_buffer\] are not states of rmsprop; it takes \[square_avg\], \[square_avg, momentum_buffer\], \[square_avg, grad_avg\], \[square_avg, momentum_buffer, grad_avg\]"),
+    ("elementwise_", {}, ("hyper_names", 1, "beta1"), r"hyper_names has 'beta1'; sgd takes \[lr, momentum, dampening, weight_decay\]"),
+    ("elementwise_", {}, ("hyper_names", 1, "lr"), r"hyper_names has 'lr' more than once"),
+    ("elementwise_", {"family": "adagrad", "states": ("sum",)}, ("hyper_names", None, ["lr", "lr_decay", "weight_decay", "initial_accumulator_value", "epsilon"]), r"hyper_names has 'epsilon'; adagrad takes \[lr, lr_decay, weight_decay, initial_accumulator_value, eps\]"),
+    ("elementwise_", {}, ("hyper", None, [1e-2, 0.9]), r"hyper and hyper_tensors must hold 4 entries each, got 2 and 4"),
+    ("elementwise_", {}, ("hyper_tensors", 2, torch.tensor(0.1, dtype=torch.float64)), r"hyper_tensors\[2\] \(dampening\) must be Float, got Double"),
+    ("elementwise_", {}, ("flags", None, ["nesterov", "amsgrad"]), r"flags has 'amsgrad'; sgd takes \[nesterov, maximize\]"),
+    ("elementwise_", {}, ("flags", None, ["maximize", "maximize"]), r"flags has 'maximize' more than once"),
+    ("elementwise_", {"family": "adagrad", "states": ("sum",)}, ("flags", None, ["nesterov"]), r"flags has 'nesterov'; adagrad takes \[maximize\]"),
+    ("elementwise_", {"states": ()}, None, r"sgd with momentum=0.9 needs momentum_buffer state"),
+    ("elementwise_", {}, ("hyper", 1, 0.0), r"sgd with momentum=0 takes no momentum_buffer state"),
+    ("elementwise_", {"states": ()}, ("hyper", 1, 0.0), r"params\[0\] must be a CUDA tensor"),
+    ("elementwise_", {"states": (), "flags": ("nesterov",)}, ("hyper", 1, 0.0), r"sgd with nesterov needs the momentum_buffer state"),
+    ("elementwise_", {**_RMSPROP_ALL, "states": ("square_avg", "grad_avg")}, None, r"rmsprop with momentum=0.9 needs momentum_buffer state"),
+    ("elementwise_", _RMSPROP_ALL, ("hyper", 4, 0.0), r"rmsprop with momentum=0 takes no momentum_buffer state"),
+    ("adam", {}, ("flags", None, ["amsgrad"]), r"adam with amsgrad needs the max_exp_avg_sq state"),
+    ("adam", {"amsgrad": True}, ("flags", None, []), r"adam without amsgrad takes no max_exp_avg_sq state"),
+    ("elementwise_", _RMSPROP_ALL, ("flags", None, ["maximize"]), r"rmsprop without centered takes no grad_avg state"),
+    ("elementwise_", {**_RMSPROP_ALL, "states": ("square_avg",)}, ("hyper", 4, 0.0), r"rmsprop with centered needs the grad_avg state"),
+    ("elementwise_", {"family": "adagrad", "states": ("sum",)}, ("states0", 1, torch.zeros(5, dtype=torch.float16)), r"states0\[1\] \(sum\) must be Float, got Half"),
+    ("elementwise_", _RMSPROP_ALL, ("states2", None, "drop"), r"states2 \(grad_avg\) has 1 tensors; expected 2"),
+    ("elementwise_", {}, ("states1", None, "zeros"), r"states1 has 2 tensors; expected 0 \(the stream is not used\)"),
+    ("elementwise_", {**_RMSPROP_ALL, "block_size": 64}, ("states1", 0, torch.zeros(300)), r"states1\[0\] \(momentum_buffer\) must be Byte, got Float"),
+    ("elementwise_", {**_RMSPROP_ALL, "block_size": 64}, ("absmaxes2", 1, torch.zeros(2)), r"absmaxes2\[1\] \(grad_avg\) has 2 elements; params\[1\] has 5 elements, so block_size=64 needs 1"),
+    ("elementwise_", {"block_size": 256}, ("codebook", None, None), r"codebook is required with 8-bit states"),
+    ("elementwise_", {"states": (), "block_size": 256}, ("hyper", 1, 0.0), r"params\[0\] must be a CUDA tensor"),
+    ("elementwise_", {}, ("grads", 1, torch.zeros(7)), r"grads\[1\] has 7 elements; params\[1\] has 5"),
+    ("elementwise_", {}, ("table", None, torch.zeros(2, 5, dtype=torch.int64)), r"table must be a contiguous \[2, 14\] tensor"),
+    ("elementwise_", {}, ("scalars", None, torch.zeros(2)), r"scalars must be a contiguous tensor of 3 elements"),
+    ("elementwise_", {}, ("stochastic_rounding", None, True), r"stochastic_rounding applies to bfloat16 params; params\[0\] is Float"),
+    ("elementwise_", {"p_dtype": torch.bfloat16}, ("seed", None, -1), r"seed must be in \[0, 2\*\*32\), got -1"),
+    ("elementwise_", {"p_dtype": torch.bfloat16, "block_size": 256}, ("stochastic_rounding", None, True), r"params\[0\] must be a CUDA tensor"),
+    ("elementwise_", {"family": "adagrad", "states": ("sum",), "flags": ("maximize",)}, None, r"params\[0\] must be a CUDA tensor"),
+    ("elementwise_", _RMSPROP_ALL, None, r"params\[0\] must be a CUDA tensor"),
     ("global_norm", {}, ("tensors", None, []), r"tensors must hold at least one tensor"),
     ("global_norm", {}, ("norm_type", None, 3.0), r"norm_type must be 1, 2 or inf, got 3"),
     ("global_norm", {}, ("tensors", 1, torch.zeros(5, dtype=torch.float64)), r"tensors\[1\] has dtype Double"),
@@ -474,22 +522,26 @@ INVALID = [
     ("global_norm", {}, None, r"tensors\[0\] must be a CUDA tensor"),
 ]
 
-_BUILDERS = {"adam_": adam_args, "lion_": lion_args, "lamb_": lamb_args, "lamb_moments_": lamb_moments_args,
-             "lamb_apply_": lamb_apply_args, "lars_": lars_args, "lars_norms_": lars_norms_args,
-             "lars_apply_": lars_apply_args, "global_norm": norm_args}
+# The builder of each row's arguments, and the op it calls.
+_BUILDERS = {"adam": (adam_args, "elementwise_"), "lion": (lion_args, "elementwise_"),
+             "elementwise_": (elementwise_args, "elementwise_"), "lamb_": (lamb_args, "lamb_"),
+             "lamb_moments_": (lamb_moments_args, "lamb_moments_"), "lamb_apply_": (lamb_apply_args, "lamb_apply_"),
+             "lars_": (lars_args, "lars_"), "lars_norms_": (lars_norms_args, "lars_norms_"),
+             "lars_apply_": (lars_apply_args, "lars_apply_"), "global_norm": (norm_args, "global_norm")}
 
 
 def _case_id(case):
     op, options, defect, _ = case
     what = "valid-cpu" if defect is None else f"{defect[0]}{'' if defect[1] is None else f'[{defect[1]}]'}"
-    extra = "-".join(f"{k}={getattr(v, '__name__', v)}".replace("torch.", "") for k, v in options.items())
+    extra = "-".join(f"{k}={getattr(v, '__name__', v)}".replace("torch.", "").replace(" ", "") for k, v in options.items())
     return "-".join(filter(None, [op, what, extra]))
 
 
 @pytest.mark.parametrize("case", INVALID, ids=[_case_id(c) for c in INVALID])
 def test_invalid_arguments(ops, case):
-    op, options, defect, message = case
-    args = _BUILDERS[op](ops, **options)
+    builder, options, defect, message = case
+    build_args, op = _BUILDERS[builder]
+    args = build_args(ops, **options)
     if defect is not None:
         name, index, value = defect
         if value == "drop":
@@ -552,8 +604,7 @@ def test_fake_make_table_matches_the_real_one(ops):
 
     for block_size in (0, 96, 256):
         args = adam_args(ops, amsgrad=True, block_size=block_size, sizes=(300, 5, 70000, 0))
-        names = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "exp_avg_absmaxes",
-                 "exp_avg_sq_absmaxes", "max_exp_avg_sq_absmaxes", "steps")
+        names = cuda_backend._TABLE_LISTS
         real = ops.make_table(*(args[n] for n in names), block_size)
         with FakeTensorMode() as mode:
             fake = ops.make_table(*([mode.from_tensor(t) for t in args[n]] for n in names), block_size)
@@ -574,13 +625,13 @@ def _fake_cuda(value):
 def test_ops_run_on_fake_cuda_tensors(ops):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    real = {"adam_": adam_args(ops, amsgrad=True, block_size=256), "lion_": lion_args(ops),
-            "lamb_": lamb_args(ops), "lamb_moments_": lamb_moments_args(ops, block_size=256),
-            "lamb_apply_": lamb_apply_args(ops), "lars_": lars_args(ops, block_size=256),
-            "lars_norms_": lars_norms_args(ops), "lars_apply_": lars_apply_args(ops, momentum=0.0),
-            "global_norm": norm_args(ops)}
+    real = [("elementwise_", adam_args(ops, amsgrad=True, block_size=256)), ("elementwise_", lion_args(ops)),
+            ("elementwise_", elementwise_args(ops, block_size=256, **_RMSPROP_ALL)), ("lamb_", lamb_args(ops)),
+            ("lamb_moments_", lamb_moments_args(ops, block_size=256)), ("lamb_apply_", lamb_apply_args(ops)),
+            ("lars_", lars_args(ops, block_size=256)), ("lars_norms_", lars_norms_args(ops)),
+            ("lars_apply_", lars_apply_args(ops, momentum=0.0)), ("global_norm", norm_args(ops))]
     with FakeTensorMode():
-        for op, args in real.items():
+        for op, args in real:
             out = getattr(ops, op)(**{k: _fake_cuda(v) for k, v in args.items()})
             if op == "global_norm":
                 assert out.shape == () and out.dtype == torch.float32 and out.device.type == "cuda"
@@ -601,11 +652,11 @@ def test_a_step_traces_into_one_graph(ops):
 
     def step(*values):
         kw = dict(zip(names, values))
-        ops.adam_(**kw)
+        ops.elementwise_(**kw)
         return ops.global_norm(kw["grads"], kw["table"], kw["work"], 2.0)
 
     graph = make_fx(step, tracing_mode="fake")(*(args[n] for n in names))
-    assert "fusedopt.adam_" in graph.code and "fusedopt.global_norm" in graph.code
+    assert "fusedopt.elementwise_" in graph.code and "fusedopt.global_norm" in graph.code
 
 
 @pytest.mark.parametrize("family, first, block_size", [("lamb", "moments_", 0), ("lars", "norms_", 256)])
@@ -614,7 +665,7 @@ def test_sharded_two_pass_traces_into_one_graph(ops, family, first, block_size):
     ops themselves, the reduction between them (here a stand-in for the all-reduce)."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    args = _BUILDERS[family + "_"](ops, block_size=block_size)
+    args = _BUILDERS[family + "_"][0](ops, block_size=block_size)
     names = list(args)
 
     def step(*values):

@@ -31,6 +31,7 @@ import test_optimizer
 import test_stochastic_rounding
 from cuda_emu import emulator
 from fusedopt import backends
+from test_backends import Case
 
 SCHEDULES = {
     "3sm-forward": dict(sms=3, blocks_per_sm=2),
@@ -105,6 +106,67 @@ def test_two_pass_families_against_reference(emulated, case):
     assert stats["launches"] > 0 and stats["checked_accesses"] > 0, stats
 
 
+# SGD, Adagrad, RMSprop and their 8-bit forms (issue 14) through elementwise_: every flag and
+# variant (momentum 0 and > 0, dampening, nesterov, centered, maximize, lr_decay, weight decay),
+# the two groups of a case differing in them, 8-bit with block sizes 64, 256 and one wider than a
+# thread block's span. The default tier runs one case of each class; the rest are ``full``.
+FAMILY_CASES = [
+    Case("SGD", "fp32", dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=0.01),
+         group_b=dict(momentum=0.0, maximize=True)),
+    # (no clipping with 16-bit params and SGD's large steps: a clip coefficient that the two
+    # backends' norms give in other last bits can round a param to the neighbouring bf16 value,
+    # which a later step's cancellation near zero magnifies beyond the bf16 tolerance)
+    Case("SGD", "bf16", dict(lr=0.05, momentum=0.9, nesterov=True),
+         group_b=dict(lr=0.02, weight_decay=0.1, nesterov=False, dampening=0.5), scaler=True),
+    Case("SGD", "fp32", dict(lr=0.05, momentum=0.9, max_grad_norm=test_backends.CLIP),
+         group_b=dict(momentum=0.5, nesterov=True), nonfinite=True, scaler=True),
+    Case("SGD", "fp16", dict(lr=0.05), group_b=dict(lr=0.01, maximize=True, weight_decay=0.1)),
+    Case("Adagrad", "fp32", dict(lr_decay=0.01, weight_decay=0.01, initial_accumulator_value=0.1),
+         group_b=dict(maximize=True, lr=0.05, lr_decay=0.0)),
+    Case("Adagrad", "bf16", dict(max_grad_norm=test_backends.CLIP), group_b=dict(eps=1e-6, lr_decay=0.1),
+         nonfinite=True, scaler=True),
+    Case("RMSprop", "fp32", dict(centered=True, momentum=0.9, weight_decay=0.01),
+         group_b=dict(centered=False, momentum=0.0, maximize=True, alpha=0.9)),
+    Case("RMSprop", "bf16", dict(momentum=0.5, maximize=True), group_b=dict(centered=True, momentum=0.0, alpha=0.3)),
+    Case("RMSprop", "fp16", dict(max_grad_norm=test_backends.CLIP), group_b=dict(centered=True, momentum=0.9),
+         scaler=True, nonfinite=True),
+    # hyper-parameters as tensors, read on the device (Beta's 1 - x in fp32 there, clr in double)
+    Case("SGD", "fp32", dict(lr=0.05, momentum=0.9),
+         group_b=dict(lr=torch.tensor(0.02), dampening=torch.tensor(0.3), weight_decay=torch.tensor(0.01))),
+    Case("Adagrad", "fp32", dict(lr_decay=0.01), group_b=dict(lr=torch.tensor(0.05), lr_decay=torch.tensor(0.1))),
+    Case("RMSprop", "fp32", dict(centered=True, momentum=0.9),
+         group_b=dict(lr=torch.tensor(3e-3), alpha=torch.tensor(0.9), momentum=torch.tensor(0.5),
+                      eps=torch.tensor(1e-6))),
+    Case("SGD8bit", "fp32", dict(_SMALL, lr=0.05, momentum=0.9, dampening=0.1, weight_decay=0.01),
+         group_b=dict(block_size=64, nesterov=True, dampening=0.0, maximize=True)),
+    Case("SGD8bit", "bf16", dict(_SMALL, lr=0.05, momentum=0.9), group_b=dict(block_size=8192, momentum=0.0)),
+    Case("Adagrad8bit", "fp32", dict(_SMALL, lr_decay=0.01, initial_accumulator_value=0.1),
+         group_b=dict(block_size=64, maximize=True, weight_decay=0.01)),
+    Case("Adagrad8bit", "fp16", dict(_SMALL, max_grad_norm=test_backends.CLIP), group_b=dict(block_size=4128),
+         scaler=True),
+    Case("RMSprop8bit", "fp32", dict(_SMALL, centered=True, momentum=0.9),
+         group_b=dict(block_size=64, centered=False, momentum=0.0, maximize=True, weight_decay=0.01)),
+    Case("RMSprop8bit", "bf16", dict(_SMALL, momentum=0.5, stochastic_rounding=True),
+         group_b=dict(block_size=4128, centered=True, momentum=0.0, alpha=0.9)),
+]
+
+
+def _family_params():
+    seen, out = set(), []
+    for case in FAMILY_CASES:
+        out.append(pytest.param(case, id=case.id, marks=() if case.cls not in seen else pytest.mark.full))
+        seen.add(case.cls)
+    return out
+
+
+@pytest.mark.parametrize("case", _family_params())
+def test_new_families_against_reference(emulated_once, case):
+    emulator.reset_stats(emulated_once)
+    test_backends._check(case, "cpu", "cuda")
+    stats = emulator.stats(emulated_once)
+    assert stats["launches"] > 0 and stats["checked_accesses"] > 0, stats
+
+
 @pytest.mark.parametrize("norm_type", test_backends.NORM_TYPES)
 @pytest.mark.parametrize("dtypes", ["fp32", "bf16", "fp16", "mixed"])
 def test_global_norm(emulated, dtypes, norm_type):
@@ -125,6 +187,11 @@ def test_quantizer_codes_are_the_reference_codes(emulated, block_size, signed):
 @pytest.mark.parametrize("cls, dtype, kwargs", test_cuda_gpu.EIGHT_BIT,
                          ids=lambda v: getattr(v, "__name__", str(v)))
 def test_8bit_steps_in_lockstep_with_the_reference(emulated, cls, dtype, kwargs):
+    if cls == "RMSprop8bit" and kwargs.get("momentum", 0) > 0:
+        pytest.skip("RMSprop's momentum buffer takes g / (sqrt(square_avg) + eps), and torch's CPU sqrt is not "
+                    "correctly rounded in its vector loops (AVX-512: 0.7% of fp32 values 1 ulp off, "
+                    "test_cpu_sqrt_is_not_correctly_rounded), so the reference's buffer on the CPU is not the "
+                    "kernel's bit for bit; test_cuda_gpu.py runs this case on a GPU")
     test_cuda_gpu.test_8bit_steps_in_lockstep_with_the_reference(torch.device("cpu"), cls, dtype, kwargs)
 
 
@@ -210,6 +277,18 @@ def test_replaced_state_is_what_the_next_step_uses(emulated_once, grads, change)
 # --------------------------------------------------------------------------------------------
 
 
+def test_cpu_sqrt_is_not_correctly_rounded():
+    """Why the emulated lockstep test skips RMSprop8bit with momentum: torch's fp32 sqrt on the
+    CPU (its vector loop) differs from the correctly rounded square root (numpy's, the kernels'
+    sqrtf) for some values. If this fails, torch's sqrt became exact: drop that skip."""
+    import numpy as np
+
+    x = torch.rand(1 << 16, generator=torch.Generator().manual_seed(0)) * 10
+    if torch.backends.cpu.get_cpu_capability() == "DEFAULT":
+        pytest.skip("no vector loop on this CPU")
+    assert (torch.sqrt(x).numpy() != np.sqrt(x.numpy())).any()
+
+
 def test_the_grid_runs_persistent_blocks_with_several_work_items(lib):
     """The 300-tensor case under the 3-SM schedule: grids of 6 blocks over hundreds of work
     items, warp shuffles and block barriers exercised, global accesses checked."""
@@ -239,8 +318,10 @@ def test_an_out_of_bounds_access_faults(lib):
         scalars = torch.tensor([1.0, 0.0, 0.0])
         hyper, hyper_tensors = cuda_backend._hyper((1e-3, 0.9, 0.999, 1e-8, 0.0), torch.device("cpu"))
         with pytest.raises(RuntimeError, match="out-of-bounds access"):
-            ops.adam_([p], [grad], [m], [v], [], [], [], [], [step], scalars, table, work,
-                      torch.zeros(1, dtype=torch.int32), None, hyper, hyper_tensors, False, False, True, 0)
+            ops.elementwise_("adam", [p], [grad], ["exp_avg", "exp_avg_sq"], [m], [v], [], [], [], [], [step],
+                             scalars, table, work, torch.zeros(1, dtype=torch.int32), None,
+                             ["lr", "beta1", "beta2", "eps", "weight_decay"], hyper, hyper_tensors,
+                             ["decoupled_weight_decay"], 0, False, 0)
 
 
 @pytest.mark.parametrize("block_size", [0, 256, 8192], ids=["32bit", "8bit", "8bit-wide"])

@@ -86,6 +86,13 @@ EIGHT_BIT = [
     # blocks wider than a thread block's span (4096), swept twice: one of 4096 + 32 elements
     ("AdamW8bit", torch.bfloat16, dict(block_size=4128, weight_decay=0.1, amsgrad=True)),
     ("Lion8bit", torch.float16, dict(block_size=8192)),
+    ("SGD8bit", torch.float32, dict(block_size=256, lr=0.05, momentum=0.9, dampening=0.1, weight_decay=0.01)),
+    ("SGD8bit", torch.bfloat16, dict(block_size=64, lr=0.05, momentum=0.9, nesterov=True, maximize=True)),
+    ("Adagrad8bit", torch.float16, dict(block_size=96, lr_decay=0.01, initial_accumulator_value=0.1, maximize=True)),
+    ("Adagrad8bit", torch.float32, dict(block_size=4128, weight_decay=0.01)),
+    ("RMSprop8bit", torch.float32, dict(block_size=256, centered=True, momentum=0.9, weight_decay=0.01)),
+    ("RMSprop8bit", torch.bfloat16, dict(block_size=4128, momentum=0.5, maximize=True)),
+    ("RMSprop8bit", torch.float16, dict(block_size=32, centered=True, alpha=0.9)),
     # the two-pass families (no weight decay in LARS: then the params do not enter the buffer)
     ("LAMB8bit", torch.float32, dict(block_size=256, weight_decay=0.1)),
     ("LAMB8bit", torch.bfloat16, dict(block_size=4128)),

@@ -347,16 +347,18 @@ def test_the_cuda_ops_check_layouts(on):
 
     def adam(grad, param=p):
         table, work = ops.make_table([param], [grad], [m], [v], [], [], [], [], [step], 0)
-        ops.adam_([param], [grad], [m], [v], [], [], [], [], [step], scalars, table, work,
-                  torch.zeros(1, dtype=torch.int32), None, hyper, hyper_tensors, False, False, True, 0)
+        ops.elementwise_("adam", [param], [grad], ["exp_avg", "exp_avg_sq"], [m], [v], [], [], [], [], [step],
+                         scalars, table, work, torch.zeros(1, dtype=torch.int32), None,
+                         ["lr", "beta1", "beta2", "eps", "weight_decay"], hyper, hyper_tensors,
+                         ["decoupled_weight_decay"], 0)
 
     adam(torch.randn(4, 6).t())  # transposed param, grad and states: flat memory, accepted
-    with pytest.raises(RuntimeError, match=r"adam_: grads\[0\] has sizes \[6, 4\] and strides \[4, 1\] but "
+    with pytest.raises(RuntimeError, match=r"elementwise_: grads\[0\] has sizes \[6, 4\] and strides \[4, 1\] but "
                                            r"params\[0\] has sizes \[6, 4\] and strides \[1, 6\]"):
         adam(torch.randn(6, 4))
-    with pytest.raises(RuntimeError, match=r"adam_: grads\[0\] must be non-overlapping and dense"):
+    with pytest.raises(RuntimeError, match=r"elementwise_: grads\[0\] must be non-overlapping and dense"):
         adam(torch.randn(1, 4).expand(6, 4))
-    with pytest.raises(RuntimeError, match=r"adam_: params\[0\] must be non-overlapping and dense"):
+    with pytest.raises(RuntimeError, match=r"elementwise_: params\[0\] must be non-overlapping and dense"):
         adam(torch.randn(6, 4), torch.randn(6, 8)[:, ::2])
 
 

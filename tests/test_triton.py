@@ -17,8 +17,8 @@ from fusedopt import backends
 from fusedopt.testing import assert_close
 
 triton_backend = pytest.importorskip("fusedopt.kernels.backend")
-from fusedopt.kernels import adam as triton_adam  # noqa: E402
 from fusedopt.kernels import common  # noqa: E402
+from fusedopt.kernels import elementwise  # noqa: E402
 
 CPU_OK = backends.unavailable_reason("triton", torch.device("cpu")) is None
 needs_interpreter = pytest.mark.skipif(not CPU_OK, reason="the Triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
@@ -32,11 +32,10 @@ class _Launches:
     """Counts the launches of every Triton kernel while active."""
 
     def __init__(self, monkeypatch):
-        from fusedopt.kernels import lamb, lion, norm, table
+        from fusedopt.kernels import elementwise, lamb, norm, table
 
         self.count = 0
-        kernels = [triton_adam.adam_kernel, triton_adam.adam8bit_kernel, lion.lion_kernel, lion.lion8bit_kernel,
-                   lamb.lamb_moments_kernel, lamb.lamb_ratio_kernel, lamb.lamb_apply_kernel,
+        kernels = [elementwise.elementwise_kernel, elementwise.elementwise8bit_kernel, lamb.lamb_moments_kernel, lamb.lamb_ratio_kernel, lamb.lamb_apply_kernel,
                    norm.norm_partial_kernel, norm.norm_finish_kernel, common.step_kernel]
         for k in kernels:
             run = k.run
@@ -227,7 +226,7 @@ def test_new_learning_rate_does_not_recompile():
     opt = fusedopt.AdamW(params, backend="triton")
     _set_grads(params, 0)
     opt.step()
-    before = _compiled(triton_adam.adam_kernel)
+    before = _compiled(elementwise.elementwise_kernel)
     for k, lr in enumerate((3e-4, 1e-5, 0.1, 0.0)):
         for g in opt.param_groups:
             g["lr"] = lr
@@ -235,7 +234,7 @@ def test_new_learning_rate_does_not_recompile():
         _set_grads(params, k + 1)
         opt.step()
     torch.cuda.synchronize()
-    assert _compiled(triton_adam.adam_kernel) == before
+    assert _compiled(elementwise.elementwise_kernel) == before
 
 
 @pytest.mark.gpu

@@ -3,7 +3,11 @@ right thing.
 
 :data:`PROVIDERS`: torch's for-loop, foreach, fused and compiled steps, bitsandbytes,
 lion-pytorch and fusedopt's backends. One that cannot run here gives the reason
-(``Provider.reason``), and is listed, never dropped. :func:`check` compares a provider's
+(``Provider.reason``), and is listed, never dropped; one that cannot run a case (a peer
+without that form, a backend without the family's kernels) says why for that case
+(``Provider.unsupported``). Which cases a peer implements is read from the peer: torch's class
+of the fusedopt class's name and the flags its signature takes (``fused``, ``foreach``),
+bitsandbytes' class of the same name. :func:`check` compares a provider's
 update with fusedopt's reference on small random data before anything is timed.
 """
 
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
+import inspect
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -18,7 +23,7 @@ from typing import Any, Callable
 import torch
 
 from .. import backends
-from .cases import OPTIMIZERS, Case, Shapes
+from .cases import OPTIMIZERS, Case, OptSpec, Shapes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -43,6 +48,10 @@ class Provider:
         optimizers: the :data:`OPTIMIZERS` it implements (others are not its cases).
         make: ``make(params, spec, hp) -> Runner`` for params whose ``.grad`` is set.
         reason: ``reason(device, quick) -> str | None``: why it cannot run here (None: it can).
+        unsupported: ``unsupported(spec, device) -> str | None``: why it cannot run this
+            optimizer configuration (a peer without centered RMSprop, a backend without the
+            family's kernels yet), asked once ``reason`` is None; the case is reported
+            ``unavailable`` with it.
         state_in_param_dtype: keeps its states in the param's dtype (torch does), so it moves
             fewer bytes and is checked with that precision's tolerance.
         separate_clip: clips with a separate ``clip_grad_norm_`` that rewrites the grads.
@@ -55,6 +64,7 @@ class Provider:
     optimizers: tuple[str, ...]
     make: Callable[..., Runner]
     reason: Callable[[torch.device, bool], str | None] = lambda device, quick: None
+    unsupported: Callable[[OptSpec, torch.device], str | None] = lambda spec, device: None
     state_in_param_dtype: bool = False
     separate_clip: bool = False
     known_differences: dict = field(default_factory=dict)
@@ -100,19 +110,40 @@ def _clip_then(params, max_grad_norm, foreach, step):
     return clipped_step
 
 
-def _torch_adamw(**flags):
+def torch_class(spec: OptSpec) -> type | None:
+    """torch.optim's class of the same name as the case's fusedopt class (fusedopt's 32-bit
+    classes are drop-ins for torch's: AdamW, SGD, Adagrad, RMSprop), or None."""
+    if spec.quantized:
+        return None
+    cls = getattr(torch.optim, spec.fusedopt_class, None)
+    return cls if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer) else None
+
+
+def _torch_takes(*flags: str) -> tuple[str, ...]:
+    """The :data:`OPTIMIZERS` whose torch class takes every one of ``flags`` (``fused``: torch
+    has a fused kernel for it)."""
+    return tuple(o.name for o in OPTIMIZERS.values()
+                 if (cls := torch_class(o)) is not None and all(f in inspect.signature(cls).parameters for f in flags))
+
+
+def _torch_names(optimizers) -> str:
+    return ", ".join(dict.fromkeys(OPTIMIZERS[o].fusedopt_class for o in optimizers))
+
+
+def _torch_step(**flags):
     def make(params, spec, hp):
-        opt = torch.optim.AdamW(params, **hp, **flags)
+        opt = torch_class(spec)(params, **hp, **flags)
         return Runner(opt, _clip_then(params, spec.max_grad_norm, flags.get("foreach", True), opt.step))
     return make
 
 
 def _torch_compile_make(params, spec, hp):
-    if spec.family == "lion":
+    cls = torch_class(spec)
+    if cls is None:  # Lion: lion-pytorch's torch for-loop
         import lion_pytorch
         opt = lion_pytorch.Lion(params, **hp)
     else:
-        opt = torch.optim.AdamW(params, **hp, foreach=True)
+        opt = cls(params, **hp, foreach=True)
     step = _clip_then(params, spec.max_grad_norm, True, opt.step)
     # As in torch's "compiling the optimizer" recipe: the whole step in one compiled function.
     return Runner(opt, torch.compile(step, fullgraph=False))
@@ -124,17 +155,36 @@ def _torch_compile_reason(device, quick):
     return None
 
 
-def _bnb_make(bits):
-    def make(params, spec, hp):
-        import bitsandbytes as bnb
-        if spec.quantized:
-            cls = {"adam": bnb.optim.AdamW8bit, "lion": bnb.optim.Lion8bit}[spec.family]
-            opt = cls(params, **hp, min_8bit_size=spec.min_8bit_size)
-        else:
-            cls = {"adam": bnb.optim.AdamW, "lion": bnb.optim.Lion, "lamb": bnb.optim.LAMB}[spec.family]
-            opt = cls(params, **hp, optim_bits=bits)
-        return Runner(opt, _clip_then(params, spec.max_grad_norm, True, opt.step))
-    return make
+#: bitsandbytes.optim's classes (0.50), named as fusedopt's: the peer of a case is the class of
+#: the same name.
+_BNB_CLASSES = ("AdamW", "LAMB", "Lion", "SGD", "Adagrad", "RMSprop", "LARS",
+                "AdamW8bit", "Lion8bit", "LAMB8bit", "SGD8bit", "Adagrad8bit", "RMSprop8bit", "LARS8bit")
+
+
+def _bnb_optimizers(quantized: bool) -> tuple[str, ...]:
+    return tuple(o.name for o in OPTIMIZERS.values() if o.quantized == quantized and o.fusedopt_class in _BNB_CLASSES)
+
+
+def _bnb_new(params, spec, hp):
+    import bitsandbytes as bnb
+    cls = getattr(bnb.optim, spec.fusedopt_class)
+    if spec.quantized:
+        return cls(params, **hp, min_8bit_size=spec.min_8bit_size)
+    return cls(params, **hp, optim_bits=32)
+
+
+def _bnb_make(params, spec, hp):
+    opt = _bnb_new(params, spec, hp)
+    return Runner(opt, _clip_then(params, spec.max_grad_norm, True, opt.step))
+
+
+def _bnb_unsupported(spec, device):
+    """What bitsandbytes' constructor refuses (SGD and LARS without momentum, centered RMSprop)."""
+    try:
+        _bnb_new([torch.zeros(1, requires_grad=True)], spec, spec.hp)
+    except (NotImplementedError, ValueError) as e:
+        return f"bitsandbytes' {spec.fusedopt_class} refuses these hyper-parameters ({type(e).__name__}: {e})"
+    return None
 
 
 def _lion_pytorch_make(use_triton):
@@ -199,31 +249,53 @@ def _fusedopt_reason(backend):
     return reason
 
 
-_ADAMS = ("adamw", "adamw-clip")
+def _fusedopt_unsupported(backend):
+    def unsupported(spec, device):
+        # What backends.resolve says before a step of this kind (its kernels, its block size)
+        try:
+            backends.resolve(backend, device, (), spec.kind, block_size=spec.block_size if spec.quantized else None,
+                             norm_type=None if spec.max_grad_norm is None else 2.0)
+        except RuntimeError as e:
+            return str(e)
+        return None
+    return unsupported
+
+
 _ALL = tuple(OPTIMIZERS)
+_FORLOOP = _torch_takes("foreach")
+_FUSED = _torch_takes("fused")
+_FUSED_GRAPH = _torch_takes("fused", "capturable")
+_ADAMS = tuple(o for o in OPTIMIZERS if OPTIMIZERS[o].fusedopt_class == "AdamW")
+_BNB_KNOWN = {"lamb": "bitsandbytes' LAMB is Adam with the update scaled down only when its norm exceeds "
+                      "max_unorm * ||p||, not the trust ratio"}
 
 PROVIDERS: dict[str, Provider] = {
     p.name: p
     for p in (
-        Provider("torch-forloop", "torch.optim.AdamW(foreach=False): a few kernels per tensor",
-                 _ADAMS, _torch_adamw(foreach=False), state_in_param_dtype=True, separate_clip=True),
-        Provider("torch-foreach", "torch.optim.AdamW(foreach=True): multi-tensor ops",
-                 _ADAMS, _torch_adamw(foreach=True), state_in_param_dtype=True, separate_clip=True),
-        Provider("torch-fused", "torch.optim.AdamW(fused=True): torch's fused kernel",
-                 _ADAMS, _torch_adamw(fused=True), state_in_param_dtype=True, separate_clip=True),
-        Provider("torch-fused-graph", "torch.optim.AdamW(fused=True, capturable=True) replayed from a CUDA graph",
-                 _ADAMS, _graphed(_torch_adamw(fused=True, capturable=True)), _needs_cuda("CUDA-graph replay"),
+        Provider("torch-forloop", f"torch.optim {_torch_names(_FORLOOP)}(foreach=False): a few kernels per tensor",
+                 _FORLOOP, _torch_step(foreach=False), state_in_param_dtype=True, separate_clip=True),
+        Provider("torch-foreach", f"torch.optim {_torch_names(_FORLOOP)}(foreach=True): multi-tensor ops",
+                 _FORLOOP, _torch_step(foreach=True), state_in_param_dtype=True, separate_clip=True),
+        Provider("torch-fused", f"torch.optim {_torch_names(_FUSED)}(fused=True): torch's fused kernels",
+                 _FUSED, _torch_step(fused=True), state_in_param_dtype=True, separate_clip=True),
+        Provider("torch-fused-graph", f"torch.optim {_torch_names(_FUSED_GRAPH)}(fused=True, capturable=True) "
+                 "replayed from a CUDA graph",
+                 _FUSED_GRAPH, _graphed(_torch_step(fused=True, capturable=True)), _needs_cuda("CUDA-graph replay"),
                  state_in_param_dtype=True, separate_clip=True),
         Provider("torch-compile", "torch.compile of the torch step (AdamW foreach; Lion: lion-pytorch's)",
                  _ADAMS + ("lion",), _torch_compile_make, _torch_compile_reason,
                  state_in_param_dtype=True, separate_clip=True),
-        Provider("bnb-32bit", "bitsandbytes AdamW / LAMB / Lion, optim_bits=32",
-                 _ADAMS + ("lamb", "lion"), _bnb_make(32), lambda d, q: _module_reason("bitsandbytes"),
-                 separate_clip=True,
-                 known_differences={"lamb": "bitsandbytes' LAMB is Adam with the update scaled down only "
-                                            "when its norm exceeds max_unorm * ||p||, not the trust ratio"}),
-        Provider("bnb-8bit", "bitsandbytes AdamW8bit / Lion8bit (block-wise)",
-                 ("adamw8bit", "lion8bit"), _bnb_make(8), lambda d, q: _module_reason("bitsandbytes")),
+        Provider("bnb-32bit", f"bitsandbytes {_torch_names(_bnb_optimizers(False))}, optim_bits=32",
+                 _bnb_optimizers(False), _bnb_make, lambda d, q: _module_reason("bitsandbytes"),
+                 _bnb_unsupported, separate_clip=True,
+                 known_differences={**_BNB_KNOWN,
+                                    "sgd-nesterov": "bitsandbytes' SGD takes nesterov and steps plain momentum "
+                                                    "(measured on CPU, bitsandbytes 0.50.2)"}),
+        Provider("bnb-8bit", f"bitsandbytes {_torch_names(_bnb_optimizers(True))} (block-wise)",
+                 _bnb_optimizers(True), _bnb_make, lambda d, q: _module_reason("bitsandbytes"), _bnb_unsupported,
+                 known_differences={"lamb8bit": _BNB_KNOWN["lamb"],
+                                    "lars8bit": "bitsandbytes' LARS8bit did not apply max_unorm on CPU "
+                                                "(bitsandbytes 0.50.2: its update was as large as SGD8bit's)"}),
         Provider("lion-pytorch", "lion_pytorch.Lion: a torch for-loop",
                  ("lion",), _lion_pytorch_make(False), lambda d, q: _module_reason("lion_pytorch"),
                  state_in_param_dtype=True),
@@ -232,17 +304,17 @@ PROVIDERS: dict[str, Provider] = {
                  _all(lambda d, q: _module_reason("lion_pytorch"), _needs_cuda("its Triton kernel")),
                  state_in_param_dtype=True),
         Provider("fusedopt-reference", "fusedopt backend='reference': torch ops, the specification",
-                 _ALL, _fusedopt_make("reference"), _fusedopt_reason("reference")),
+                 _ALL, _fusedopt_make("reference"), _fusedopt_reason("reference"), _fusedopt_unsupported("reference")),
         Provider("fusedopt-triton", "fusedopt backend='triton'",
-                 _ALL, _fusedopt_make("triton"), _fusedopt_reason("triton")),
+                 _ALL, _fusedopt_make("triton"), _fusedopt_reason("triton"), _fusedopt_unsupported("triton")),
         Provider("fusedopt-cuda", "fusedopt backend='cuda'",
-                 _ALL, _fusedopt_make("cuda"), _fusedopt_reason("cuda")),
+                 _ALL, _fusedopt_make("cuda"), _fusedopt_reason("cuda"), _fusedopt_unsupported("cuda")),
         Provider("fusedopt-triton-graph", "fusedopt backend='triton' replayed from a CUDA graph (no host time)",
                  _ALL, _graphed(_fusedopt_make("triton")),
-                 _all(_needs_cuda("CUDA-graph replay"), _fusedopt_reason("triton"))),
+                 _all(_needs_cuda("CUDA-graph replay"), _fusedopt_reason("triton")), _fusedopt_unsupported("triton")),
         Provider("fusedopt-cuda-graph", "fusedopt backend='cuda' replayed from a CUDA graph (no host time)",
                  _ALL, _graphed(_fusedopt_make("cuda")),
-                 _all(_needs_cuda("CUDA-graph replay"), _fusedopt_reason("cuda"))),
+                 _all(_needs_cuda("CUDA-graph replay"), _fusedopt_reason("cuda")), _fusedopt_unsupported("cuda")),
     )
 }
 

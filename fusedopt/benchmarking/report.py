@@ -1,13 +1,15 @@
 """The report of a run: the terminal table (:func:`format_table`), the goal ratios
 (:func:`headlines`), the JSON schema of ``--json`` (:data:`JSON_SCHEMA`) and the plot
-(:func:`plot`).
+(:func:`plot`); and the roofline table of every optimizer (:func:`roofline_table`).
 """
 
 from __future__ import annotations
 
 import math
 
-from .cases import DTYPES, MODELS, OPTIMIZERS
+import torch
+
+from .cases import DTYPES, MODELS, OPTIMIZERS, bytes_per_param
 
 
 SCHEMA_ID = "fusedopt-bench/1"
@@ -107,9 +109,37 @@ def format_table(doc: dict) -> str:
     return "\n".join(lines)
 
 
-#: The kind of step (``fusedopt.backends.KINDS``) each benchmark optimizer exercises.
-KIND_OF = {"adamw": "adam", "adamw-clip": "adam", "lamb": "lamb", "lion": "lion",
-           "adamw8bit": "adam8bit", "lion8bit": "lion8bit"}
+def _bytes(x: float) -> str:
+    return f"{x:.2f}".rstrip("0").rstrip(".")
+
+
+def roofline_table() -> str:
+    """The README's roofline table (``python -m fusedopt bench --roofline``): per optimizer,
+    the states its family keeps with these hyper-parameters, its passes, and the fewest bytes
+    per param a step reads plus writes with fp32 and with bf16 params and grads (fp32 states;
+    :func:`fusedopt.benchmarking.cases.bytes_per_param`, 8-bit figures rounded to 0.01)."""
+    lines = ["| optimizer | class, hyper-parameters | states kept (torch's keys) | passes | fp32 params | bf16 params |",
+             "|---|---|---|---|---|---|"]
+    for o in OPTIMIZERS.values():
+        what = f"`{o.fusedopt_class}`" + (f", {o.description}" if o.description else "")
+        states = ", ".join(f"`{s}`" for s in o.states) or "none"
+        if o.quantized:
+            states += f" (8-bit codes + an fp32 absmax per {o.block_size})"
+        cells = []
+        for dtype in (torch.float32, torch.bfloat16):
+            cell = _bytes(bytes_per_param(o, dtype))
+            if o.max_grad_norm is not None:
+                cell += f" ({_bytes(bytes_per_param(o, dtype, separate_clip=True))} with a separate `clip_grad_norm_`)"
+            cells.append(cell)
+        lines.append(f"| `{o.name}` | {what} | {states} | {o.passes} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
+def kind_of(optimizer: str) -> str | None:
+    """The kind of step (``fusedopt.backends.KINDS``) a benchmark optimizer exercises, from its
+    family; None for a name this version does not have (a saved run of another)."""
+    spec = OPTIMIZERS.get(optimizer)
+    return None if spec is None else spec.kind
 
 
 def _medians(docs: list[dict]) -> dict[tuple[str, str], dict]:
@@ -123,13 +153,19 @@ def _medians(docs: list[dict]) -> dict[tuple[str, str], dict]:
     return out
 
 
+#: The peers a fusedopt result is compared with in the headlines, where they ran.
+HEADLINE_PEERS = ("torch-fused", "torch-fused-graph", "bnb-8bit")
+
+
 def headlines(docs: list[dict]) -> list[str]:
     """The figures the project's performance goals are stated in, from one or more runs of the
     same machine: ratios of medians measured in the same run, never across machines.
 
-    - each fusedopt backend's %copy on AdamW fp32 (goal: >= 90%) and its speed-up over torch's
-      fused AdamW; with clipping, over torch's clip_grad_norm_ + fused AdamW (goal: >= 1.5x);
-    - AdamW8bit bf16 over bitsandbytes (goal: >= 1.5x);
+    - each fusedopt backend's %copy on every case (goal on AdamW fp32: >= 90%) and its speed-up
+      over torch's fused step (AdamW, SGD, Adagrad; with clipping, over torch's
+      clip_grad_norm_ + fused AdamW: goal >= 1.5x) and over bitsandbytes' 8-bit classes
+      (AdamW8bit bf16: goal >= 1.5x); where neither ran (RMSprop, LARS, Lion), over the
+      fastest other provider of the case;
     - 20,000 tensors of 4,096 elements over the same bytes in one tensor (goal: <= 1.3x);
     - per kind of step, the faster of triton and cuda (the geometric mean of their ratios over
       every case both ran): what ``fusedopt.backends.AUTO_ORDER`` should say.
@@ -151,15 +187,12 @@ def headlines(docs: list[dict]) -> list[str]:
             if r is None:
                 continue
             parts = [f"{r['pct_copy']:.1f}% of copy"]
-            if opt in ("adamw", "adamw-clip"):
-                for peer in ("torch-fused", "torch-fused-graph"):
-                    x = ratio(case, peer, p)
-                    if x is not None:
-                        parts.append(f"{x:.2f}x {peer}")
-            if opt in ("adamw8bit", "lion8bit"):
-                x = ratio(case, "bnb-8bit", p)
-                if x is not None:
-                    parts.append(f"{x:.2f}x bnb-8bit")
+            peers = [q for q in HEADLINE_PEERS if (case, q) in res]
+            if not peers:  # no fused peer for this optimizer (RMSprop, LARS, Lion): the fastest other
+                others = [q for c, q in res if c == case and not q.startswith("fusedopt-")]
+                peers = sorted(others, key=lambda q: res[(case, q)]["median_ms"])[:1]
+            for peer in peers:
+                parts.append(f"{ratio(case, peer, p):.2f}x {peer}")
             if model == "many-4k":
                 one = res.get((f"{opt}/one-82m/{dtype}", p))
                 if one is not None:
@@ -170,8 +203,9 @@ def headlines(docs: list[dict]) -> list[str]:
         by_kind: dict[str, list[float]] = {}
         for case in cases:
             x = ratio(case, t, c)  # > 1: cuda is faster
-            if x is not None:
-                by_kind.setdefault(KIND_OF[case.split("/")[0]], []).append(math.log(x))
+            kind = kind_of(case.split("/")[0])
+            if x is not None and kind is not None:
+                by_kind.setdefault(kind, []).append(math.log(x))
         for kind, logs in sorted(by_kind.items()):
             g = math.exp(sum(logs) / len(logs))
             faster = "cuda" if g > 1 else "triton"

@@ -20,7 +20,7 @@ import torch
 from ..progress import Progress, Silent
 from .cases import Case, select_cases
 from .providers import Provider, select_providers
-from .report import JSON_SCHEMA, SCHEMA_ID, _count, format_table, headlines, plot
+from .report import JSON_SCHEMA, SCHEMA_ID, _count, format_table, headlines, plot, roofline_table
 from .timing import Config, copy_bandwidth, default_config, measure
 
 
@@ -161,6 +161,8 @@ def _parser() -> argparse.ArgumentParser:
                          "whenever another process takes a core, which made CPU timings vary 100x)")
     ap.add_argument("--list", action="store_true", help="list cases and providers with availability, run nothing")
     ap.add_argument("--schema", action="store_true", help="print the JSON schema of --json's output, run nothing")
+    ap.add_argument("--roofline", action="store_true",
+                    help="print the bytes per param each optimizer's step must move (the README's table), run nothing")
     ap.add_argument("--headlines", nargs="+", metavar="JSON",
                     help="print the goal ratios of saved runs (--json files of one device), run nothing")
     return ap
@@ -170,6 +172,9 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.schema:
         print(json.dumps(JSON_SCHEMA, indent=2))
+        return 0
+    if args.roofline:
+        print(roofline_table())
         return 0
     if args.headlines:
         try:

@@ -153,10 +153,10 @@ def _free_bytes(device: torch.device) -> int:
 
 
 def _set_bytes(case: Case) -> int:
-    """Memory of one input set: params, grads and 32-bit states (an upper bound for 8-bit)."""
+    """Memory of one input set: params, grads and the states the case keeps, in 32 bits (an
+    upper bound for 8-bit)."""
     p = torch.empty((), dtype=case.dtype).element_size()
-    states = 1 if case.optimizer.family == "lion" else 2
-    return case.numel * (2 * p + 4 * states)
+    return case.numel * (2 * p + 4 * len(case.optimizer.states))
 
 
 def _make_set(case: Case, device: torch.device, seed: int) -> list[torch.Tensor]:
@@ -200,6 +200,9 @@ def measure(provider: Provider, case: Case, device: torch.device, config: Config
     if reason is not None:
         status = "skipped" if isinstance(reason, Skip) else "unavailable"
         return _result(provider, status, reason)
+    reason = provider.unsupported(case.optimizer, device)
+    if reason is not None:
+        return _result(provider, "unavailable", reason)
 
     notes = []
     if provider.state_in_param_dtype and case.dtype != torch.float32:
@@ -285,6 +288,8 @@ def pytest_benchmark(benchmark, case_name: str, provider_name: str, quick: bool)
     (case,) = (c for c in all_cases(quick) if c.name == case_name)
     provider = PROVIDERS[provider_name]
     reason = provider.reason(device, quick)
+    if reason is None:
+        reason = provider.unsupported(case.optimizer, device)
     if reason is not None:
         pytest.skip(f"{provider.name}: {reason}")
     err, tol = check(provider, case, device, config.check_steps)

@@ -1,0 +1,10 @@
+"""Adagrad and Adagrad8bit (see bench/README.md)."""
+
+import pytest
+
+from fusedopt import benchmarking as fb
+
+
+@pytest.mark.parametrize("case,provider", fb.pytest_params(fb.optimizers_of("adagrad")))
+def test_adagrad(benchmark, case, provider, quick):
+    fb.pytest_benchmark(benchmark, case, provider, quick)

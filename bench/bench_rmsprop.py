@@ -1,0 +1,10 @@
+"""RMSprop (plain; centered with momentum) and RMSprop8bit (see bench/README.md)."""
+
+import pytest
+
+from fusedopt import benchmarking as fb
+
+
+@pytest.mark.parametrize("case,provider", fb.pytest_params(fb.optimizers_of("rmsprop")))
+def test_rmsprop(benchmark, case, provider, quick):
+    fb.pytest_benchmark(benchmark, case, provider, quick)

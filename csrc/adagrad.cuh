@@ -1,0 +1,47 @@
+// Adagrad (torch.optim.Adagrad semantics), with maximize: the per-element math and the family
+// the elementwise and 8-bit kernels instantiate.
+#pragma once
+
+#include "multi_tensor.cuh"
+
+namespace fusedopt {
+
+struct AdagradStep {
+  float clr;  // lr / (1 + (t - 1) * lr_decay), in double rounded once
+  float weight_decay, eps;
+  bool maximize;
+};
+
+// FAMILIES.md "Adagrad": g = -g if maximize; g += wd*p; sum += g*g; p -= clr * g / (sqrt(sum) + eps),
+// the last as torch's addcdiv rounds it: (clr * g) / std.
+__device__ __forceinline__ void adagrad_math(float& p, float g, float& sum, const AdagradStep& s) {
+  if (s.maximize) g = -g;
+  if (s.weight_decay != 0.f) g = g + s.weight_decay * p;
+  sum = sum + g * g;
+  const float std = sqrtf(sum) + s.eps;
+  p = p - s.clr * g / std;
+}
+
+struct Adagrad {
+  static constexpr int kStates = 1;  // sum
+  __host__ __device__ static constexpr bool is_signed(int) { return false; }
+  using Step = AdagradStep;
+
+  AdagradHyper h;
+
+  __device__ __forceinline__ Step step(float t) const {
+    Step s;
+    // In double, rounded once to fp32, as torch's for-loop takes it (a Python float).
+    s.clr = float(get_double(h.lr) / (1.0 + (double(t) - 1.0) * get_double(h.lr_decay)));
+    s.weight_decay = get(h.weight_decay);
+    s.eps = get(h.eps);
+    s.maximize = h.maximize;
+    return s;
+  }
+
+  __device__ __forceinline__ static void math(float& p, float g, States<kStates>& s, const Step& step) {
+    adagrad_math(p, g, s[0], step);
+  }
+};
+
+}  // namespace fusedopt

@@ -1,0 +1,89 @@
+// RMSprop (torch.optim.RMSprop semantics), centered or not, with or without momentum, with
+// maximize: the per-element math and the family the elementwise and 8-bit kernels instantiate.
+#pragma once
+
+#include "multi_tensor.cuh"
+
+namespace fusedopt {
+
+struct RmspropStep {
+  float lr, alpha, one_minus_alpha, eps, weight_decay, momentum;
+  float lerp_complement;  // 1 - (1 - alpha) in fp32: the second form of torch's lerp
+  bool maximize;
+};
+
+// torch.lerp(a, b, w): a + w * (b - a) for |w| < 0.5, else b - (b - a) * (1 - w), each a fused
+// multiply-add as torch computes it (its CUDA kernel is contracted by nvcc, its CPU vector loop
+// calls fmadd with the coefficient w - 1): explicit fmaf, which -fmad=false leaves alone.
+__device__ __forceinline__ float torch_lerp(float a, float b, float w, float one_minus_w) {
+  const float d = b - a;
+  return fabsf(w) < 0.5f ? fmaf(w, d, a) : fmaf(-one_minus_w, d, b);
+}
+
+// FAMILIES.md "RMSprop": g = -g if maximize; g += wd*p; square_avg = alpha*square_avg +
+// (1-alpha)*g*g; centered: grad_avg = lerp(grad_avg, g, 1-alpha), avg = sqrt(square_avg -
+// grad_avg^2) + eps, else avg = sqrt(square_avg) + eps; momentum: buf = momentum*buf + g/avg,
+// p -= lr*buf, else p -= lr*g/avg. Rounded in torch's order (the reference's): addcmul's
+// ((1-alpha) * g) * g, addcdiv's (lr * g) / avg.
+template <bool MOMENTUM, bool CENTERED>
+__device__ __forceinline__ void rmsprop_math(float& p, float g, float& square_avg, float& buf, float& grad_avg,
+                                             const RmspropStep& s) {
+  if (s.maximize) g = -g;
+  if (s.weight_decay != 0.f) g = g + s.weight_decay * p;
+  square_avg = s.alpha * square_avg + s.one_minus_alpha * g * g;
+  float avg;
+  if (CENTERED) {
+    grad_avg = torch_lerp(grad_avg, g, s.one_minus_alpha, s.lerp_complement);
+    avg = sqrtf(square_avg - grad_avg * grad_avg) + s.eps;
+  } else {
+    avg = sqrtf(square_avg) + s.eps;
+  }
+  if (MOMENTUM) {
+    buf = s.momentum * buf + g / avg;
+    p = p - s.lr * buf;
+  } else {
+    p = p - s.lr * g / avg;
+  }
+}
+
+template <bool MOMENTUM, bool CENTERED>
+struct Rmsprop {
+  // square_avg, then momentum_buffer and grad_avg when the variant has them (torch's order)
+  static constexpr int kStates = 1 + int(MOMENTUM) + int(CENTERED);
+  // square_avg uses the unsigned codebook, momentum_buffer and grad_avg the signed one.
+  __host__ __device__ static constexpr bool is_signed(int k) { return k > 0; }
+  using Step = RmspropStep;
+
+  RmspropHyper h;
+
+  __device__ __forceinline__ Step step(float) const {
+    Step s;
+    s.lr = get(h.lr);
+    get(h.alpha, s.alpha, s.one_minus_alpha);
+    s.lerp_complement = 1.f - s.one_minus_alpha;
+    s.eps = get(h.eps);
+    s.weight_decay = get(h.weight_decay);
+    s.momentum = get(h.momentum);
+    s.maximize = h.maximize;
+    return s;
+  }
+
+  // A variant without momentum_buffer or grad_avg passes another slot in its place: never
+  // touched by the math (MOMENTUM / CENTERED false).
+  __device__ __forceinline__ static void math(float& p, float g, States<kStates>& s, const Step& step) {
+    rmsprop_math<MOMENTUM, CENTERED>(p, g, s[0], s[MOMENTUM ? 1 : 0], s[kStates - 1], step);
+  }
+};
+
+// Calls f(Rmsprop<MOMENTUM, CENTERED>{h}) for the variant of h.
+template <typename F>
+cudaError_t dispatch_rmsprop(const RmspropHyper& h, F&& f) {
+  if (h.has_momentum) return h.centered ? f(Rmsprop<true, true>{h}) : f(Rmsprop<true, false>{h});
+  return h.centered ? f(Rmsprop<false, true>{h}) : f(Rmsprop<false, false>{h});
+}
+
+// The 8-bit launcher (rmsprop8.cu); launch_rmsprop hands 8-bit batches to it.
+cudaError_t launch_rmsprop8(const MultiTensor& mt, const RmspropHyper& h, ScalarKind param, const Quant& quant,
+                            cudaStream_t stream);
+
+}  // namespace fusedopt
