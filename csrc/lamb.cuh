@@ -1,16 +1,12 @@
-// LAMB (You et al., ICLR 2020) in two passes over the work list.
-//
-// Pass 1 (moments): m and v of every element, and per chunk the sums of p^2 and u^2 written to
-// fixed slots; the block that finishes a tensor's last chunk adds that tensor's slots in a fixed
-// order (no float atomics: the result does not depend on which block finishes last).
-// Pass 2 (apply): the trust ratio r = ||p|| / ||u|| (1 unless both are positive), u recomputed
-// from the stored m and v, p -= lr * r * u, and the step advanced.
-// The passes are one launch each, back to back (lamb_), or apart (lamb_moments_, lamb_apply_) so
-// that sharded params can sum each tensor's norms over the shards in between.
-// Bytes per element: pass 1 reads p, g, m, v and writes m, v; pass 2 reads p, m, v, writes p.
+// LAMB (You et al., ICLR 2020): the per-element math and the family two_pass.cuh's kernels
+// instantiate (pass 1: the moments and the norms of p and u; pass 2: p -= lr * r * u with the
+// trust ratio r = ||p|| / ||u||, 1 unless both are positive).
+// Bytes per element, fp32 states: pass 1 reads p, g, m, v and writes m, v; pass 2 reads p, m, v,
+// writes p. 8-bit states (LAMB8bit): pass 1 reads p, g and the codes; pass 2 reads them again and
+// writes p and the codes.
 #pragma once
 
-#include "multi_tensor.cuh"
+#include "two_pass.cuh"
 
 namespace fusedopt {
 
@@ -51,98 +47,33 @@ __device__ __forceinline__ float trust_ratio(float p_norm_sq, float u_norm_sq) {
   return (p_norm > 0.f && u_norm > 0.f) ? p_norm / u_norm : 1.f;
 }
 
-template <typename P>
-__global__ void __launch_bounds__(kThreads, kMinBlocks) lamb_moments_kernel(MultiTensor mt, LambHyper h) {
-  if (mt.scalars[kSkip] != 0.f) return;
-  const float grad_mult = mt.scalars[kGradMult];
-  for (int64_t w = blockIdx.x; w < mt.n_work; w += gridDim.x) {
-    const int2 item = reinterpret_cast<const int2*>(mt.work)[w];
-    const int64_t* row = mt.table + int64_t(item.x) * kRowWidth;
-    const int64_t numel = row[kNumel];
-    const LambStep step = lamb_step(h, global(address<const float>(row[kStep])) + 1.f);
-    const P* p = address<const P>(row[kParam]);
-    float* m = address<float>(row[kState0]);
-    float* v = address<float>(row[kState1]);
-    const int64_t begin = int64_t(item.y) * mt.chunk;
-    const int64_t end = numel < begin + mt.chunk ? numel : begin + mt.chunk;
+struct Lamb {
+  static constexpr int kStates = 2;  // exp_avg, exp_avg_sq
+  // exp_avg uses the signed codebook, exp_avg_sq the unsigned one.
+  __host__ __device__ static constexpr bool is_signed(int k) { return k == 0; }
+  static constexpr ApplyGrad kApplyGrad = ApplyGrad::kNever;  // u from p, m and v
+  using Step = LambStep;
 
-    float p_sq = 0.f, u_sq = 0.f;
-    for_each_segment<kVec>(begin, end, row[kAligned] != 0, [&](auto vec, int64_t i, int n) {
-      constexpr bool V = decltype(vec)::value;
-      float p_[kVec], g_[kVec], m_[kVec], v_[kVec];
-      load<V>(p_, p + i, n);
-      load_grad<V>(g_, mt.grad, row[kGrad], i, n);
-      load<V>(m_, m + i, n);
-      load<V>(v_, v + i, n);
-#pragma unroll
-      for (int j = 0; j < kVec; ++j) {
-        lamb_moments(g_[j] * grad_mult, m_[j], v_[j], step);
-        const float u = lamb_direction(p_[j], m_[j], v_[j], step);
-        if (j < n) {
-          p_sq += p_[j] * p_[j];
-          u_sq += u * u;
-        }
-      }
-      store<V>(m + i, m_, n);
-      store<V>(v + i, v_, n);
-    });
-    p_sq = block_reduce(p_sq, Sum{});
-    u_sq = block_reduce(u_sq, Sum{});
-    if (threadIdx.x == 0) {
-      h.partials[2 * w] = p_sq;
-      h.partials[2 * w + 1] = u_sq;
-    }
-    if (finished_tensor(mt, item.x, numel)) {
-      // This tensor's chunks are the work items w - item.y .. in order; a tensor of one chunk
-      // has its sums already.
-      const int64_t first = w - item.y, chunks = num_chunks(numel, mt.chunk);
-      float p_total = p_sq, u_total = u_sq;
-      if (chunks > 1) {
-        p_total = u_total = 0.f;
-        for (int64_t c = threadIdx.x; c < chunks; c += kThreads) {
-          p_total += __ldcg(h.partials + 2 * (first + c));
-          u_total += __ldcg(h.partials + 2 * (first + c) + 1);
-        }
-        p_total = block_reduce(p_total, Sum{});
-        u_total = block_reduce(u_total, Sum{});
-      }
-      if (threadIdx.x == 0) {
-        h.norms[2 * item.x] = p_total;
-        h.norms[2 * item.x + 1] = u_total;
-      }
-    }
+  LambHyper h;
+
+  __device__ __forceinline__ Step step(float t) const { return lamb_step(h, t); }
+
+  __device__ __forceinline__ static float update(float p, float g, float (&s)[kStates], const Step& step) {
+    lamb_moments(g, s[0], s[1], step);
+    return lamb_direction(p, s[0], s[1], step);
   }
-}
 
-template <typename P, bool SR>
-__global__ void __launch_bounds__(kThreads, kMinBlocks) lamb_apply_kernel(MultiTensor mt, LambHyper h) {
-  if (mt.scalars[kSkip] != 0.f) return;
-  for (int64_t w = blockIdx.x; w < mt.n_work; w += gridDim.x) {
-    const int2 item = reinterpret_cast<const int2*>(mt.work)[w];
-    const int64_t* row = mt.table + int64_t(item.x) * kRowWidth;
-    const int64_t numel = row[kNumel];
-    const float t = global(address<const float>(row[kStep])) + 1.f;
-    const LambStep step = lamb_step(h, t);
-    const float lr_r = step.lr * trust_ratio(h.norms[2 * item.x], h.norms[2 * item.x + 1]);
-    const Rounding key = row_key<SR>(mt, row, t);
-    P* p = address<P>(row[kParam]);
-    const float* m = address<const float>(row[kState0]);
-    const float* v = address<const float>(row[kState1]);
-    const int64_t begin = int64_t(item.y) * mt.chunk;
-    const int64_t end = numel < begin + mt.chunk ? numel : begin + mt.chunk;
-
-    for_each_segment<kVec>(begin, end, row[kAligned] != 0, [&](auto vec, int64_t i, int n) {
-      constexpr bool V = decltype(vec)::value;
-      float p_[kVec], m_[kVec], v_[kVec];
-      load<V>(p_, p + i, n);
-      load<V>(m_, m + i, n);
-      load<V>(v_, v + i, n);
-#pragma unroll
-      for (int j = 0; j < kVec; ++j) p_[j] = p_[j] - lr_r * lamb_direction(p_[j], m_[j], v_[j], step);
-      store_param<SR, V>(p + i, p_, n, i, key);
-    });
-    advance_step(mt, row, item.x, t);
+  __device__ __forceinline__ static float direction(float p, float, const float (&s)[kStates], const Step& step) {
+    return lamb_direction(p, s[0], s[1], step);
   }
-}
+
+  __device__ __forceinline__ static float factor(float p_sq, float u_sq, const Step& step) {
+    return step.lr * trust_ratio(p_sq, u_sq);
+  }
+};
+
+// The 8-bit launcher (lamb8.cu); launch_lamb hands 8-bit batches to it.
+cudaError_t launch_lamb8(const MultiTensor& mt, const LambHyper& h, const TensorNorms& norms, ScalarKind param,
+                         const Quant& quant, TwoPass passes, cudaStream_t stream);
 
 }  // namespace fusedopt

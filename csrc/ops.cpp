@@ -10,11 +10,13 @@
 //   elementwise_ one step of an elementwise family (Adam/AdamW, Lion, SGD, Adagrad, RMSprop) over
 //                a batch, in place: the family by name, its states in its own order (states0..2,
 //                absmaxes0..2 when 8-bit), its hyper-parameters and switches by name.
-//   lamb_        LAMB's step (two kernels).
-//                Both round bf16 params to nearest, or with stochastic_rounding under the group's
+//   lamb_, lars_ one step of a two-pass family over a batch, in place (two kernels,
+//                csrc/two_pass.cuh); fp32 or 8-bit states.
+//                All round bf16 params to nearest, or with stochastic_rounding under the group's
 //                seed (the reference's bits).
-//   lamb_moments_, lamb_apply_   lamb_'s two passes apart, for sharded params (FSDP2): the
-//                per-tensor norms the first returns are summed over the shards before the second.
+//   lamb_moments_, lamb_apply_, lars_norms_, lars_apply_   the two passes apart, for sharded params
+//                (FSDP2): the per-tensor norms the first returns are summed over the shards
+//                before the second.
 //   global_norm  the norm of many tensors (mixed dtypes), deterministic.
 //   quantize_blockwise   the kernels' 8-bit quantizer, for tests.
 //
@@ -191,13 +193,11 @@ struct Streams {
 
 // Lengths, dtypes, layouts and sizes of a batch. `num_states` state lists hold one tensor per
 // param, the others are empty; with block_size > 0 the states are uint8 codes with fp32
-// absmaxes, else fp32. Without `reads_grads` (an op that takes no grads) s.grads is not looked
-// at. Adds every tensor to `on_device`.
-void check_streams(const Streams& s, int num_states, int64_t block_size, OnDevice& on_device, const char* op,
-                   bool reads_grads = true) {
+// absmaxes, else fp32. Adds every tensor to `on_device`.
+void check_streams(const Streams& s, int num_states, int64_t block_size, OnDevice& on_device, const char* op) {
   check_block_size(block_size, op);
   const size_t n = s.params.size();
-  if (reads_grads) check_length(s.grads, "grads", n, op);
+  check_length(s.grads, "grads", n, op);
   check_length(s.steps, "steps", n, op);
   for (int k = 0; k < 3; ++k) {
     check_length(s.states[k], s.state(k), k < num_states ? n : 0, op);
@@ -205,7 +205,7 @@ void check_streams(const Streams& s, int num_states, int64_t block_size, OnDevic
   }
   if (n == 0) return;
   const ScalarKind param_kind = kind_of(s.params[0], Name{"params", 0}, op);
-  const ScalarKind grad_kind = reads_grads ? kind_of(s.grads[0], Name{"grads", 0}, op) : kFloat32;
+  const ScalarKind grad_kind = kind_of(s.grads[0], Name{"grads", 0}, op);
   for (size_t i = 0; i < n; ++i) {
     const Tensor& p = s.params[i];
     const int64_t numel = p.numel();
@@ -213,13 +213,11 @@ void check_streams(const Streams& s, int num_states, int64_t block_size, OnDevic
     TORCH_CHECK(kind_of(p, pname, op) == param_kind, "fusedopt.", op, ": ", pname, " is ", p.scalar_type(),
                 " but params[0] is ", kind_name(param_kind), "; a batch has one param dtype");
     check_dense(p, pname, op);
-    if (reads_grads) {
-      TORCH_CHECK(kind_of(s.grads[i], gname, op) == grad_kind, "fusedopt.", op, ": ", gname, " is ",
-                  s.grads[i].scalar_type(), " but grads[0] is ", kind_name(grad_kind), "; a batch has one grad dtype");
-      check_dense(s.grads[i], gname, op);
-      check_numel(s.grads[i], gname, numel, pname, op);
-      check_layout(s.grads[i], gname, p, pname, op);
-    }
+    TORCH_CHECK(kind_of(s.grads[i], gname, op) == grad_kind, "fusedopt.", op, ": ", gname, " is ",
+                s.grads[i].scalar_type(), " but grads[0] is ", kind_name(grad_kind), "; a batch has one grad dtype");
+    check_dense(s.grads[i], gname, op);
+    check_numel(s.grads[i], gname, numel, pname, op);
+    check_layout(s.grads[i], gname, p, pname, op);
     for (int k = 0; k < num_states; ++k) {
       const Name name = s.state(k, int64_t(i));
       check_dtype(s.states[k][i], name, block_size > 0 ? at::kByte : at::kFloat, op);
@@ -240,7 +238,7 @@ void check_streams(const Streams& s, int num_states, int64_t block_size, OnDevic
                 s.steps[i].numel());
   }
   on_device.add(s.params, "params");
-  if (reads_grads) on_device.add(s.grads, "grads");
+  on_device.add(s.grads, "grads");
   for (int k = 0; k < num_states; ++k) {
     on_device.add(s.states[k], s.state_lists[k]);
     if (block_size > 0) on_device.add(s.absmaxes[k], s.absmax_lists[k]);
@@ -419,97 +417,183 @@ std::tuple<Tensor, Tensor> make_table(TensorList params, TensorList grads, Tenso
   return {table, work_list};
 }
 
-// The checks every LAMB op makes after check_streams: scalars, tables, hyper-parameters.
-Hyper check_lamb(const Tensor& scalars, const Tensor& table, const Tensor& work, const Tensor& counters, size_t n,
-                 at::ArrayRef<double> hyper, const c10::List<std::optional<Tensor>>& hyper_tensors,
-                 OnDevice& on_device, const char* op) {
+// ---- the two-pass families (LAMB, LARS: two_pass.cuh) -------------------------------------------
+//
+// Each has three ops: <family>_ (both passes), and for sharded params (FSDP2) the two apart:
+// <family>_norms_ (lamb_moments_ for LAMB; pass 1: returns each tensor's [sum p^2, sum u^2] over the elements it holds,
+// for a shard this rank's part; fp32 states are updated, 8-bit ones are not) and <family>_apply_
+// (pass 2 with the norms summed over the shards: the param, 8-bit states and steps). Every op
+// takes the grads (pass 2 reads them for 8-bit states and for some families' u).
+
+// What every two-pass op checks after check_streams: scalars, tables, codebook, hyper-parameters.
+Hyper check_two_pass(const Tensor& scalars, const Tensor& table, const Tensor& work, const Tensor& counters, size_t n,
+                     const std::optional<Tensor>& codebook, int64_t block_size, at::ArrayRef<double> hyper,
+                     const c10::List<std::optional<Tensor>>& hyper_tensors, const std::vector<const char*>& names,
+                     OnDevice& on_device, const char* op) {
   check_scalars(scalars, on_device, op);
   check_plan(table, work, counters, n, on_device, op);
-  return check_hyper(hyper, hyper_tensors, {"lr", "beta1", "beta2", "eps", "weight_decay"}, on_device, op);
+  check_codebook(codebook, block_size, on_device, op);
+  return check_hyper(hyper, hyper_tensors, names, on_device, op);
 }
 
-// LAMB's `passes` over a checked, non-empty batch on `device`. `norms` ([tensors, 2] fp32) gets
-// each tensor's sums of p^2 and u^2 from the moments pass; the apply pass reads them.
-void run_lamb(const Streams& s, const Tensor& scalars, const Tensor& table, const Tensor& work, const Tensor& counters,
-              const Hyper& h, bool bias_correction, const Tensor& norms, LambPasses passes, const at::Device& device,
-              const char* op, bool stochastic = false, uint32_t seed = 0) {
-  FUSEDOPT_DEVICE_GUARD(device);
-  // Per-chunk partials of the moments pass: every slot is written before it is read.
-  const Tensor partials = passes & kLambMoments ? at::empty({work.size(0), 2}, scalars.options()) : Tensor();
-  const LambHyper args{h.scalar(0),
-                       h.beta(1),
-                       h.beta(2),
-                       h.scalar(3),
-                       h.scalar(4),
-                       bias_correction,
-                       partials.defined() ? partials.data_ptr<float>() : nullptr,
-                       norms.data_ptr<float>()};
-  // The apply pass reads no grads.
-  const ScalarKind grad = passes & kLambMoments ? kind_of(s.grads[0], Name{"grads", 0}, op) : kFloat32;
-  const MultiTensor mt = multi_tensor(table, work, scalars, counters, kChunk, grad, stochastic, seed);
-  C10_CUDA_CHECK(launch_lamb(mt, args, kind_of(s.params[0], Name{"params", 0}, op), passes, stream_of(device)));
+// The norms an apply op takes: [tensors, 2] fp32, from the norms op `from`.
+void check_norms(const Tensor& norms, size_t n, OnDevice& on_device, const char* op, const char* from) {
+  check_dtype(norms, Name{"norms"}, at::kFloat, op);
+  TORCH_CHECK(norms.dim() == 2 && norms.size(0) == int64_t(n) && norms.size(1) == 2 && norms.is_contiguous(),
+              "fusedopt.", op, ": norms must be a contiguous [", n, ", 2] tensor (from ", from, "), got ",
+              norms.sizes());
+  on_device.add(norms, Name{"norms"});
 }
 
 Tensor new_norms(size_t n, const Tensor& scalars) {
   return at::empty({int64_t(n), 2}, scalars.options().dtype(at::kFloat));
 }
 
-void lamb_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList steps,
-           const Tensor& scalars, const Tensor& table, const Tensor& work, const Tensor& counters,
-           at::ArrayRef<double> hyper, const c10::List<std::optional<Tensor>>& hyper_tensors, bool bias_correction,
-           bool stochastic_rounding, int64_t seed) {
-  const char* op = "lamb_";
-  const Streams s{params, grads, {exp_avgs, exp_avg_sqs, {}}, {{}, {}, {}}, steps};
+// One two-pass op: the checks (the family's `num_states` streams and hyper-parameters `names`),
+// then `passes`, launched by launch(hyper, mt, norms, param, quant, passes, stream) (the family's
+// launcher). The apply op takes `norms` (from `norms_op`), summed over the shards; the norms op
+// returns the new ones; the others return an undefined tensor.
+template <typename Launch>
+Tensor two_pass_op(const Streams& s, int num_states, const Tensor& scalars, const Tensor& table, const Tensor& work,
+                   const Tensor& counters, const std::optional<Tensor>& codebook, int64_t block_size,
+                   const Tensor& norms, at::ArrayRef<double> hyper,
+                   const c10::List<std::optional<Tensor>>& hyper_tensors, const std::vector<const char*>& names,
+                   TwoPass passes, bool stochastic_rounding, int64_t seed, const char* op, const char* norms_op,
+                   Launch&& launch) {
   OnDevice on_device;
-  check_streams(s, 2, 0, on_device, op);
-  if (params.empty()) return;
-  const Hyper h = check_lamb(scalars, table, work, counters, params.size(), hyper, hyper_tensors, on_device, op);
-  const uint32_t seed32 = check_rounding(stochastic_rounding, seed, params[0], op);
+  check_streams(s, num_states, block_size, on_device, op);
+  if (s.params.empty()) return passes == kNormsPass ? new_norms(0, scalars) : Tensor();
+  const Hyper h = check_two_pass(scalars, table, work, counters, s.params.size(), codebook, block_size, hyper,
+                                 hyper_tensors, names, on_device, op);
+  if (passes == kApplyPass) check_norms(norms, s.params.size(), on_device, op, norms_op);
+  const uint32_t seed32 = check_rounding(stochastic_rounding, seed, s.params[0], op);
   const at::Device device = on_device.check(op);
-  run_lamb(s, scalars, table, work, counters, h, bias_correction, new_norms(params.size(), scalars), kLambBoth,
-           device, op, stochastic_rounding, seed32);
+
+  FUSEDOPT_DEVICE_GUARD(device);
+  const Tensor out = passes == kApplyPass ? norms : new_norms(s.params.size(), scalars);
+  // Per-work-item partials of the norms pass: every slot is written before it is read.
+  const Tensor partials = passes & kNormsPass ? at::empty({work.size(0), 2}, scalars.options()) : Tensor();
+  const TensorNorms args{partials.defined() ? partials.data_ptr<float>() : nullptr, out.data_ptr<float>()};
+  const Quant quant{block_size, block_size > 0 ? codebook->data_ptr<float>() : nullptr};
+  const MultiTensor mt = multi_tensor(table, work, scalars, counters, chunk_elements(block_size),
+                                      kind_of(s.grads[0], Name{"grads", 0}, op), stochastic_rounding, seed32);
+  C10_CUDA_CHECK(launch(h, mt, args, kind_of(s.params[0], Name{"params", 0}, op), quant, passes, stream_of(device)));
+  return passes == kNormsPass ? out : Tensor();
 }
 
-// LAMB's first pass: the moments, in place, and each tensor's [sum p^2, sum u^2] over the
-// elements it holds (for a shard: this rank's part of the sums).
+// LAMB: hyper = lr, beta1, beta2, eps, weight_decay; exp_avgs and exp_avg_sqs fp32 (block_size 0)
+// or 8-bit codes with their absmaxes.
+Tensor lamb_op(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+               TensorList exp_avg_absmaxes, TensorList exp_avg_sq_absmaxes, TensorList steps, const Tensor& scalars,
+               const Tensor& table, const Tensor& work, const Tensor& counters,
+               const std::optional<Tensor>& codebook, const Tensor& norms, at::ArrayRef<double> hyper,
+               const c10::List<std::optional<Tensor>>& hyper_tensors, bool bias_correction, int64_t block_size,
+               TwoPass passes, bool stochastic_rounding, int64_t seed, const char* op) {
+  const Streams s{params, grads, {exp_avgs, exp_avg_sqs, {}}, {exp_avg_absmaxes, exp_avg_sq_absmaxes, {}}, steps};
+  return two_pass_op(
+      s, 2, scalars, table, work, counters, codebook, block_size, norms, hyper, hyper_tensors,
+      {"lr", "beta1", "beta2", "eps", "weight_decay"}, passes, stochastic_rounding, seed, op, "lamb_moments_",
+      [&](const Hyper& h, const MultiTensor& mt, const TensorNorms& n, ScalarKind param, const Quant& quant,
+          TwoPass which, cudaStream_t stream) {
+        const LambHyper args{h.scalar(0), h.beta(1), h.beta(2), h.scalar(3), h.scalar(4), bias_correction};
+        return launch_lamb(mt, args, n, param, quant, which, stream);
+      });
+}
+
+void lamb_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+           TensorList exp_avg_absmaxes, TensorList exp_avg_sq_absmaxes, TensorList steps, const Tensor& scalars,
+           const Tensor& table, const Tensor& work, const Tensor& counters, const std::optional<Tensor>& codebook,
+           at::ArrayRef<double> hyper, const c10::List<std::optional<Tensor>>& hyper_tensors, bool bias_correction,
+           int64_t block_size, bool stochastic_rounding, int64_t seed) {
+  lamb_op(params, grads, exp_avgs, exp_avg_sqs, exp_avg_absmaxes, exp_avg_sq_absmaxes, steps, scalars, table, work,
+          counters, codebook, Tensor(), hyper, hyper_tensors, bias_correction, block_size, kBothPasses,
+          stochastic_rounding, seed, "lamb_");
+}
+
+// LAMB's first pass: fp32 moments updated in place (8-bit ones are written by the apply pass),
+// and each tensor's [sum p^2, sum u^2] over the elements it holds (for a shard: this rank's part).
 Tensor lamb_moments_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
-                     TensorList steps, const Tensor& scalars, const Tensor& table, const Tensor& work,
-                     const Tensor& counters, at::ArrayRef<double> hyper,
-                     const c10::List<std::optional<Tensor>>& hyper_tensors, bool bias_correction) {
-  const char* op = "lamb_moments_";
-  const Streams s{params, grads, {exp_avgs, exp_avg_sqs, {}}, {{}, {}, {}}, steps};
-  OnDevice on_device;
-  check_streams(s, 2, 0, on_device, op);
-  if (params.empty()) return new_norms(0, scalars);
-  const Hyper h = check_lamb(scalars, table, work, counters, params.size(), hyper, hyper_tensors, on_device, op);
-  const at::Device device = on_device.check(op);
-  Tensor norms = new_norms(params.size(), scalars);
-  run_lamb(s, scalars, table, work, counters, h, bias_correction, norms, kLambMoments, device, op);
-  return norms;
+                     TensorList exp_avg_absmaxes, TensorList exp_avg_sq_absmaxes, TensorList steps,
+                     const Tensor& scalars, const Tensor& table, const Tensor& work, const Tensor& counters,
+                     const std::optional<Tensor>& codebook, at::ArrayRef<double> hyper,
+                     const c10::List<std::optional<Tensor>>& hyper_tensors, bool bias_correction, int64_t block_size) {
+  return lamb_op(params, grads, exp_avgs, exp_avg_sqs, exp_avg_absmaxes, exp_avg_sq_absmaxes, steps, scalars, table,
+                 work, counters, codebook, Tensor(), hyper, hyper_tensors, bias_correction, block_size, kNormsPass,
+                 false, 0, "lamb_moments_");
 }
 
 // LAMB's second pass: p -= lr * r * u with r from `norms` (lamb_moments_'s, summed over the
-// shards), and the steps advanced.
-void lamb_apply_(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList steps,
-                 const Tensor& scalars, const Tensor& table, const Tensor& work, const Tensor& counters,
+// shards), 8-bit moments requantized, and the steps advanced.
+void lamb_apply_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+                 TensorList exp_avg_absmaxes, TensorList exp_avg_sq_absmaxes, TensorList steps, const Tensor& scalars,
+                 const Tensor& table, const Tensor& work, const Tensor& counters,
+                 const std::optional<Tensor>& codebook, const Tensor& norms, at::ArrayRef<double> hyper,
+                 const c10::List<std::optional<Tensor>>& hyper_tensors, bool bias_correction, int64_t block_size,
+                 bool stochastic_rounding, int64_t seed) {
+  lamb_op(params, grads, exp_avgs, exp_avg_sqs, exp_avg_absmaxes, exp_avg_sq_absmaxes, steps, scalars, table, work,
+          counters, codebook, norms, hyper, hyper_tensors, bias_correction, block_size, kApplyPass,
+          stochastic_rounding, seed, "lamb_apply_");
+}
+
+// LARS: hyper = lr, momentum, dampening, weight_decay, max_unorm. The momentum buffer (fp32, or
+// with block_size > 0 8-bit codes with their absmaxes) is kept when momentum != 0
+// (fusedopt.families.LARS): the op runs with it when momentum_buffers is not empty, and without it
+// (u = d) when it is; a number momentum must agree.
+const char* const kLarsStateNames[3] = {"momentum_buffers", "(unused)", "(unused)"};
+const char* const kLarsAbsmaxNames[3] = {"momentum_buffer_absmaxes", "(unused)", "(unused)"};
+
+Tensor lars_op(TensorList params, TensorList grads, TensorList momentum_buffers,
+               TensorList momentum_buffer_absmaxes, TensorList steps, const Tensor& scalars, const Tensor& table,
+               const Tensor& work, const Tensor& counters, const std::optional<Tensor>& codebook,
+               const Tensor& norms, at::ArrayRef<double> hyper, const c10::List<std::optional<Tensor>>& hyper_tensors,
+               bool nesterov, int64_t block_size, TwoPass passes, bool stochastic_rounding, int64_t seed,
+               const char* op) {
+  const Streams s{params, grads, {momentum_buffers, {}, {}}, {momentum_buffer_absmaxes, {}, {}}, steps,
+                  kLarsStateNames, kLarsAbsmaxNames};
+  const bool momentum = !momentum_buffers.empty();
+  if (hyper.size() == 5 && hyper_tensors.size() == 5 && !hyper_tensors.get(1).has_value())
+    TORCH_CHECK(momentum == (hyper[1] != 0.0), "fusedopt.", op, ": momentum_buffers has ", momentum_buffers.size(),
+                " tensors with momentum ", hyper[1], "; LARS keeps a momentum buffer exactly when momentum != 0");
+  return two_pass_op(
+      s, momentum ? 1 : 0, scalars, table, work, counters, codebook, block_size, norms, hyper, hyper_tensors,
+      {"lr", "momentum", "dampening", "weight_decay", "max_unorm"}, passes, stochastic_rounding, seed, op,
+      "lars_norms_",
+      [&](const Hyper& h, const MultiTensor& mt, const TensorNorms& n, ScalarKind param, const Quant& quant,
+          TwoPass which, cudaStream_t stream) {
+        const LarsHyper args{h.scalar(0), h.scalar(1), h.scalar(2), h.scalar(3), h.scalar(4), nesterov};
+        return launch_lars(mt, args, n, param, momentum, quant, which, stream);
+      });
+}
+
+void lars_(TensorList params, TensorList grads, TensorList momentum_buffers, TensorList momentum_buffer_absmaxes,
+           TensorList steps, const Tensor& scalars, const Tensor& table, const Tensor& work, const Tensor& counters,
+           const std::optional<Tensor>& codebook, at::ArrayRef<double> hyper,
+           const c10::List<std::optional<Tensor>>& hyper_tensors, bool nesterov, int64_t block_size,
+           bool stochastic_rounding, int64_t seed) {
+  lars_op(params, grads, momentum_buffers, momentum_buffer_absmaxes, steps, scalars, table, work, counters, codebook,
+          Tensor(), hyper, hyper_tensors, nesterov, block_size, kBothPasses, stochastic_rounding, seed, "lars_");
+}
+
+// LARS's first pass: an fp32 momentum buffer updated in place (an 8-bit one is written by the
+// apply pass), and each tensor's [sum p^2, sum u^2] over the elements it holds.
+Tensor lars_norms_(TensorList params, TensorList grads, TensorList momentum_buffers,
+                   TensorList momentum_buffer_absmaxes, TensorList steps, const Tensor& scalars, const Tensor& table,
+                   const Tensor& work, const Tensor& counters, const std::optional<Tensor>& codebook,
+                   at::ArrayRef<double> hyper, const c10::List<std::optional<Tensor>>& hyper_tensors, bool nesterov,
+                   int64_t block_size) {
+  return lars_op(params, grads, momentum_buffers, momentum_buffer_absmaxes, steps, scalars, table, work, counters,
+                 codebook, Tensor(), hyper, hyper_tensors, nesterov, block_size, kNormsPass, false, 0, "lars_norms_");
+}
+
+// LARS's second pass: p -= lr * scale * u with the scale from `norms` (lars_norms_'s, summed over
+// the shards), an 8-bit buffer requantized, and the steps advanced.
+void lars_apply_(TensorList params, TensorList grads, TensorList momentum_buffers,
+                 TensorList momentum_buffer_absmaxes, TensorList steps, const Tensor& scalars, const Tensor& table,
+                 const Tensor& work, const Tensor& counters, const std::optional<Tensor>& codebook,
                  const Tensor& norms, at::ArrayRef<double> hyper, const c10::List<std::optional<Tensor>>& hyper_tensors,
-                 bool bias_correction, bool stochastic_rounding, int64_t seed) {
-  const char* op = "lamb_apply_";
-  const Streams s{params, {}, {exp_avgs, exp_avg_sqs, {}}, {{}, {}, {}}, steps};
-  OnDevice on_device;
-  check_streams(s, 2, 0, on_device, op, /*reads_grads=*/false);
-  if (params.empty()) return;
-  const Hyper h = check_lamb(scalars, table, work, counters, params.size(), hyper, hyper_tensors, on_device, op);
-  check_dtype(norms, Name{"norms"}, at::kFloat, op);
-  TORCH_CHECK(norms.dim() == 2 && norms.size(0) == int64_t(params.size()) && norms.size(1) == 2 &&
-                  norms.is_contiguous(),
-              "fusedopt.", op, ": norms must be a contiguous [", params.size(),
-              ", 2] tensor (from lamb_moments_), got ", norms.sizes());
-  on_device.add(norms, Name{"norms"});
-  const uint32_t seed32 = check_rounding(stochastic_rounding, seed, params[0], op);
-  const at::Device device = on_device.check(op);
-  run_lamb(s, scalars, table, work, counters, h, bias_correction, norms, kLambApply, device, op, stochastic_rounding,
-           seed32);
+                 bool nesterov, int64_t block_size, bool stochastic_rounding, int64_t seed) {
+  lars_op(params, grads, momentum_buffers, momentum_buffer_absmaxes, steps, scalars, table, work, counters, codebook,
+          norms, hyper, hyper_tensors, nesterov, block_size, kApplyPass, stochastic_rounding, seed, "lars_apply_");
 }
 
 // ---- elementwise_: every elementwise family through one op ------------------------------------
@@ -810,16 +894,35 @@ FUSEDOPT_LIBRARY(FUSEDOPT_NAMESPACE, m) {
       "int[] salts=[], int[] offsets=[]) -> (Tensor, Tensor)");
   m.def(
       "lamb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor(d!)[] steps, Tensor scalars, Tensor table, Tensor work, Tensor(e!) counters, float[] hyper, "
-      "Tensor?[] hyper_tensors, bool bias_correction, bool stochastic_rounding=False, int seed=0) -> ()");
+      "Tensor(d!)[] exp_avg_absmaxes, Tensor(e!)[] exp_avg_sq_absmaxes, Tensor(f!)[] steps, Tensor scalars, "
+      "Tensor table, Tensor work, Tensor(g!) counters, Tensor? codebook, float[] hyper, Tensor?[] hyper_tensors, "
+      "bool bias_correction, int block_size, bool stochastic_rounding=False, int seed=0) -> ()");
   m.def(
       "lamb_moments_(Tensor[] params, Tensor[] grads, Tensor(a!)[] exp_avgs, Tensor(b!)[] exp_avg_sqs, "
-      "Tensor[] steps, Tensor scalars, Tensor table, Tensor work, Tensor(c!) counters, float[] hyper, "
-      "Tensor?[] hyper_tensors, bool bias_correction) -> Tensor");
+      "Tensor[] exp_avg_absmaxes, Tensor[] exp_avg_sq_absmaxes, Tensor[] steps, Tensor scalars, Tensor table, "
+      "Tensor work, Tensor(c!) counters, Tensor? codebook, float[] hyper, Tensor?[] hyper_tensors, "
+      "bool bias_correction, int block_size) -> Tensor");
   m.def(
-      "lamb_apply_(Tensor(a!)[] params, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, Tensor(b!)[] steps, "
-      "Tensor scalars, Tensor table, Tensor work, Tensor(c!) counters, Tensor norms, float[] hyper, "
-      "Tensor?[] hyper_tensors, bool bias_correction, bool stochastic_rounding=False, int seed=0) -> ()");
+      "lamb_apply_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] exp_avg_absmaxes, Tensor(e!)[] exp_avg_sq_absmaxes, Tensor(f!)[] steps, Tensor scalars, "
+      "Tensor table, Tensor work, Tensor(g!) counters, Tensor? codebook, Tensor norms, float[] hyper, "
+      "Tensor?[] hyper_tensors, bool bias_correction, int block_size, bool stochastic_rounding=False, "
+      "int seed=0) -> ()");
+  m.def(
+      "lars_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+      "Tensor(c!)[] momentum_buffer_absmaxes, Tensor(d!)[] steps, Tensor scalars, Tensor table, Tensor work, "
+      "Tensor(e!) counters, Tensor? codebook, float[] hyper, Tensor?[] hyper_tensors, bool nesterov, "
+      "int block_size, bool stochastic_rounding=False, int seed=0) -> ()");
+  m.def(
+      "lars_norms_(Tensor[] params, Tensor[] grads, Tensor(a!)[] momentum_buffers, "
+      "Tensor[] momentum_buffer_absmaxes, Tensor[] steps, Tensor scalars, Tensor table, Tensor work, "
+      "Tensor(b!) counters, Tensor? codebook, float[] hyper, Tensor?[] hyper_tensors, bool nesterov, "
+      "int block_size) -> Tensor");
+  m.def(
+      "lars_apply_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+      "Tensor(c!)[] momentum_buffer_absmaxes, Tensor(d!)[] steps, Tensor scalars, Tensor table, Tensor work, "
+      "Tensor(e!) counters, Tensor? codebook, Tensor norms, float[] hyper, Tensor?[] hyper_tensors, "
+      "bool nesterov, int block_size, bool stochastic_rounding=False, int seed=0) -> ()");
   m.def(
       "elementwise_(str family, Tensor(a!)[] params, Tensor[] grads, str[] state_names, Tensor(b!)[] states0, "
       "Tensor(c!)[] states1, Tensor(d!)[] states2, Tensor(e!)[] absmaxes0, Tensor(f!)[] absmaxes1, "
@@ -840,6 +943,9 @@ static void register_impls(torch::Library& m) {
   m.impl("lamb_", &lamb_);
   m.impl("lamb_moments_", &lamb_moments_);
   m.impl("lamb_apply_", &lamb_apply_);
+  m.impl("lars_", &lars_);
+  m.impl("lars_norms_", &lars_norms_);
+  m.impl("lars_apply_", &lars_apply_);
   m.impl("elementwise_", &elementwise_);
   m.impl("global_norm", &global_norm);
   m.impl("quantize_blockwise", &quantize_blockwise);

@@ -118,9 +118,6 @@ struct LambHyper {
   Beta beta1, beta2;
   Scalar eps, weight_decay;
   bool bias_correction;
-  float* partials;  // [n_work, 2]: per chunk sum of p^2 and u^2 (the moments pass)
-  float* norms;     // [tensors, 2]: per tensor sum of p^2 and u^2 (written by the moments pass,
-                    // read by the apply pass)
 };
 
 // torch.optim.SGD. has_momentum: the momentum_buffer state exists (momentum != 0), a variant of
@@ -147,9 +144,21 @@ struct RmspropHyper {
   bool maximize, has_momentum, centered;
 };
 
-// The passes of a LAMB launch: both, or one of them. Sharded params (FSDP2) run them apart and
-// sum each tensor's norms over its shards in between.
-enum LambPasses : int { kLambMoments = 1, kLambApply = 2, kLambBoth = 3 };
+struct LarsHyper {
+  Scalar lr, momentum, dampening, weight_decay, max_unorm;
+  bool nesterov;
+};
+
+// The per-tensor norms of the two-pass families (LAMB, LARS; two_pass.cuh).
+struct TensorNorms {
+  float* partials;  // [n_work, 2]: per work item the sums of p^2 and u^2 (the norms pass)
+  float* norms;     // [tensors, 2]: per tensor the sums of p^2 and u^2 (written by the norms
+                    // pass, read by the apply pass)
+};
+
+// The passes of a two-pass launch: both, or one of them. Sharded params (FSDP2) run them apart
+// and sum each tensor's norms over its shards in between.
+enum TwoPass : int { kNormsPass = 1, kApplyPass = 2, kBothPasses = 3 };
 
 // 8-bit block-wise states.
 struct Quant {
@@ -176,8 +185,11 @@ cudaError_t launch_adagrad(const MultiTensor& mt, const AdagradHyper& h, ScalarK
                            cudaStream_t stream);
 cudaError_t launch_rmsprop(const MultiTensor& mt, const RmspropHyper& h, ScalarKind param, const Quant& quant,
                            cudaStream_t stream);
-cudaError_t launch_lamb(const MultiTensor& mt, const LambHyper& h, ScalarKind param, LambPasses passes,
-                        cudaStream_t stream);
+cudaError_t launch_lamb(const MultiTensor& mt, const LambHyper& h, const TensorNorms& norms, ScalarKind param,
+                        const Quant& quant, TwoPass passes, cudaStream_t stream);
+// momentum: whether the momentum buffer exists (momentum != 0), kState0.
+cudaError_t launch_lars(const MultiTensor& mt, const LarsHyper& h, const TensorNorms& norms, ScalarKind param,
+                        bool momentum, const Quant& quant, TwoPass passes, cudaStream_t stream);
 cudaError_t launch_norm(const MultiTensor& mt, const NormArgs& args, cudaStream_t stream);
 // Quantize one fp32 tensor with the kernels' own quantizer (tests compare it with
 // fusedopt.quant.quantize_blockwise).

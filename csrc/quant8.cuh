@@ -218,6 +218,19 @@ __device__ __forceinline__ void quant8_wide(const MultiTensor& mt, const int64_t
 // kernel (quant8_wide_kernel), chosen on the host by launch_quant8.
 __host__ __device__ __forceinline__ bool wide_blocks(const Quant& q) { return q.block_size > kQuantSpan; }
 
+// A family's Step for tensor `tensor` at step t: family.step(t), or family.step(t, tensor) for a
+// family that reads per-tensor values (two_pass.cuh's Applied: the tensor's norms). The last
+// argument picks the second overload where both exist.
+template <typename Family>
+__device__ __forceinline__ auto tensor_step(const Family& family, float t, int tensor, int)
+    -> decltype(family.step(t, tensor)) {
+  return family.step(t, tensor);
+}
+template <typename Family>
+__device__ __forceinline__ auto tensor_step(const Family& family, float t, int, long) -> decltype(family.step(t)) {
+  return family.step(t);
+}
+
 // The body of both kernels. WIDE is a template parameter, not a branch on q.block_size: both
 // paths in one kernel took the amsgrad kernels from 168 registers to 246-255 (sm_80/sm_90),
 // though each path alone needs at most 168.
@@ -239,7 +252,7 @@ __device__ __forceinline__ void quant8_body(const MultiTensor& mt, const Family&
     const int64_t* row = mt.table + int64_t(item.x) * kRowWidth;
     const int64_t numel = row[kNumel];
     const float t = global(address<const float>(row[kStep])) + 1.f;
-    const typename Family::Step step = family.step(t);
+    const typename Family::Step step = tensor_step(family, t, item.x, 0);
     const Rounding key = row_key<SR>(mt, row, t);
     P* p = address<P>(row[kParam]);
     uint8_t* codes[S];

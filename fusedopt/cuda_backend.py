@@ -4,9 +4,10 @@ Each family function builds (once per change of addresses) a device table of the
 tensor addresses and a list of (tensor, chunk) work items, keeps them in ``batch.cache``, and
 calls one op: ``torch.ops.fusedopt.elementwise_`` for the elementwise families (Adam/AdamW,
 Lion, SGD, Adagrad, RMSprop: the family by name, its states in its own order, its
-hyper-parameters by name, all read from its spec in ``fusedopt.families``), or ``lamb_`` (two
-kernels; for sharded params ``lamb_moments_`` and ``lamb_apply_``, with the per-tensor norms
-summed over the shards between them). The step scalars (``fusedopt.scalars``) and tensor-valued
+hyper-parameters by name, all read from its spec in ``fusedopt.families``), or ``lamb_`` or
+``lars_`` for the two-pass families (two kernels; for sharded params ``lamb_moments_`` /
+``lars_norms_`` and ``lamb_apply_`` / ``lars_apply_``, with the per-tensor norms summed over the
+shards between them). The step scalars (``fusedopt.scalars``) and tensor-valued
 hyper-parameters are read on the device, so a step never waits for the GPU. ``global_norm`` is
 two kernels (partials in fixed slots, then one block), deterministic.
 
@@ -86,8 +87,6 @@ def available(device) -> str | None:
 def unsupported_step(kind: str, *, block_size: int | None = None, norm_type: float | None = None) -> str | None:
     """Why this backend cannot run a step of ``kind`` with these requirements, or None (see
     :mod:`fusedopt.backends`): any 8-bit block size, and the 1-, 2- and inf-norms."""
-    if kind == "lamb8bit":
-        return "it has no 8-bit LAMB kernels yet"
     if norm_type is not None and float(norm_type) not in _NORM_TYPES:
         return f"its global norm takes norm_type 1, 2 or inf, not {norm_type}"
     return None
@@ -226,28 +225,52 @@ def _flat(fn):
     return run
 
 
-@_flat
-def lamb(batch) -> None:
-    """LAMB over one batch: one op (two kernels), or for sharded params (``batch.all_reduce``)
-    the moments pass, each tensor's ``||p||^2`` and ``||u||^2`` summed over its shards, then the
-    apply pass."""
-    group = batch.group
-    lists = _lists(batch, families.LAMB.state_names(group))
+def _two_pass(batch, name: str, slots: int, states: tuple[str, ...], hyper_values, flags: tuple) -> None:
+    """A two-pass family's step over one batch (LAMB, LARS: csrc/two_pass.cuh): the op ``name_``
+    (two kernels), or for sharded params (``batch.all_reduce``) ``name_norms_`` (``lamb_moments_``
+    for LAMB), each tensor's ``||p||^2`` and ``||u||^2`` summed over its shards, then ``name_apply_``.
+    The op takes ``slots`` state lists and as many absmax lists: ``states`` (the batch's state
+    names, in the op's order; fp32, or 8-bit codes with absmaxes), the rest empty. ``flags``: the
+    op's arguments between ``hyper_tensors`` and ``block_size``."""
+    lists = _lists(batch, states)
     plan = _plan(batch, lists)
     device = batch.params[0].device
-    hyper, hyper_tensors = _hyper((group["lr"], *group["betas"], group["eps"], group["weight_decay"]), device)
+    hyper, hyper_tensors = _hyper(hyper_values, device)
     ops = _ops()
-    params, m, v, steps = lists["params"], lists["states0"], lists["states1"], lists["steps"]
+    streams = [lists["params"], lists["grads"], *(lists[f"states{k}"] for k in range(slots)),
+               *(lists[f"absmaxes{k}"] for k in range(slots)), lists["steps"]]
     tables = (batch.scalars, plan.table, plan.work, plan.counters)
+    book = codebook(device) if batch.quantized else None
+    block_size = batch.block_size if batch.quantized else 0
     rounding = _rounding(batch)
     if batch.all_reduce is None:
-        ops.lamb_(params, lists["grads"], m, v, steps, *tables, hyper, hyper_tensors, group["bias_correction"],
-                  *rounding)
+        getattr(ops, name + "_")(*streams, *tables, book, hyper, hyper_tensors, *flags, block_size, *rounding)
         return
-    norms = ops.lamb_moments_(params, lists["grads"], m, v, steps, *tables, hyper, hyper_tensors,
-                              group["bias_correction"])
+    norms = getattr(ops, name + ("_moments_" if name == "lamb" else "_norms_"))(
+        *streams, *tables, book, hyper, hyper_tensors, *flags, block_size)
     batch.all_reduce(norms)
-    ops.lamb_apply_(params, m, v, steps, *tables, norms, hyper, hyper_tensors, group["bias_correction"], *rounding)
+    getattr(ops, name + "_apply_")(*streams, *tables, book, norms, hyper, hyper_tensors, *flags, block_size, *rounding)
+
+
+@_flat
+def lamb(batch) -> None:
+    """LAMB over one batch, fp32 or 8-bit states: one op (two kernels), or for sharded params
+    (``batch.all_reduce``) the moments pass, each tensor's ``||p||^2`` and ``||u||^2`` summed over
+    its shards, then the apply pass."""
+    group = batch.group
+    _two_pass(batch, "lamb", 2, ("exp_avg", "exp_avg_sq"),
+              (group["lr"], *group["betas"], group["eps"], group["weight_decay"]), (group["bias_correction"],))
+
+
+@_flat
+def lars(batch) -> None:
+    """LARS over one batch, with the momentum buffer (fp32 or 8-bit) where the group keeps one
+    (``momentum != 0``): as :func:`lamb`, two kernels, or three steps for sharded params."""
+    group = batch.group
+    # the states the base made for the group (families.LARS: the buffer where momentum != 0)
+    _two_pass(batch, "lars", 1, tuple(n for n in ("momentum_buffer",) if n in batch.state),
+              (group["lr"], group["momentum"], group["dampening"], group["weight_decay"], group["max_unorm"]),
+              (group["nesterov"],))
 
 
 def _elementwise(batch, family: families.Family) -> None:
@@ -348,12 +371,18 @@ def _register_fakes() -> None:
         return (torch.empty((len(params), width), dtype=torch.int64, device="cpu"),
                 torch.empty((n_work, 2), dtype=torch.int32, device="cpu"))
 
-    for name in ("elementwise_", "lamb_", "lamb_apply_"):
+    for name in ("elementwise_", "lamb_", "lamb_apply_", "lars_", "lars_apply_"):
         torch.library.register_fake(lib + name)(lambda *args, **kwargs: None)
 
+    # The two-pass families' first passes: each tensor's sums of p^2 and u^2.
     @torch.library.register_fake(lib + "lamb_moments_")
-    def _(params, grads, exp_avgs, exp_avg_sqs, steps, scalars, table, work, counters, hyper, hyper_tensors,
-          bias_correction):
+    def _(params, grads, exp_avgs, exp_avg_sqs, exp_avg_absmaxes, exp_avg_sq_absmaxes, steps, scalars, table, work,
+          counters, codebook, hyper, hyper_tensors, bias_correction, block_size):
+        return scalars.new_empty((len(params), 2), dtype=torch.float32)
+
+    @torch.library.register_fake(lib + "lars_norms_")
+    def _(params, grads, momentum_buffers, momentum_buffer_absmaxes, steps, scalars, table, work, counters, codebook,
+          hyper, hyper_tensors, nesterov, block_size):
         return scalars.new_empty((len(params), 2), dtype=torch.float32)
 
     @torch.library.register_fake(lib + "global_norm")

@@ -270,14 +270,15 @@ def lion_args(ops, block_size=0, **kw):
     return elementwise_args(ops, "lion", ("exp_avg",), block_size, **kw)
 
 
-def lamb_args(ops, **kw):
-    params, grads, states, absmax, steps = _batch(2, **kw)
-    table, work = ops.make_table(params, grads, *states, *absmax, steps, 0)
+def lamb_args(ops, block_size=0, **kw):
+    params, grads, states, absmax, steps = _batch(2, block_size, **kw)
+    table, work = ops.make_table(params, grads, *states, *absmax, steps, block_size)
     return dict(
-        params=params, grads=grads, exp_avgs=states[0], exp_avg_sqs=states[1], steps=steps,
-        scalars=torch.tensor([1.0, 0.0, 0.0]), table=table, work=work,
+        params=params, grads=grads, exp_avgs=states[0], exp_avg_sqs=states[1], exp_avg_absmaxes=absmax[0],
+        exp_avg_sq_absmaxes=absmax[1], steps=steps, scalars=torch.tensor([1.0, 0.0, 0.0]), table=table, work=work,
         counters=torch.zeros(len(params), dtype=torch.int32),
-        hyper=[1e-3, 0.9, 0.999, 1e-6, 0.01], hyper_tensors=[None] * 5, bias_correction=True,
+        codebook=cuda_backend.codebook(torch.device("cpu")) if block_size else None,
+        hyper=[1e-3, 0.9, 0.999, 1e-6, 0.01], hyper_tensors=[None] * 5, bias_correction=True, block_size=block_size,
         stochastic_rounding=False, seed=0,
     )
 
@@ -290,7 +291,31 @@ def lamb_moments_args(ops, **kw):
 
 def lamb_apply_args(ops, **kw):
     args = lamb_args(ops, **kw)
-    del args["grads"]
+    args["norms"] = torch.ones(len(args["params"]), 2)
+    return args
+
+
+def lars_args(ops, momentum=0.9, block_size=0, **kw):
+    params, grads, states, absmax, steps = _batch(1 if momentum else 0, block_size, **kw)
+    table, work = ops.make_table(params, grads, *states, *absmax, steps, block_size)
+    return dict(
+        params=params, grads=grads, momentum_buffers=states[0], momentum_buffer_absmaxes=absmax[0], steps=steps,
+        scalars=torch.tensor([1.0, 0.0, 0.0]), table=table, work=work,
+        counters=torch.zeros(len(params), dtype=torch.int32),
+        codebook=cuda_backend.codebook(torch.device("cpu")) if block_size else None,
+        hyper=[0.1, momentum, 0.0, 1e-4, 0.02], hyper_tensors=[None] * 5, nesterov=False, block_size=block_size,
+        stochastic_rounding=False, seed=0,
+    )
+
+
+def lars_norms_args(ops, **kw):
+    args = lars_args(ops, **kw)
+    del args["stochastic_rounding"], args["seed"]  # the norms pass writes no param
+    return args
+
+
+def lars_apply_args(ops, **kw):
+    args = lars_args(ops, **kw)
     args["norms"] = torch.ones(len(args["params"]), 2)
     return args
 
@@ -410,6 +435,49 @@ INVALID = [
     ("lamb_apply_", {"p_dtype": torch.float16}, ("stochastic_rounding", None, True), r"stochastic_rounding applies to bfloat16 params; params\[0\] is Half"),
     ("lamb_apply_", {"p_dtype": torch.bfloat16}, ("stochastic_rounding", None, True), r"params\[0\] must be a CUDA tensor"),
     ("lamb_apply_", {"p_dtype": torch.float16}, None, r"params\[0\] must be a CUDA tensor"),
+    ("lamb_", {"block_size": 256}, ("exp_avg_sq_absmaxes", None, "drop"), r"exp_avg_sq_absmaxes has 1 tensors; expected 2"),
+    ("lamb_", {"block_size": 256}, ("exp_avgs", 0, torch.zeros(300)), r"exp_avgs\[0\] must be Byte, got Float"),
+    ("lamb_", {"block_size": 256}, ("codebook", None, None), r"codebook is required with 8-bit states \(block_size=256\)"),
+    ("lamb_", {"block_size": 64}, ("exp_avg_absmaxes", 1, torch.zeros(2)), r"exp_avg_absmaxes\[1\] has 2 elements; params\[1\] has 5 elements, so block_size=64 needs 1"),
+    ("lamb_", {"block_size": 256}, ("block_size", None, 48), r"block_size must be 0 \(fp32 states\) or a positive multiple of 32, got 48"),
+    ("lamb_", {"block_size": 256, "p_dtype": torch.bfloat16}, ("stochastic_rounding", None, True), r"params\[0\] must be a CUDA tensor"),
+    ("lamb_moments_", {"block_size": 256}, ("exp_avg_sqs", 1, torch.zeros(5, dtype=torch.uint8)[None].expand(2, 5)), r"exp_avg_sqs\[1\] must be non-overlapping and dense"),
+    ("lamb_moments_", {"block_size": 256}, None, r"params\[0\] must be a CUDA tensor"),
+    ("lamb_apply_", {}, ("grads", None, "drop"), r"grads has 1 tensors; expected 2"),
+    ("lamb_apply_", {"block_size": 256}, ("exp_avg_sq_absmaxes", 0, torch.zeros(2, dtype=torch.float16)), r"exp_avg_sq_absmaxes\[0\] must be Float, got Half"),
+    ("lamb_apply_", {"block_size": 256}, None, r"params\[0\] must be a CUDA tensor"),
+    ("lars_", {}, ("momentum_buffers", None, "drop"), r"momentum_buffers has 1 tensors; expected 2 \(one per param\)"),
+    ("lars_", {"momentum": 0.0}, ("momentum_buffers", None, "zeros"), r"momentum_buffers has 2 tensors with momentum 0; LARS keeps a momentum buffer exactly when momentum != 0"),
+    ("lars_", {}, ("momentum_buffers", None, []), r"momentum_buffers has 0 tensors with momentum 0.9; LARS keeps"),
+    ("lars_", {"momentum": 0.0}, ("hyper_tensors", 1, torch.tensor([0.9])), r"params\[0\] must be a CUDA tensor"),
+    ("lars_", {}, ("momentum_buffers", 1, torch.zeros(5, dtype=torch.float16)), r"momentum_buffers\[1\] must be Float, got Half"),
+    ("lars_", {}, ("momentum_buffers", 0, torch.zeros(20, 15).t()), r"momentum_buffers\[0\] has sizes \[15, 20\] and strides \[1, 15\] but params\[0\] has sizes \[300\]"),
+    ("lars_", {}, ("grads", 1, torch.zeros(6)), r"grads\[1\] has 6 elements; params\[1\] has 5"),
+    ("lars_", {}, ("steps", 0, torch.zeros((), dtype=torch.float64)), r"steps\[0\] must be Float, got Double"),
+    ("lars_", {}, ("hyper", None, [0.1, 0.9, 0.0, 0.0]), r"hyper and hyper_tensors must hold 5 entries each, got 4 and 5"),
+    ("lars_", {}, ("hyper_tensors", 4, torch.tensor(0.02, dtype=torch.float64)), r"hyper_tensors\[4\] \(max_unorm\) must be Float, got Double"),
+    ("lars_", {}, ("hyper_tensors", 2, torch.zeros(2)), r"hyper_tensors\[2\] \(dampening\) must have one element, got 2"),
+    ("lars_", {}, ("scalars", None, torch.zeros(4)), r"scalars must be a contiguous tensor of 3 elements"),
+    ("lars_", {}, ("table", None, torch.zeros(3, 14, dtype=torch.int64)), r"table must be a contiguous \[2, 14\] tensor"),
+    ("lars_", {}, ("counters", None, torch.zeros(2, dtype=torch.int64)), r"counters must be Int, got Long"),
+    ("lars_", {}, ("stochastic_rounding", None, True), r"stochastic_rounding applies to bfloat16 params; params\[0\] is Float"),
+    ("lars_", {"p_dtype": torch.bfloat16}, ("seed", None, -1), r"seed must be in \[0, 2\*\*32\), got -1"),
+    ("lars_", {"block_size": 256}, ("momentum_buffers", 1, torch.zeros(5)), r"momentum_buffers\[1\] must be Byte, got Float"),
+    ("lars_", {"block_size": 256}, ("momentum_buffer_absmaxes", None, "drop"), r"momentum_buffer_absmaxes has 1 tensors; expected 2"),
+    ("lars_", {"block_size": 96}, ("momentum_buffer_absmaxes", 0, torch.zeros(3)), r"momentum_buffer_absmaxes\[0\] has 3 elements; params\[0\] has 300 elements, so block_size=96 needs 4"),
+    ("lars_", {"block_size": 256}, ("codebook", None, torch.zeros(4, 255)), r"codebook must be a contiguous \[4, 256\] tensor"),
+    ("lars_", {}, None, r"params\[0\] must be a CUDA tensor, got a cpu tensor"),
+    ("lars_", {"momentum": 0.0, "p_dtype": torch.float16}, None, r"params\[0\] must be a CUDA tensor"),
+    ("lars_", {"block_size": 256, "p_dtype": torch.bfloat16}, ("stochastic_rounding", None, True), r"params\[0\] must be a CUDA tensor"),
+    ("lars_norms_", {}, ("grads", 0, torch.zeros(300, dtype=torch.int64)), r"grads\[0\] has dtype Long"),
+    ("lars_norms_", {}, ("momentum_buffers", 1, torch.zeros(4)), r"momentum_buffers\[1\] has 4 elements; params\[1\] has 5"),
+    ("lars_norms_", {"block_size": 256}, None, r"params\[0\] must be a CUDA tensor"),
+    ("lars_apply_", {}, ("grads", None, "drop"), r"grads has 1 tensors; expected 2"),
+    ("lars_apply_", {}, ("norms", None, torch.ones(2, 3)), r"norms must be a contiguous \[2, 2\] tensor \(from lars_norms_\), got \[2, 3\]"),
+    ("lars_apply_", {}, ("norms", None, torch.ones(2, 2, dtype=torch.float16)), r"norms must be Float, got Half"),
+    ("lars_apply_", {"p_dtype": torch.float16}, ("stochastic_rounding", None, True), r"stochastic_rounding applies to bfloat16 params; params\[0\] is Half"),
+    ("lars_apply_", {"momentum": 0.0}, None, r"params\[0\] must be a CUDA tensor"),
+    ("lars_apply_", {"block_size": 256}, None, r"params\[0\] must be a CUDA tensor"),
     ("elementwise_", {}, ("family", None, "adamw"), r"family must be one of \[adam, lion, sgd, adagrad, rmsprop\], got 'adamw'"),
     ("elementwise_", {}, ("state_names", None, ["exp_avg"]), r"state_names \[exp_avg\] are not states of sgd; it takes \[\], \[momentum_buffer\]"),
     ("elementwise_", _RMSPROP_ALL, ("state_names", None, ["square_avg", "grad_avg", "momentum_buffer"]), r"state_names \[square_avg, grad_avg, momentum_buffer\] are not states of rmsprop; it takes \[square_avg\], \[square_avg, momentum_buffer\], \[square_avg, grad_avg\], \[square_avg, momentum_buffer, grad_avg\]"),
@@ -458,7 +526,8 @@ INVALID = [
 _BUILDERS = {"adam": (adam_args, "elementwise_"), "lion": (lion_args, "elementwise_"),
              "elementwise_": (elementwise_args, "elementwise_"), "lamb_": (lamb_args, "lamb_"),
              "lamb_moments_": (lamb_moments_args, "lamb_moments_"), "lamb_apply_": (lamb_apply_args, "lamb_apply_"),
-             "global_norm": (norm_args, "global_norm")}
+             "lars_": (lars_args, "lars_"), "lars_norms_": (lars_norms_args, "lars_norms_"),
+             "lars_apply_": (lars_apply_args, "lars_apply_"), "global_norm": (norm_args, "global_norm")}
 
 
 def _case_id(case):
@@ -558,14 +627,15 @@ def test_ops_run_on_fake_cuda_tensors(ops):
 
     real = [("elementwise_", adam_args(ops, amsgrad=True, block_size=256)), ("elementwise_", lion_args(ops)),
             ("elementwise_", elementwise_args(ops, block_size=256, **_RMSPROP_ALL)), ("lamb_", lamb_args(ops)),
-            ("lamb_moments_", lamb_moments_args(ops)), ("lamb_apply_", lamb_apply_args(ops)),
-            ("global_norm", norm_args(ops))]
+            ("lamb_moments_", lamb_moments_args(ops, block_size=256)), ("lamb_apply_", lamb_apply_args(ops)),
+            ("lars_", lars_args(ops, block_size=256)), ("lars_norms_", lars_norms_args(ops)),
+            ("lars_apply_", lars_apply_args(ops, momentum=0.0)), ("global_norm", norm_args(ops))]
     with FakeTensorMode():
         for op, args in real:
             out = getattr(ops, op)(**{k: _fake_cuda(v) for k, v in args.items()})
             if op == "global_norm":
                 assert out.shape == () and out.dtype == torch.float32 and out.device.type == "cuda"
-            elif op == "lamb_moments_":  # each tensor's sums of p^2 and u^2
+            elif op in ("lamb_moments_", "lars_norms_"):  # each tensor's sums of p^2 and u^2
                 assert out.shape == (2, 2) and out.dtype == torch.float32 and out.device.type == "cuda"
             else:
                 assert out is None
@@ -589,21 +659,21 @@ def test_a_step_traces_into_one_graph(ops):
     assert "fusedopt.elementwise_" in graph.code and "fusedopt.global_norm" in graph.code
 
 
-def test_sharded_lamb_traces_into_one_graph(ops):
-    """The sharded LAMB path (moments, a sum over the shards, apply) traces as the ops
-    themselves, the reduction between them (here a stand-in for the all-reduce)."""
+@pytest.mark.parametrize("family, first, block_size", [("lamb", "moments_", 0), ("lars", "norms_", 256)])
+def test_sharded_two_pass_traces_into_one_graph(ops, family, first, block_size):
+    """The sharded LAMB / LARS path (the first pass, a sum over the shards, apply) traces as the
+    ops themselves, the reduction between them (here a stand-in for the all-reduce)."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    args = lamb_args(ops)
+    args = _BUILDERS[family + "_"][0](ops, block_size=block_size)
     names = list(args)
 
     def step(*values):
         kw = dict(zip(names, values))
         rounding = {k: kw.pop(k) for k in ("stochastic_rounding", "seed")}  # the apply pass's
-        norms = ops.lamb_moments_(**kw)
+        norms = getattr(ops, family + "_" + first)(**kw)
         norms = norms * 2  # what an all-reduce over two equal shards would make of them
-        del kw["grads"]
-        ops.lamb_apply_(**kw, norms=norms, **rounding)
+        getattr(ops, family + "_apply_")(**kw, norms=norms, **rounding)
 
     graph = make_fx(step, tracing_mode="fake")(*(args[n] for n in names))
-    assert "fusedopt.lamb_moments_" in graph.code and "fusedopt.lamb_apply_" in graph.code
+    assert f"fusedopt.{family}_{first}" in graph.code and f"fusedopt.{family}_apply_" in graph.code

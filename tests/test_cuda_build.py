@@ -30,8 +30,9 @@ KERNELS = {
     "elementwise_kernel": True,
     "quant8_kernel": True,
     "quant8_wide_kernel": True,
-    "lamb_moments_kernel": True,
-    "lamb_apply_kernel": True,
+    "two_pass_norms_kernel": True,  # LAMB, LARS pass 1, fp32 states written
+    "two_pass_norms_only_kernel": False,  # pass 1 with 8-bit states (or none): writes no tensor
+    "two_pass_apply_kernel": True,
     "norm_partials_kernel": False,
 }
 HELPERS = ("norm_finish_kernel", "quantize_kernel")

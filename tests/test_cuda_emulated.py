@@ -66,11 +66,50 @@ def test_against_reference(emulated, case):
     assert stats["launches"] > 0 and stats["checked_accesses"] > 0, stats
 
 
+# The two-pass families' kernels (csrc/two_pass.cuh: LAMB, LARS, with fp32 and 8-bit states)
+# through the classes, against the reference: LARS with momentum 0 (no state) and > 0, nesterov,
+# dampening, max_unorm 0 and > 0, weight decay, tensor hyper-parameters; the 8-bit forms with
+# small min_8bit_size, block sizes 64, 256, 4128 and 8192 (the wide kernel); clipping, GradScaler,
+# a non-finite grad.
+_SMALL = dict(min_8bit_size=256)
+TWO_PASS_CASES = [
+    test_backends.Case("LARS", "fp32", dict(lr=0.1, momentum=0.9, weight_decay=1e-4),
+                       group_b=dict(nesterov=True, max_unorm=0.0, lr=0.05)),
+    test_backends.Case("LARS", "bf16", dict(lr=0.1, weight_decay=1e-2),
+                       group_b=dict(momentum=0.8, dampening=0.3, max_unorm=0.01)),
+    test_backends.Case("LARS", "fp16", dict(lr=0.05, momentum=0.9, nesterov=True, max_grad_norm=test_backends.CLIP),
+                       group_b=dict(weight_decay=0.1, max_unorm=0.0, lr=1e-4), nonfinite=True, scaler=True),
+    # max_unorm 10: the clip inactive (||u|| <= max_unorm * ||p||)
+    test_backends.Case("LARS", "fp32", dict(lr=0.1, momentum=0.9),
+                       group_b=dict(lr=torch.tensor(1e-3), max_unorm=torch.tensor(10.0), dampening=torch.tensor(0.2),
+                                    momentum=torch.tensor(0.8))),
+    test_backends.Case("LARS8bit", "fp32", dict(_SMALL, lr=0.1, momentum=0.9, weight_decay=1e-4),
+                       group_b=dict(block_size=64, nesterov=True)),
+    test_backends.Case("LARS8bit", "bf16", dict(_SMALL, lr=0.1, momentum=0.9, block_size=8192),
+                       group_b=dict(block_size=4128, max_unorm=0.0, lr=1e-4, dampening=0.1)),
+    test_backends.Case("LARS8bit", "fp16", dict(_SMALL, lr=0.1),  # momentum 0: no state
+                       group_b=dict(momentum=0.9, nesterov=True), scaler=True),
+    test_backends.Case("LAMB8bit", "fp32", dict(_SMALL, weight_decay=0.1),
+                       group_b=dict(block_size=64, bias_correction=False, lr=3e-3)),
+    test_backends.Case("LAMB8bit", "bf16", dict(_SMALL, block_size=4128),
+                       group_b=dict(block_size=256, weight_decay=0.0), scaler=True),
+    test_backends.Case("LAMB8bit", "fp16", dict(_SMALL, max_grad_norm=test_backends.CLIP),
+                       group_b=dict(block_size=8192, eps=1e-8), nonfinite=True),
+]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in TWO_PASS_CASES])
+def test_two_pass_families_against_reference(emulated, case):
+    emulator.reset_stats(emulated)
+    test_backends._check(case, "cpu", "cuda")
+    stats = emulator.stats(emulated)
+    assert stats["launches"] > 0 and stats["checked_accesses"] > 0, stats
+
+
 # SGD, Adagrad, RMSprop and their 8-bit forms (issue 14) through elementwise_: every flag and
 # variant (momentum 0 and > 0, dampening, nesterov, centered, maximize, lr_decay, weight decay),
 # the two groups of a case differing in them, 8-bit with block sizes 64, 256 and one wider than a
 # thread block's span. The default tier runs one case of each class; the rest are ``full``.
-_SMALL = dict(min_8bit_size=256)
 FAMILY_CASES = [
     Case("SGD", "fp32", dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=0.01),
          group_b=dict(momentum=0.0, maximize=True)),
@@ -161,6 +200,26 @@ def test_8bit_steps_in_lockstep_with_the_reference(emulated, cls, dtype, kwargs)
 def test_sharded_lamb_sums_norms_over_the_shards(emulated, monkeypatch, dtype, shards):
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)  # CPU ops are synchronous
     test_cuda_gpu.test_sharded_lamb_sums_norms_over_the_shards(torch.device("cpu"), dtype, shards)
+
+
+@pytest.mark.parametrize("cls, dtype, kwargs", test_cuda_gpu.SHARDED_TWO_PASS,
+                         ids=lambda v: getattr(v, "__name__", str(v)))
+@pytest.mark.parametrize("shards", [1, 2])
+def test_sharded_two_pass_sums_norms_over_the_shards(emulated, monkeypatch, cls, dtype, kwargs, shards):
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)  # CPU ops are synchronous
+    test_cuda_gpu.test_sharded_two_pass_sums_norms_over_the_shards(torch.device("cpu"), cls, dtype, kwargs, shards)
+
+
+def test_small_cases_of_every_kernel(emulated):
+    """tests/cuda_small_cases.py (what compute-sanitizer runs on a GPU) on the emulator, whose
+    every global access is bounds- and alignment-checked: every family, 8-bit narrow and wide
+    blocks, the two-pass families' sharded path, a skipped step, the norms, the quantizer."""
+    import cuda_small_cases
+
+    emulator.reset_stats(emulated)
+    cuda_small_cases.run(torch.device("cpu"))
+    stats = emulator.stats(emulated)
+    assert stats["launches"] > 0 and stats["checked_accesses"] > 0, stats
 
 
 @pytest.fixture

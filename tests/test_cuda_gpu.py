@@ -93,6 +93,11 @@ EIGHT_BIT = [
     ("RMSprop8bit", torch.float32, dict(block_size=256, centered=True, momentum=0.9, weight_decay=0.01)),
     ("RMSprop8bit", torch.bfloat16, dict(block_size=4128, momentum=0.5, maximize=True)),
     ("RMSprop8bit", torch.float16, dict(block_size=32, centered=True, alpha=0.9)),
+    # the two-pass families (no weight decay in LARS: then the params do not enter the buffer)
+    ("LAMB8bit", torch.float32, dict(block_size=256, weight_decay=0.1)),
+    ("LAMB8bit", torch.bfloat16, dict(block_size=4128)),
+    ("LARS8bit", torch.float32, dict(lr=0.1, momentum=0.9, block_size=64)),
+    ("LARS8bit", torch.float16, dict(lr=0.1, momentum=0.9, nesterov=True, block_size=8192)),
 ]
 # (No max_grad_norm here: the clip coefficient comes from each backend's own norm, which may
 # differ in the last bit, and so would every gradient. The grid covers clipping.)
@@ -143,7 +148,7 @@ def _kernel_launches(fn) -> dict[str, int]:
     return counts
 
 
-@pytest.mark.parametrize("cls", ["AdamW", "Lion", "LAMB", "AdamW8bit"])
+@pytest.mark.parametrize("cls", ["AdamW", "Lion", "LAMB", "AdamW8bit", "LAMB8bit"])
 def test_20000_tensors_step_in_one_launch_as_one_tensor(device, cls):
     count, size = 20_000, 4096
     gen = torch.Generator(device=device).manual_seed(0)
@@ -159,12 +164,13 @@ def test_20000_tensors_step_in_one_launch_as_one_tensor(device, cls):
         for opt in opts:
             opt.step()  # the first step builds the tables
     launches = _kernel_launches(opts[0].step)
-    expected = {"LAMB": {"lamb_moments_kernel": 1, "lamb_apply_kernel": 1}}.get(
+    expected = {"LAMB": {"two_pass_norms_kernel": 1, "two_pass_apply_kernel": 1},
+                "LAMB8bit": {"two_pass_norms_only_kernel": 1, "quant8_kernel": 1}}.get(
         cls, {"quant8_kernel" if cls.endswith("8bit") else "elementwise_kernel": 1})
     assert launches == expected, launches
     opts[1].step()
     # LAMB's trust ratio is per tensor: there only the moments are the same
-    if cls != "LAMB":
+    if not cls.startswith("LAMB"):
         assert torch.equal(torch.cat(many), one[0]), "params of 20,000 tensors differ from one tensor's"
     for key, value in opts[1].state[one[0]].items():
         if key != "step":  # 4096-element tensors hold whole 256-element blocks: absmaxes agree too
@@ -183,6 +189,8 @@ def test_20000_tensors_step_in_one_launch_as_one_tensor(device, cls):
     ("Lion", dict(max_grad_norm=1.0)),
     ("LAMB", {}),
     ("AdamW8bit", dict(max_grad_norm=1.0, min_8bit_size=256)),
+    ("LARS", dict(lr=0.1, momentum=0.9, max_grad_norm=1.0)),
+    ("LAMB8bit", dict(min_8bit_size=256)),
 ], ids=lambda v: v if isinstance(v, str) else "-".join(map(str, v)))
 def test_steps_never_wait_for_the_gpu(device, cls, kwargs):
     if "lr" in kwargs:
@@ -206,6 +214,7 @@ def test_steps_never_wait_for_the_gpu(device, cls, kwargs):
     ("AdamW", dict(max_grad_norm=1.0)),
     ("LAMB", {}),
     ("Lion8bit", dict(min_8bit_size=256)),
+    ("LARS8bit", dict(lr=0.1, momentum=0.9, nesterov=True, min_8bit_size=256)),
 ])
 def test_a_captured_step_replays_as_eager_steps(device, cls, kwargs):
     gen = torch.Generator(device=device).manual_seed(1)
@@ -273,14 +282,15 @@ def test_a_tensor_over_2_31_elements_is_updated_to_its_last_element(device):
 # --------------------------------------------------------------------------------------------
 
 
-def _sharded_lamb_lockstep(device, dtype, sizes, steps, shards, check, **kwargs):
-    """LAMB over ``shards`` shards of every param (contiguous slices, each in its own optimizer
-    and thread, as ranks hold them) with an all-reduce that sums each tensor's norms over the
-    threads, and the reference over the whole params, in lockstep: each step runs on every rank,
-    then on the reference, then ``check(step, opts, pieces, ref, ref_params)`` compares them, and
-    the next step starts every rank from the reference's params (re-synced: a last-bit
-    difference of the trust ratio, whose sums run in another order than the reference's, may
-    round a 16-bit param to its neighbour, and each step is compared on its own)."""
+def _sharded_lamb_lockstep(device, dtype, sizes, steps, shards, check, cls="LAMB", align=1, **kwargs):
+    """LAMB (or another two-pass class ``cls``) over ``shards`` shards of every param (contiguous
+    slices, each in its own optimizer and thread, as ranks hold them; each cut rounded down to a
+    multiple of ``align``) with an all-reduce that sums each tensor's norms over the threads, and
+    the reference over the whole params, in lockstep: each step runs on every rank, then on the
+    reference, then ``check(step, opts, pieces, ref, ref_params)`` compares them, and the next
+    step starts every rank from the reference's params (re-synced: a last-bit difference of the
+    trust ratio, whose sums run in another order than the reference's, may round a 16-bit param
+    to its neighbour, and each step is compared on its own)."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
@@ -289,11 +299,11 @@ def _sharded_lamb_lockstep(device, dtype, sizes, steps, shards, check, **kwargs)
     gen = torch.Generator().manual_seed(11)
     whole = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
     grads = [[torch.randn(n, generator=gen).to(dtype) for n in sizes] for _ in range(steps)]
-    cuts = [[n * r // shards for r in range(shards + 1)] for n in sizes]
+    cuts = [[n * r // shards // align * align if r < shards else n for r in range(shards + 1)] for n in sizes]
     pieces = [[w[c[r]:c[r + 1]].clone().to(device) for w, c in zip(whole, cuts)] for r in range(shards)]
     ref_params = [w.clone().to(device) for w in whole]
-    ref = fusedopt.LAMB(ref_params, backend="reference", **kwargs)
-    opts = [fusedopt.LAMB(pieces[r], backend="cuda", **kwargs) for r in range(shards)]
+    ref = getattr(fusedopt, cls)(ref_params, backend="reference", **kwargs)
+    opts = [getattr(fusedopt, cls)(pieces[r], backend="cuda", **kwargs) for r in range(shards)]
 
     rank = threading.local()
     barrier = threading.Barrier(shards, timeout=120)
@@ -331,7 +341,9 @@ def _sharded_lamb_lockstep(device, dtype, sizes, steps, shards, check, **kwargs)
             for r in range(shards):
                 for p, w, c in zip(pieces[r], ref_params, cuts):
                     p.data.copy_(w.data[c[r]:c[r + 1]])
-    assert calls == [steps] * shards, calls
+    # one all-reduce per batch and step on every rank (8-bit: the 8-bit batch and the fp32 one)
+    batches = 2 if cls.endswith("8bit") else 1
+    assert calls == [steps * batches] * shards, calls
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
@@ -354,6 +366,45 @@ def test_sharded_lamb_sums_norms_over_the_shards(device, dtype, shards):
                 assert float(opts[k].state[pieces[k][i]]["step"]) == float(ref.state[r]["step"]), f"{what} step"
 
     _sharded_lamb_lockstep(device, dtype, sizes, 7, shards, check, weight_decay=0.1)
+
+
+SHARDED_TWO_PASS = [
+    ("LARS", torch.float32, dict(lr=0.1, momentum=0.9, weight_decay=1e-4)),
+    ("LARS", torch.bfloat16, dict(lr=0.1, weight_decay=1e-2)),  # no momentum: u = d
+    ("LARS8bit", torch.float32, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)),
+    ("LAMB8bit", torch.bfloat16, dict(weight_decay=0.1)),
+]
+
+
+@pytest.mark.parametrize("cls, dtype, kwargs", SHARDED_TWO_PASS, ids=lambda v: getattr(v, "__name__", str(v)))
+@pytest.mark.parametrize("shards", [1, 2])
+def test_sharded_two_pass_sums_norms_over_the_shards(device, cls, dtype, kwargs, shards):
+    """LARS and the 8-bit two-pass classes on the sharded path (the norms pass, the all-reduce,
+    the apply pass) against the reference on the whole tensors, as the LAMB test above. 8-bit:
+    the shards are cut at whole 64-element blocks (block_size 64), so the shards' blocks are the
+    whole tensor's and the codes and absmaxes must be equal (each step starts from the same
+    params: the same fp32 states are quantized)."""
+    sizes = (1, 255, 257, 4097, 65537 + 3 * 4096, 2 * 65536 + 5)
+    eight_bit = cls.endswith("8bit")
+    if eight_bit:
+        kwargs = dict(kwargs, block_size=64, min_8bit_size=64)
+
+    def check(step, opts, pieces, ref, ref_params):
+        for i, r in enumerate(ref_params):
+            what = f"step {step} param {i}"
+            assert_close(torch.cat([pieces[k][i] for k in range(shards)]), r, dtype, what)
+            for key, value in ref.state[r].items():
+                shard_values = [opts[k].state[pieces[k][i]][key] for k in range(shards)]
+                if key == "step":
+                    assert all(float(v) == float(value) for v in shard_values), f"{what} step"
+                    continue
+                got = torch.cat([v.reshape(-1) for v in shard_values])
+                if eight_bit and value.numel() and (value.dtype == torch.uint8 or key.endswith("_absmax")):
+                    assert torch.equal(got, value.reshape(-1)), f"{what} {key} differs"
+                else:
+                    assert_close(got, value.reshape(-1), torch.float32, f"{what} {key}")
+
+    _sharded_lamb_lockstep(device, dtype, sizes, 7, shards, check, cls=cls, align=64 if eight_bit else 1, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------
