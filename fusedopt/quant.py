@@ -51,6 +51,9 @@ __all__ = [
     "dequantize_blockwise",
     "zero_code",
     "signed_state",
+    "fast_codes",
+    "fast_guess",
+    "fast_constants",
 ]
 
 _DECADES = 7  # 10^-6 .. 10^0
@@ -107,6 +110,81 @@ def midpoints(signed: bool, device: torch.device | str | None = None) -> torch.T
     unsigned map's first boundary is ``0``, so a positive value never gets the zero code)."""
     mids = _midpoints_cpu(bool(signed))
     return mids if device is None else mids.to(device)
+
+
+# The kernels' quantizer: the code #{midpoints < x} without a search over the midpoints.
+#
+# With a = |x| (signed map) or max(x, 0) (unsigned), decade d = #{k = 1..6 : a >= D_k}, where
+# D_k = fp32(10^(k-6)) is where decade k-1's values end (its midpoints' linear extension puts the
+# boundary midpoint up to 1.5 codes too high: past 10^(k-6) decade k's extension is used, 1.2
+# codes off at most). Inside decade d (scale s = 10^(d-6), n values, the first at code o) the
+# midpoints are nearly s * (0.1 + 0.9 j / n), so T = a * A_d + B_d with A_d = n / (0.9 s) and
+# B_d = o + 0.5 - 0.1 n / 0.9 puts F = trunc(min(T, 255)) at the code or one above it:
+# g = F (for x < 0 in the signed map, whose negative half mirrors the positive one,
+# g = max(255 - F, 1)), and one comparison with the table's midpoint fixes it exactly:
+# code = g - (midpoints[g - 1] >= x). Only fp32 compares, one multiply-add, a truncation and
+# one midpoint load per element (the binary search loads eight). T may be rounded any way (fused or
+# not): tests/test_quant.py and bench/prove_fast_codes.py prove, for every fp32 x in [-1, 1],
+# that every T within 1e-3 of the exact a * A_d + B_d gives the reference's code. They check T
+# rounded as here (fp32 multiply, then add) and T -+ FAST_MARGIN: T is at most 3.1e-5 from the
+# exact value (T < 256: half an ulp of the product plus one of the sum), the shifted sum
+# rounds by at most 1.6e-5 more, and g is monotone in T, so a margin of 1e-3 + 5e-5 covers every
+# T within 1e-3 of the exact one.
+FAST_MARGIN = 1.05e-3
+
+
+@functools.lru_cache(maxsize=None)
+def _fast_constants(signed: bool) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
+    thresholds, slopes, offsets = [], [], []
+    for d in range(_DECADES):
+        n = 2 ** d if signed else 2 ** (d + 1)
+        first = (128 + n - 1) if signed else (n - 1)  # code of the decade's smallest positive value
+        scale = 10.0 ** (d - (_DECADES - 1))
+        slopes.append(float(torch.tensor(n / (0.9 * scale), dtype=torch.float32)))
+        offsets.append(float(torch.tensor(first + 0.5 - 0.1 * n / 0.9, dtype=torch.float32)))
+        if d > 0:
+            thresholds.append(float(torch.tensor(scale / 10.0, dtype=torch.float32)))
+    return tuple(thresholds), tuple(slopes), tuple(offsets)
+
+
+def fast_constants(signed: bool) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
+    """``(D_1..D_6, A_0..A_6, B_0..B_6)`` of the kernels' quantizer (see :func:`fast_codes`),
+    each an exact fp32 value."""
+    return _fast_constants(bool(signed))
+
+
+def fast_guess(x: torch.Tensor, signed: bool, t_shift: float = 0.0) -> torch.Tensor:
+    """The kernels' guess ``g`` for each fp32 ratio ``x`` (not NaN), before the one midpoint
+    comparison of :func:`fast_codes`: a decade from six compares, ``T = a * A + B``,
+    ``g = trunc(min(T, 255))``, mirrored to ``max(255 - g, 1)`` for a negative ``x`` of the
+    signed map. ``t_shift`` is added to ``T`` (in fp32): the proof's stand-in for a ``T`` rounded
+    another way (a fused multiply-add; see ``FAST_MARGIN``). int32."""
+    thresholds, slopes, offsets = _fast_constants(bool(signed))
+    x = x.to(torch.float32)
+    a = x.abs() if signed else x.clamp_min(0.0)
+    # decade = #{k : a >= D_k} (the kernels: six compares and selects of A and B)
+    decade = torch.bucketize(a, torch.tensor(thresholds, device=x.device), right=True)
+    slope = torch.tensor(slopes, device=x.device)[decade]
+    offset = torch.tensor(offsets, device=x.device)[decade]
+    t = a * slope + offset
+    if t_shift:
+        t = t + t_shift
+    f = t.clamp_max(255.0).to(torch.int32)  # t >= 0: truncation is floor
+    if signed:
+        return torch.where(x < 0, (255 - f).clamp_min(1), f)
+    return f
+
+
+def fast_codes(x: torch.Tensor, signed: bool, t_shift: float = 0.0) -> torch.Tensor:
+    """The code of each fp32 ratio ``x`` (not NaN) as the kernels compute it:
+    ``g - (midpoints[g - 1] >= x)`` with ``g`` = :func:`fast_guess`. With ``c`` the reference's
+    code ``#{midpoints < x}``, this is ``c`` exactly when ``g`` is ``c`` or ``c + 1`` (for
+    ``g = c + 1``, ``midpoints[c] >= x``; for ``g = c``, ``midpoints[c - 1] < x``; any other ``g``
+    gives another code), which ``bench/prove_fast_codes.py`` checks for every fp32 ``x`` in
+    [-1, 1]. int32."""
+    g = fast_guess(x, signed, t_shift)
+    mids = _midpoints_cpu(bool(signed)).to(x.device)
+    return g - (mids[(g - 1).long()] >= x.to(torch.float32)).to(torch.int32)
 
 
 def zero_code(signed: bool) -> int:

@@ -166,7 +166,8 @@ def _tile(p_ptr, g_ptr, s_ptrs, absmax_ptrs, base, n, first_block, index, key, c
     p, s = MATH(p, g, s, h, d, FLAGS)
     common.store_param(p_ptr, o, p, mask, index, key, P_DTYPE, STOCHASTIC)
     for i in tl.static_range(len(SIGNED)):
-        quant.store_state(s[i], s_ptrs[i], absmax_ptrs[i], o, blocks, mask, row_mask, code_mids + 256 * SIGNED[i])
+        quant.store_state(s[i], s_ptrs[i], absmax_ptrs[i], o, blocks, mask, row_mask, code_mids + 256 * SIGNED[i],
+                          SIGNED[i])
 
 
 @triton.jit(do_not_specialize=["seed"])

@@ -3,9 +3,10 @@
 A tile is ``[ROWS, BLOCK_PAD]``: ``ROWS`` whole quantization blocks of ``BLOCK_SIZE``
 consecutive elements (``BLOCK_PAD`` is ``BLOCK_SIZE`` rounded up to a power of two; the extra
 columns are masked), so a block's absmax is a reduction along one row, in registers.
-Requantization finds ``#{midpoints < state / absmax}`` by an 8-step branchless binary search
-over the same fp32 midpoints as ``fusedopt.quant.quantize_blockwise``, after an IEEE division:
-given the same fp32 state, the codes are the reference's.
+Requantization finds ``#{midpoints < state / absmax}`` after an IEEE division without a search:
+``fusedopt.quant.fast_codes``'s decade from six compares, linear guess and one comparison with
+the table's fp32 midpoint (proved equal to the search for every fp32 ratio in [-1, 1], however
+the multiply-add rounds): given the same fp32 state, the codes are the reference's.
 """
 
 from __future__ import annotations
@@ -13,7 +14,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from fusedopt import quant as _ref
+
 from . import common
+
+# fusedopt.quant.fast_constants: (thresholds D_1..D_6, slopes A_0..A_6, offsets B_0..B_6), exact
+# fp32 values, per map (a Python float literal is an fp32 constant in a kernel).
+FAST_SIGNED = tl.constexpr(_ref.fast_constants(True))
+FAST_UNSIGNED = tl.constexpr(_ref.fast_constants(False))
 
 # Largest quantization block a program keeps in registers; the Triton backend does not run
 # larger blocks (one program would need a second pass over the block): fusedopt.backends
@@ -88,9 +96,35 @@ def load_state(codes_ptr, absmax_ptr, o, blocks, mask, row_mask, values):
 
 
 @triton.jit
-def store_state(state, codes_ptr, absmax_ptr, o, blocks, mask, row_mask, mids):
+def fast_code(x, mids, SIGNED: tl.constexpr):
+    """``#{mids < x}`` for fp32 ``x`` (not NaN), as ``fusedopt.quant.fast_codes`` computes it:
+    the decade by six compares, ``T = a * A + B`` (rounded any way), ``g = trunc(min(T, 255))``
+    (mirrored for a negative ``x`` of the signed map), then one midpoint load fixes ``g``."""
+    if SIGNED:
+        CONST: tl.constexpr = FAST_SIGNED
+        a = tl.abs(x)
+    else:
+        CONST: tl.constexpr = FAST_UNSIGNED
+        a = tl.maximum(x, 0.0)
+    slope = tl.full(x.shape, CONST[1][0], tl.float32)
+    offset = tl.full(x.shape, CONST[2][0], tl.float32)
+    for k in tl.static_range(6):
+        up = a >= CONST[0][k]
+        slope = tl.where(up, CONST[1][k + 1], slope)
+        offset = tl.where(up, CONST[2][k + 1], offset)
+    f = tl.minimum(a * slope + offset, 255.0).to(tl.int32)  # >= 0: truncation is floor
+    if SIGNED:
+        g = tl.where(x < 0, tl.maximum(255 - f, 1), f)
+    else:
+        g = f
+    return g - (tl.load(mids + (g - 1)) >= x).to(tl.int32)
+
+
+@triton.jit
+def store_state(state, codes_ptr, absmax_ptr, o, blocks, mask, row_mask, mids, SIGNED: tl.constexpr):
     """Requantize ``state`` (fp32 tile) in place: absmax of each row, then the nearest code of
-    ``state / absmax`` (an all-zero block keeps absmax 0 and gets the zero code)."""
+    ``state / absmax`` (an all-zero block keeps absmax 0 and gets the zero code). ``mids``: the
+    midpoints row of the map, ``SIGNED`` whether it is the signed one."""
     magnitude = tl.abs(state)
     if mask is not None:
         magnitude = tl.where(mask, magnitude, 0.0)
@@ -101,9 +135,6 @@ def store_state(state, codes_ptr, absmax_ptr, o, blocks, mask, row_mask, mids):
     safe = tl.where(absmax > 0, absmax, 1.0)
     x = tl.div_rn(state, safe[:, None])
     x = tl.where(x != x, tl.where(state < 0, -1.0, 1.0), x)  # inf / inf, NaN: see fusedopt.quant
-    code = tl.zeros(x.shape, tl.int32)
-    for level in tl.static_range(8):
-        half = 128 >> level
-        code = tl.where(tl.load(mids + code + (half - 1)) < x, code + half, code)
+    code = fast_code(x, mids, SIGNED)
     tl.store(codes_ptr + o, code.to(tl.uint8), mask=mask)
     tl.store(absmax_ptr + blocks, absmax, mask=row_mask)

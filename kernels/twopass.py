@@ -342,9 +342,11 @@ def _apply_tile(p_ptr, g_ptr, s0_ptr, s1_ptr, a0_ptr, a1_ptr, base, n, first_blo
     p = p - lr_scale * u
     common.store_param(p_ptr, o, p, mask, index, key, P_DTYPE, STOCHASTIC)
     if STATES >= 1:
-        quant.store_state(s0, s0_ptr, a0_ptr, o, blocks, mask, row_mask, code_mids + 256 * CODEBOOKS[0])
+        quant.store_state(s0, s0_ptr, a0_ptr, o, blocks, mask, row_mask, code_mids + 256 * CODEBOOKS[0],
+                          CODEBOOKS[0])
     if STATES >= 2:
-        quant.store_state(s1, s1_ptr, a1_ptr, o, blocks, mask, row_mask, code_mids + 256 * CODEBOOKS[1])
+        quant.store_state(s1, s1_ptr, a1_ptr, o, blocks, mask, row_mask, code_mids + 256 * CODEBOOKS[1],
+                          CODEBOOKS[1])
 
 
 @triton.jit(do_not_specialize=["seed"])

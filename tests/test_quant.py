@@ -199,3 +199,101 @@ def test_interchangeable_with_bitsandbytes(signed, n):
     err_ours, err_theirs = (ours - x).abs(), (theirs - x).abs()
     worse = err_ours > err_theirs
     assert not bool(worse.any()), f"{int(worse.sum())} elements quantized less accurately than by bitsandbytes"
+
+
+def _ulp_neighbourhood(points: torch.Tensor, ulps: int) -> torch.Tensor:
+    """Every fp32 value within ``ulps`` representable steps of each positive value of ``points``
+    (as bit patterns: consecutive positive floats are consecutive integers), clamped to (0, 1]."""
+    bits = points[points > 0].to(torch.float32).view(torch.int32).to(torch.int64)
+    near = (bits[:, None] + torch.arange(-ulps, ulps + 1)[None, :]).reshape(-1)
+    top = int(torch.tensor([1.0]).view(torch.int32))
+    near = near[(near >= 1) & (near <= top)].unique().to(torch.int32)
+    return near.view(torch.float32)
+
+
+@SIGNED
+def test_fast_codes_equal_the_search(signed):
+    """The kernels' quantizer (a decade from six compares, a linear guess, one midpoint
+    comparison: fusedopt.quant.fast_codes) gives the searchsorted codes for every fp32 value
+    within 64 ulps of each midpoint, each decade threshold, 1 and the smallest normal, every
+    subnormal power of two, and a million random values, with both signs, +-0 and +-1; for ``T``
+    rounded the reference's way and for the exact ``T`` moved by -+FAST_MARGIN (what a fused
+    multiply-add may round to). bench/prove_fast_codes.py checks every fp32 value in [-1, 1]."""
+    thresholds, _, _ = quant.fast_constants(signed)
+    mids = quant.midpoints(signed)
+    tiny = torch.finfo(torch.float32).tiny
+    subnormals = torch.tensor([2.0 ** -k for k in range(127, 150)])
+    points = torch.cat([mids, torch.tensor(thresholds), torch.tensor([1.0, tiny]), subnormals,
+                        quant.dynamic_map(signed)])
+    gen = torch.Generator().manual_seed(18)
+    rand = torch.rand(10 ** 6, generator=gen) ** 8  # every decade, the small ones too
+    x = torch.cat([_ulp_neighbourhood(points, 64), rand, subnormals])
+    x = torch.cat([x, -x, torch.tensor([0.0, -0.0, 1.0, -1.0])])
+    assert x.numel() > 10 ** 6 + 2 * 64 * 255
+    ref = torch.bucketize(x, mids).to(torch.int32)
+    for shift in (0.0, -quant.FAST_MARGIN, quant.FAST_MARGIN):
+        got = quant.fast_codes(x, signed, shift)
+        bad = (got != ref).nonzero()
+        assert bad.numel() == 0, (f"shift {shift}: x={x[bad[:4, 0]].tolist()} fast={got[bad[:4, 0]].tolist()} "
+                                  f"reference={ref[bad[:4, 0]].tolist()}")
+
+
+@SIGNED
+def test_fast_codes_can_fail(signed, monkeypatch):
+    """The check above can fail: the top threshold moved from 10^-1 up to the midpoint between
+    decades 5 and 6 (where decade 5's linear guess runs 2 codes high) gives other codes."""
+    thresholds, slopes, offsets = quant.fast_constants(signed)
+    mids = quant.midpoints(signed)
+    boundary = float(mids[(128 + 64 - 2) if signed else (128 - 2)])  # decade 5 | decade 6
+    assert 0.1 < boundary < 0.103
+    x = torch.linspace(0.1, boundary, 1000)
+    ref = torch.bucketize(x, mids).to(torch.int32)
+    assert torch.equal(quant.fast_codes(x, signed), ref)
+    monkeypatch.setattr(quant, "_fast_constants", lambda s: (thresholds[:5] + (boundary,), slopes, offsets))
+    assert not torch.equal(quant.fast_codes(x, signed), ref)
+
+
+def test_kernel_constants_are_the_proved_ones():
+    """The CUDA quantizer's constants (csrc/quant8.cuh, hex floats) and the Triton one's
+    (kernels/quant.py) are fusedopt.quant.fast_constants', the ones the proof covers."""
+    import re
+    from pathlib import Path
+
+    from fusedopt.kernels import quant as kquant
+
+    assert tuple(kquant.FAST_SIGNED.value) == quant.fast_constants(True)
+    assert tuple(kquant.FAST_UNSIGNED.value) == quant.fast_constants(False)
+    header = (Path(__file__).resolve().parents[1] / "csrc" / "quant8.cuh").read_text()
+    body = header[header.index("constexpr FastConstants fast_constants(bool is_signed)"):]
+    arrays = re.findall(r"\{([^{}]*)\}", body[: body.index("\n}\n")])
+    values = [tuple(float.fromhex(v.strip().rstrip("f")) for v in a.split(",")) for a in arrays]
+    assert len(values) == 6, values
+    assert tuple(values[:3]) == quant.fast_constants(True)
+    assert tuple(values[3:]) == quant.fast_constants(False)
+
+
+@SIGNED
+def test_the_exhaustive_proof_evaluates_fast_guess(signed):
+    """bench/prove_fast_codes.py's chunked evaluation (decade runs of a sorted chunk) is
+    fusedopt.quant.fast_guess, for both signs and the three roundings of T it checks; and its
+    check fails on a wrong guess."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "prove_fast_codes.py"
+    spec = importlib.util.spec_from_file_location("prove_fast_codes", path)
+    prove = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prove)
+    bits = torch.cat([torch.arange(1, 4000, dtype=torch.int32),
+                      torch.randint(1, int(torch.tensor([1.0]).view(torch.int32)) + 1, (200000,),
+                                    generator=torch.Generator().manual_seed(2), dtype=torch.int32)])
+    a = bits.unique().view(torch.float32)  # ascending positive values, subnormals and 1.0 included
+    for shift in (0.0, -quant.FAST_MARGIN, quant.FAST_MARGIN):
+        pos, neg = prove.guesses(a, signed, shift)
+        assert torch.equal(pos, quant.fast_guess(a, signed, shift))
+        if signed:
+            assert torch.equal(neg, quant.fast_guess(-a, signed, shift))
+    prove.check(a, signed, quant.midpoints(signed), codes=True)
+    with pytest.raises(SystemExit, match="MISMATCH"):
+        mids = quant.midpoints(signed)
+        prove.check(a, signed, torch.cat([mids[1:], mids[-1:]]), codes=False)  # each one the next one
