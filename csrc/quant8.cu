@@ -36,7 +36,7 @@ __global__ void __launch_bounds__(kThreads)
         load<false>(x_, x + i, n);
 #pragma unroll
         for (int j = 0; j < N; ++j) x_[j] = normalized(x_[j], scale);
-        quantize(x_, c_, midpoints);
+        is_signed ? quantize<true>(x_, c_, midpoints) : quantize<false>(x_, c_, midpoints);
         store_codes<false>(codes + i, c_, n);
       }
       if (threadIdx.x == 0) absmax[qblock] = m;
@@ -59,7 +59,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int j = 0; j < N; ++j) x_[j] = normalized(x_[j], scale);
       int c_[N];
-      quantize(x_, c_, midpoints);
+      is_signed ? quantize<true>(x_, c_, midpoints) : quantize<false>(x_, c_, midpoints);
       store_codes<false>(codes + i, c_, n);
       if (threadIdx.x % geo.threads_per_qblock == 0) absmax[i / geo.block_size] = m;
     }

@@ -3,8 +3,9 @@
 //
 // A state is uint8 codes of the dynamic map plus one fp32 absmax per block_size elements.
 // Requantization writes, for x = state / new_absmax, the number of codebook midpoints strictly
-// below x: the nearest code, a tie going to the lower one. The midpoints are the fp32 table of
-// fusedopt.quant.midpoints, so the codes are those of fusedopt.quant.quantize_blockwise given
+// below x: the nearest code, a tie going to the lower one, computed as fusedopt.quant.fast_codes
+// does (a closed-form guess, one comparison with the fp32 midpoint table of
+// fusedopt.quant.midpoints), so the codes are those of fusedopt.quant.quantize_blockwise given
 // the same fp32 state. An all-zero block keeps absmax 0 and gets the zero code.
 //
 // Layout: each thread owns kQuantVec = 16 consecutive elements (16 bytes of codes, whole
@@ -23,22 +24,48 @@ namespace fusedopt {
 // Rows of the [4, 256] codebook tensor.
 enum CodebookRow : int { kSignedValues = 0, kUnsignedValues = 1, kSignedMidpoints = 2, kUnsignedMidpoints = 3 };
 
-// code[j] = #{midpoints < x[j]} over 255 sorted midpoints: a branchless binary search, 8 steps,
-// each step a lookup for all N elements (N independent shared-memory loads in flight). The
-// steps stay a loop: unrolling them too multiplies the code of every 8-bit kernel by 8 (and its
-// compile time by 2.5) for no fewer loads.
-template <int N>
+// fusedopt.quant.fast_constants(signed): the decade thresholds D_1..D_6, slopes A_0..A_6 and
+// offsets B_0..B_6 of the quantizer below, exact fp32 values (tests/test_quant.py checks them
+// against the Python ones, from which the proof is made).
+struct FastConstants {
+  float threshold[6], slope[7], offset[7];
+};
+__host__ __device__ constexpr FastConstants fast_constants(bool is_signed) {
+  return is_signed
+      ? FastConstants{{0x1.0c6f7ap-20f, 0x1.4f8b58p-17f, 0x1.a36e2ep-14f, 0x1.0624dep-10f, 0x1.47ae14p-7f, 0x1.99999ap-4f},
+                      {0x1.0f4472p+20f, 0x1.b2071cp+17f, 0x1.5b38e4p+15f, 0x1.15c71cp+13f, 0x1.bc71c8p+10f, 0x1.638e38p+8f, 0x1.1c71c8p+6f},
+                      {0x1.00c71cp+7f, 0x1.028e38p+7f, 0x1.061c72p+7f, 0x1.0d38e4p+7f, 0x1.1b71c8p+7f, 0x1.37e38ep+7f, 0x1.70c71cp+7f}}
+      : FastConstants{{0x1.0c6f7ap-20f, 0x1.4f8b58p-17f, 0x1.a36e2ep-14f, 0x1.0624dep-10f, 0x1.47ae14p-7f, 0x1.99999ap-4f},
+                      {0x1.0f4472p+21f, 0x1.b2071cp+18f, 0x1.5b38e4p+16f, 0x1.15c71cp+14f, 0x1.bc71c8p+11f, 0x1.638e38p+9f, 0x1.1c71c8p+7f},
+                      {0x1.471c72p+0f, 0x1.871c72p+1f, 0x1.a71c72p+2f, 0x1.b71c72p+3f, 0x1.bf1c72p+4f, 0x1.c31c72p+5f, 0x1.c51c72p+6f}};
+}
+
+// code[j] = #{midpoints < x[j]} over the map's 255 sorted midpoints (x not NaN), without a
+// search: fusedopt.quant.fast_codes, proved equal to the search for every fp32 x in [-1, 1]
+// (bench/prove_fast_codes.py; the -fmad=false build rounds T as the proof's reference does,
+// and any T within 1e-3 of the exact one gives the same code). The decade from six compares
+// (a >= D_k), T = a * A_d + B_d, g = trunc(min(T, 255)) (mirrored, g = max(255 - g, 1), for
+// a negative x of the signed map), then one midpoint comparison: code = g - (mid[g - 1] >= x).
+template <bool SIGNED, int N>
 __device__ __forceinline__ void quantize(const float (&x)[N], int (&code)[N], const float* midpoints) {
+  constexpr FastConstants c = fast_constants(SIGNED);
 #pragma unroll
-  for (int j = 0; j < N; ++j) code[j] = 0;
-#pragma unroll 1
-  for (int s = 128; s > 0; s >>= 1) {
+  for (int j = 0; j < N; ++j) {
+    const float a = SIGNED ? fabsf(x[j]) : fmaxf(x[j], 0.f);
+    float slope = c.slope[0], offset = c.offset[0];
 #pragma unroll
-    for (int j = 0; j < N; ++j) code[j] += midpoints[code[j] + s - 1] < x[j] ? s : 0;
+    for (int k = 0; k < 6; ++k) {
+      const bool up = a >= c.threshold[k];
+      slope = up ? c.slope[k + 1] : slope;
+      offset = up ? c.offset[k + 1] : offset;
+    }
+    const int f = int(fminf(a * slope + offset, 255.f));  // >= 0: truncation is floor
+    const int g = SIGNED && x[j] < 0.f ? (f < 254 ? 255 - f : 1) : f;
+    code[j] = g - (midpoints[g - 1] >= x[j] ? 1 : 0);
   }
 }
 
-// What the search looks up for a state value s in a block of absmax scale: s / scale, or, where
+// What the quantizer looks up for a state value s in a block of absmax scale: s / scale, or, where
 // that is NaN (inf / inf, a NaN state), -1 for a negative s and +1 otherwise (see the module
 // docstring of fusedopt/quant.py: +-inf then decodes back to +-inf, not 0 * inf = NaN).
 __device__ __forceinline__ float normalized(float s, float scale) {
@@ -73,16 +100,21 @@ __device__ __forceinline__ void store_codes(uint8_t* dst, const int (&src)[N], i
 }
 
 // A state's new fp32 values, quantized against the block's new absmax (an all-zero block,
-// absmax 0, divides by 1 and gets the zero code) and stored as codes.
+// absmax 0, divides by 1 and gets the zero code) and stored as codes. `is_signed` picks the
+// map (a constant where the caller's loop over the states is unrolled).
 template <bool VEC, int N>
-__device__ __forceinline__ void requantize(uint8_t* dst, const float (&s)[N], float new_absmax, const float* midpoints,
-                                           int n) {
+__device__ __forceinline__ void requantize(uint8_t* dst, const float (&s)[N], float new_absmax,
+                                           const float (*book)[256], bool is_signed, int n) {
   const float scale = new_absmax > 0.f ? new_absmax : 1.f;
   float x[N];
   int code[N];
 #pragma unroll
   for (int j = 0; j < N; ++j) x[j] = normalized(s[j], scale);
-  quantize(x, code, midpoints);
+  if (is_signed) {
+    quantize<true>(x, code, book[kSignedMidpoints]);
+  } else {
+    quantize<false>(x, code, book[kUnsignedMidpoints]);
+  }
   store_codes<VEC>(dst, code, n);
 }
 
@@ -197,8 +229,7 @@ __device__ __forceinline__ void quant8_wide(const MultiTensor& mt, const int64_t
         store_param<SR, V>(p + i, p_, n, i, key);
 #pragma unroll
         for (int k = 0; k < S; ++k)
-          requantize<V>(codes[k] + i, s_[k], new_absmax[k],
-                        book[Family::is_signed(k) ? kSignedMidpoints : kUnsignedMidpoints], n);
+          requantize<V>(codes[k] + i, s_[k], new_absmax[k], book, Family::is_signed(k), n);
       };
       if (n == N && aligned) {
         write(Tag<true>{});
@@ -304,8 +335,7 @@ __device__ __forceinline__ void quant8_body(const MultiTensor& mt, const Family&
         constexpr bool V = decltype(vec)::value;
 #pragma unroll
         for (int k = 0; k < S; ++k) {
-          requantize<V>(codes[k] + i, s_[k], new_absmax[k],
-                        book[Family::is_signed(k) ? kSignedMidpoints : kUnsignedMidpoints], n);
+          requantize<V>(codes[k] + i, s_[k], new_absmax[k], book, Family::is_signed(k), n);
           if (threadIdx.x % geo.threads_per_qblock == 0) global(absmax[k] + qblock) = new_absmax[k];
         }
       };
