@@ -13,9 +13,10 @@ the exact ``a * A + B`` (a fused multiply-add, any rounding) passes too (see fus
 
     python bench/prove_fast_codes.py [--chunk-log2 24] [--threads 1] [--codes]
 
-Prints the count checked and the time; exits 1 on the first mismatch. (About 10 minutes on one
-core; tests/test_quant.py checks every value within 64 ulps of each midpoint and decade
-threshold plus a million random ones in the default tier.)
+Prints the count checked and the time; exits 1 on the first mismatch. (906 s with one thread on
+a busy two-core machine, 2026-12-08: "all 4261412868 values (x 3 roundings of T) equal the
+reference"; tests/test_quant.py checks every value within 64 ulps of each midpoint, decade
+threshold and codebook value plus a million random ones in the default tier.)
 """
 
 from __future__ import annotations
