@@ -349,11 +349,29 @@ __device__ __forceinline__ void quant8_body(const MultiTensor& mt, const Family&
   }
 }
 
-// A thread keeps kStates x 16 fp32 states across the absmax reduction: at 128 registers (two
-// blocks per SM) ptxas spills them, so one block per SM lets it use the registers it needs.
+// A thread keeps kStates x 16 fp32 states across the absmax reduction. With the search-free
+// quantizer, two states fit in 128 registers without a spill (sm_80 and sm_90) for Adam, LAMB
+// and centered RMSprop: two blocks (16 warps) per SM. Three states (Adam's amsgrad, RMSprop
+// centered with momentum) spilled 4-8 bytes at 128, and so did RMSprop with momentum (4 bytes
+// on sm_90): a family says so with kQuant8BlocksPerSm = 1 (rmsprop.cuh), and more than two
+// states take one block per SM and the registers they need.
 // For block_size <= kQuantSpan (every common setting).
+template <typename Family, typename = void>
+struct Quant8BlocksPerSm {
+  static constexpr int value = Family::kStates <= 2 ? 2 : 1;
+};
+template <typename Family>
+struct Quant8BlocksPerSm<Family, std::void_t<decltype(Family::kQuant8BlocksPerSm)>> {
+  static constexpr int value = Family::kQuant8BlocksPerSm;
+};
+template <typename Family>
+constexpr int quant8_blocks_per_sm() {
+  return Quant8BlocksPerSm<Family>::value;
+}
+
 template <typename Family, typename P, bool SR>
-__global__ void __launch_bounds__(kThreads, 1) quant8_kernel(MultiTensor mt, Family family, Quant q) {
+__global__ void __launch_bounds__(kThreads, quant8_blocks_per_sm<Family>()) quant8_kernel(MultiTensor mt, Family family,
+                                                                                          Quant q) {
   quant8_body<Family, P, SR, false>(mt, family, q);
 }
 

@@ -50,6 +50,9 @@ template <bool MOMENTUM, bool CENTERED>
 struct Rmsprop {
   // square_avg, then momentum_buffer and grad_avg when the variant has them (torch's order)
   static constexpr int kStates = 1 + int(MOMENTUM) + int(CENTERED);
+  // The 8-bit kernel with a momentum buffer spills at two blocks per SM (4 bytes on sm_90; see
+  // quant8.cuh's quant8_kernel).
+  static constexpr int kQuant8BlocksPerSm = MOMENTUM ? 1 : 2;
   // square_avg uses the unsigned codebook, momentum_buffer and grad_avg the signed one.
   __host__ __device__ static constexpr bool is_signed(int k) { return k > 0; }
   using Step = RmspropStep;
