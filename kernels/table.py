@@ -22,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-from .. import backends, quant, reference
+from .. import capture, quant, reference
 
 #: Elements per work item of the 32-bit kernels (a multiple of every BLOCK they loop with).
 CHUNK = 16384
@@ -63,7 +63,7 @@ def lookup(cache: dict, name: str, streams: Sequence[Sequence[torch.Tensor]], ve
     if entry is not None and entry[0] == key:
         return entry[1]
     table = build(streams, vector_streams, chunk, extra, key=key)
-    if not backends.capturing(streams[0][0].device):  # see backends.capturing
+    if not capture.capturing(streams[0][0].device):  # see capture.capturing
         cache[name] = (key, table)
     return table
 
@@ -170,7 +170,7 @@ def codebooks(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         inf = torch.full((1,), float("inf"))
         mids = torch.stack([torch.cat([quant.midpoints(False), inf]), torch.cat([quant.midpoints(True), inf])])
         books = (to_device(values.contiguous(), device), to_device(mids.contiguous(), device))
-        if not backends.capturing(device):  # see backends.capturing
+        if not capture.capturing(device):  # see capture.capturing
             _CODEBOOKS[device] = books
     return books
 
