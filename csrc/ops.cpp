@@ -303,10 +303,6 @@ struct Hyper {
     const double log = values[i] > 0 ? std::log(values[i]) : -std::numeric_limits<double>::infinity();
     return Beta{float(values[i]), float(1.0 - values[i]), log, ptrs[i]};
   }
-  // 1 - lr * weight_decay, from entries lr and weight_decay.
-  Decay decay(int lr, int weight_decay) const {
-    return Decay{float(1.0 - values[lr] * values[weight_decay]), ptrs[lr] != nullptr || ptrs[weight_decay] != nullptr};
-  }
 };
 
 Hyper check_hyper(at::ArrayRef<double> hyper, const c10::List<std::optional<Tensor>>& hyper_tensors,
