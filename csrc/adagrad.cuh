@@ -2,6 +2,7 @@
 // elementwise and 8-bit kernels instantiate, and its entry for elementwise_ (families.cuh).
 #pragma once
 
+#include "family.h"
 #include "multi_tensor.cuh"
 
 namespace fusedopt {

@@ -1,6 +1,6 @@
 // The torch side of the CUDA backend: every input is checked here (each message names the
 // argument), the device tables are built here, and the ops are registered as torch.ops.fusedopt.*.
-// The kernels (*.cu) see only the plain structs of params.h.
+// The kernels (*.cu) see only the plain structs of params.h and family.h.
 //
 // Ops (schemas in TORCH_LIBRARY below; fake implementations in fusedopt/cuda_backend.py):
 //   make_table   (host) the [tensors, kRowWidth] int64 address table (with each param's salt: its
@@ -56,6 +56,7 @@
 #include <string>
 #include <vector>
 
+#include "family.h"
 #include "params.h"
 
 namespace fusedopt {
@@ -594,13 +595,13 @@ void lars_apply_(TensorList params, TensorList grads, TensorList momentum_buffer
 // ---- elementwise_: every elementwise family through one op ------------------------------------
 //
 // A family declares in its header (csrc/families.cuh) what the op takes from it, under
-// fusedopt.families' names (params.h, ElementwiseFamily): its hyper-parameters by name (all
+// fusedopt.families' names (family.h, ElementwiseFamily): its hyper-parameters by name (all
 // required), its switches by name (`flags` lists those that are on), the state lists it accepts
 // (each in the family's order; the states passed pick the kernel's variant, as an RMSprop with
 // momentum_buffer and grad_avg, and must agree with the switches and numbers that decide them:
 // amsgrad, centered, momentum), and the checks only it knows. The op makes every check (streams,
 // tables, codebook, hyper tensors, rounding) for any family from that declaration, then
-// launch_elementwise fills the family's params struct from the named inputs (params.h, Named).
+// launch_elementwise fills the family's params struct from the named inputs (family.h, Named).
 
 // A family's named inputs, checked, and the Named view of them the family reads.
 struct NamedInputs {
