@@ -6,7 +6,8 @@ or tiles (Triton), whose full, aligned iterations move every stream with 128-bit
 loop is found as the innermost natural loop (of a back edge of the control-flow graph) that
 holds 128-bit global loads and, where the kernel has any, 128-bit global stores. Its *executed path* is the path from the loop's header to its back
 edge that a full iteration takes: among the paths through the loop body (inner back edges
-removed), those whose global accesses move ``want`` bytes when given (the family's roofline
+removed: an inner loop's body counts once, and the row says how many there are), those whose
+global accesses move ``want`` bytes when given (the family's roofline
 row for this configuration: a runtime switch, as the CUDA kernels' grad dtype, has a path per
 case), the one with the most 128-bit accesses (the full, aligned segment, not the scalar tail),
 and of those the one with the fewest instructions (slow paths, as the IEEE division's, are the longer alternatives and so are not
@@ -231,6 +232,7 @@ class Loop:
     latch: int  # address of its back-edge branch
     body_instructions: int  # every instruction of the loop body (all paths)
     path: Path  # the executed path of one full iteration
+    inner_loops: int = 0  # loops inside it: their bodies are counted once (trip counts are not in the code)
 
 
 def _paths(g: Graph, header: int, latch: int, body: set[int]) -> list[Path]:
@@ -325,7 +327,9 @@ def main_loop(text_or_instrs, want: tuple[int, int] | None = None) -> Loop | Non
     if chosen is None:
         return None
     header, latch, body, path = chosen
-    return Loop(g.instrs[g.starts[header]].addr, g.block(latch)[-1].addr, sum(len(g.block(b)) for b in body), path)
+    inner = sum(1 for b, c in back if b in body and c in body and (b, c) != (latch, header))
+    return Loop(g.instrs[g.starts[header]].addr, g.block(latch)[-1].addr, sum(len(g.block(b)) for b in body), path,
+                inner)
 
 
 def functions(dump: str) -> dict[tuple[str, str], str]:

@@ -69,6 +69,7 @@ class Row:
     memory_tb_s: float
     verdict: str
     matched: bool | None = None  # a full iteration moves exactly its roofline row with 128-bit accesses
+    inner_loops: int = 0  # loops inside the main loop, each counted once in ``instructions``
 
     @property
     def problems(self) -> list[str]:
@@ -141,7 +142,9 @@ def row(backend: str, kernel: str, arch: str, text: str, registers: int | None, 
         round(want[0] * elements), round(want[1] * elements))
     return Row(backend, kernel, arch, registers, spill_bytes, warps, threads, elements, p.vector_loads,
                p.vector_stores, p.scalar_loads, p.shared_loads, p.instructions, round(per_element, 1),
-               round(bytes_per_element, 3), roofline, round(issue, 2), memory, verdict(arch, issue), matched)
+               round(bytes_per_element, 3), roofline, round(issue, 2), memory,
+               verdict(arch, issue) + (f" ({loop.inner_loops} inner loop(s) counted once)" if loop.inner_loops else ""),
+               matched, loop.inner_loops)
 
 
 # ---------------------------------------------------------------------------------------------
