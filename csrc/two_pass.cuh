@@ -64,6 +64,15 @@ __device__ __forceinline__ void two_pass_norms(const MultiTensor& mt, const Fami
     const P* p = address<const P>(row[kParam]);
     const int64_t begin = int64_t(item.y) * mt.chunk;
     const int64_t end = numel < begin + mt.chunk ? numel : begin + mt.chunk;
+    // The addresses of the fp32 states it writes, read once: read in the loop, each is read
+    // again after the store before it (a store may alias the table, as far as the compiler
+    // knows), and an address read after a store loses the alignment the 128-bit path needs
+    // (python -m fusedopt static found LAMB's second state stored with 32-bit stores). The
+    // other addresses are read in the loop: cheaper than the registers to hold them (measured
+    // on sm_90; 8-bit states are not written here).
+    int64_t states[slots(S)];
+#pragma unroll
+    for (int k = 0; k < S; ++k) states[k] = row[kState0 + k];
 
     float p_sq = 0.f, u_sq = 0.f;
     for_each_segment<N>(begin, end, row[kAligned] != 0, [&](auto vec, int64_t i, int n) {
@@ -83,7 +92,7 @@ __device__ __forceinline__ void two_pass_norms(const MultiTensor& mt, const Fami
 #pragma unroll
           for (int j = 0; j < N; ++j) s_[k][j] = values[c_[j]] * scale;
         } else {
-          load<V>(s_[k], address<const float>(row[kState0 + k]) + i, n);
+          load<V>(s_[k], address<const float>(states[k]) + i, n);
         }
       }
 #pragma unroll
@@ -101,7 +110,7 @@ __device__ __forceinline__ void two_pass_norms(const MultiTensor& mt, const Fami
       }
       if constexpr (!STATES8) {
 #pragma unroll
-        for (int k = 0; k < S; ++k) store<V>(address<float>(row[kState0 + k]) + i, s_[k], n);
+        for (int k = 0; k < S; ++k) store<V>(address<float>(states[k]) + i, s_[k], n);
       }
     });
     p_sq = block_reduce(p_sq, Sum{});

@@ -1,11 +1,11 @@
 """Backend selection: the one place that decides which implementation runs a step.
 
 A backend is a module with ``NAME``, ``DESCRIPTION``, ``available(device) -> str | None``
-(None when it can run on that device, else the reason it cannot), a step function per family
-it runs, named as the family (``adam(batch)``, ``sgd(batch)``, ...: ``fusedopt.families``; a
-backend without one cannot run that family), and ``global_norm`` (see
-:mod:`fusedopt.reference`). It may also
-define (a backend that does not takes everything):
+(None when it can run on that device, else the reason it cannot), ``STEPS``, its step function
+for each family it runs (``STEPS["sgd"](batch)``; the family names of :mod:`fusedopt.families`;
+a backend without an entry cannot run that family), and ``global_norm`` (see
+:mod:`fusedopt.reference`). The three are imported below by name, each on first use
+(:data:`LOADERS`). A backend may also define (a backend that does not takes everything):
 
 * ``unsupported(tensor) -> str | None``: why it cannot take this param or grad (its dtype,
   its device), or None;
@@ -28,9 +28,9 @@ step raises ``RuntimeError`` naming the backend and the reason.
 
 from __future__ import annotations
 
-import importlib
 import os
 from types import ModuleType
+from typing import Callable
 
 import torch
 
@@ -38,13 +38,29 @@ from . import families
 
 NAMES = ("auto", "triton", "cuda", "reference")
 
-# Module of each concrete backend, imported on first use so that importing fusedopt never
-# pulls in Triton or compiles anything.
-_MODULES = {
-    "reference": "fusedopt.reference",
-    "triton": "fusedopt.kernels.backend",
-    "cuda": "fusedopt.cuda_backend",
-}
+
+# Each concrete backend, imported on first use so that importing fusedopt never pulls in Triton
+# or compiles anything. (The import statements are the edges a reader follows from here.)
+def _reference() -> ModuleType:
+    from . import reference
+
+    return reference
+
+
+def _triton() -> ModuleType:
+    from .kernels import backend
+
+    return backend
+
+
+def _cuda() -> ModuleType:
+    from . import cuda_backend
+
+    return cuda_backend
+
+
+#: The loader of each concrete backend (a test may register a stand-in here).
+LOADERS: dict[str, Callable[[], ModuleType]] = {"reference": _reference, "triton": _triton, "cuda": _cuda}
 
 #: What ``auto`` picks on CUDA devices, per kind of step, fastest first. The kinds: the
 #: families (``fusedopt.families``) with 32-bit and with 8-bit states, and the global norm of
@@ -68,7 +84,7 @@ def check_name(backend: object, argument: str = "backend") -> str:
 def load(name: str) -> tuple[ModuleType | None, str | None]:
     """``(module, None)`` for a backend that imports, else ``(None, reason)``."""
     try:
-        return importlib.import_module(_MODULES[name]), None
+        return LOADERS[name](), None
     except ImportError as e:
         return None, f"not importable: {e}"
 
@@ -100,20 +116,11 @@ def _reason(name: str, device: torch.device, tensors) -> str | None:
 def _step_reason(name: str, kind: str, requirements: dict) -> str | None:
     module = load(name)[0]
     family = kind.removesuffix("8bit")
-    if kind != "norm" and not callable(getattr(module, family, None)):
+    if kind != "norm" and family not in module.STEPS:
         return f"it has no {families.FAMILIES[family].name} step"
     if not hasattr(module, "unsupported_step"):
         return None
     return module.unsupported_step(kind, **requirements)
-
-
-def capturing(device) -> bool:
-    """Whether a CUDA graph is being captured on the current stream of a CUDA ``device``.
-
-    What a step makes on the device then (a launch table copied from the host, a zeroed
-    buffer) is only written when the graph replays: a backend must not keep such a tensor in
-    a cache that an eager step could read before a replay (it builds it again instead)."""
-    return torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def resolve(backend: str, device: torch.device, tensors=(), kind: str = "adam", *,

@@ -118,6 +118,8 @@ def cmd_check(args) -> int:
 _DELEGATED = {
     "build": ("fusedopt.build", "compile the CUDA extension (see `build --help`)"),
     "bench": ("fusedopt.benchmarking", "time every backend and peer (see `bench --help`)"),
+    "static": ("fusedopt.static", "the roofline of every kernel read from its compiled code, no GPU "
+                                  "(see `static --help`)"),
 }
 
 

@@ -36,7 +36,7 @@ import threading
 import torch
 from torch import Tensor
 
-from . import backends, distributed
+from . import backends, capture, distributed
 from . import step as _step
 from .scalars import GRAD_MULT, SIZE
 
@@ -282,6 +282,6 @@ def _unit(device: torch.device) -> Tensor:
     if unit is None:
         unit = torch.zeros(SIZE, dtype=torch.float32, device=device)
         unit[GRAD_MULT] = 1.0
-        if not backends.capturing(device):  # see backends.capturing
+        if not capture.capturing(device):  # see capture.capturing
             _units[device] = unit
     return unit

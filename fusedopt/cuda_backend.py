@@ -32,7 +32,7 @@ from itertools import chain
 
 import torch
 
-from . import backends, build, families, layout, quant, reference
+from . import build, capture, families, layout, quant, reference
 
 NAME = "cuda"
 DESCRIPTION = "CUDA C++ multi-tensor kernels (csrc/), compiled with nvcc on first use or by `python -m fusedopt build`"
@@ -162,7 +162,7 @@ def _plan(batch, lists: dict) -> _Plan:
         return cache["plan"]
     device = batch.params[0].device
     plan = _Plan(_ops(), lists, block_size, (salts, offsets), device)
-    if not backends.capturing(device):  # see backends.capturing
+    if not capture.capturing(device):  # see capture.capturing
         cache["plan"], cache["key"] = plan, key
     return plan
 
@@ -181,7 +181,7 @@ def codebook(device: torch.device) -> torch.Tensor:
             quant.dynamic_map(True), quant.dynamic_map(False),
             torch.cat([quant.midpoints(True), pad]), torch.cat([quant.midpoints(False), pad]),
         ]), device)
-        if not backends.capturing(device):  # see backends.capturing
+        if not capture.capturing(device):  # see capture.capturing
             _codebooks[device] = book
     return book
 
@@ -320,6 +320,10 @@ def rmsprop(batch) -> None:
     _elementwise(batch, families.RMSPROP)
 
 
+#: The step of each family (``fusedopt.backends``).
+STEPS = {"adam": adam, "lamb": lamb, "lion": lion, "sgd": sgd, "adagrad": adagrad, "rmsprop": rmsprop, "lars": lars}
+
+
 _norm_plans: collections.OrderedDict = collections.OrderedDict()
 _NORM_PLANS_KEPT = 8
 
@@ -345,7 +349,7 @@ def global_norm(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor:
         ops = _ops()
         table, work = ops.make_table(tensors, [], [], [], [], [], [], [], [], 0)
         plan = (_to_device(table, tensors[0].device), _to_device(work, tensors[0].device))
-        if not backends.capturing(tensors[0].device):  # see backends.capturing
+        if not capture.capturing(tensors[0].device):  # see capture.capturing
             _norm_plans[key] = plan
             while len(_norm_plans) > _NORM_PLANS_KEPT:
                 _norm_plans.popitem(last=False)

@@ -8,8 +8,9 @@ them), the switches that change the code path, and the per-step scalars it deriv
 hyper-parameters and the step count. The optimizer base class validates groups, creates and
 converts states and names the backend step from it; the reference backend derives its
 per-step scalars with :meth:`Family.derive`; ``check``, ``bench`` and the test grids list the
-families from :data:`FAMILIES`. Each backend writes the math once, in its own language, under
-the family's name (``reference.sgd``, ``kernels.backend.sgd``, ``cuda_backend.sgd``).
+families from :data:`FAMILIES`. Each backend writes the math once, in its own language, and
+lists its step under the family's name in its ``STEPS`` (``reference.STEPS["sgd"]``, the same
+in ``kernels.backend`` and ``cuda_backend``).
 
 This module depends on nothing of fusedopt (``quant`` and ``reference`` read it).
 """

@@ -18,7 +18,7 @@ and are rebuilt only when something they hold changes: an address (a param re-bo
 set of tensors (a grad that became ``None`` drops its param from the batch). The check costs one
 ``data_ptr()`` per stream per tensor per step and never touches the device; a rebuild copies the
 new rows from pinned memory without waiting. A table built while a CUDA graph is being
-captured is never kept (:func:`fusedopt.backends.capturing`).
+captured is never kept (:func:`fusedopt.capture.capturing`).
 
 The 8-bit kernels of both backends read one codebook (:func:`codebook`).
 
@@ -32,7 +32,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from . import backends, quant
+from . import capture, quant
 
 # csrc/params.h's ``Column`` enum.
 NUMEL = 0
@@ -129,7 +129,7 @@ def lookup(cache: dict, name: str, cols: Mapping[int, Sequence[torch.Tensor]], c
     if entry is not None and entry[0] == key:
         return entry[1]
     table = build(cols, chunk, extra, key=key)
-    if not backends.capturing(cols[PARAM][0].device):  # see backends.capturing
+    if not capture.capturing(cols[PARAM][0].device):  # see capture.capturing
         cache[name] = (key, table)
     return table
 
@@ -208,6 +208,6 @@ def codebook(device: torch.device) -> torch.Tensor:
             quant.dynamic_map(True), quant.dynamic_map(False),
             torch.cat([quant.midpoints(True), pad]), torch.cat([quant.midpoints(False), pad]),
         ]).to(torch.float32).contiguous(), device)
-        if not backends.capturing(device):  # see backends.capturing
+        if not capture.capturing(device):  # see capture.capturing
             _CODEBOOKS[device] = book
     return book

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import backends, compiled, distributed, families, layout, quant
+from . import backends, capture, compiled, distributed, families, layout, quant
 from .scalars import GRAD_MULT, SIZE
 from .step import MASTER, Batch, run_batches, step_scalars
 
@@ -437,7 +437,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         if old is not None and old[0] == hypers[0] and all(map(operator.is_, old[1], hypers[1])):
             return
         params = group["params"]
-        if params and backends.capturing(params[0].device):
+        if params and capture.capturing(params[0].device):
             return
         self._check_group(group)
         self._checked[gi] = hypers
@@ -509,7 +509,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             return _GroupPlan(group, old.params, grads, names, signature, old.entries, old.batches, old.held,
                               old.numels, old.dtypes)
         missing = [i for i in present if self._missing_state(params[i], group, names)]
-        if missing and backends.capturing(params[missing[0]].device):
+        if missing and capture.capturing(params[missing[0]].device):
             raise RuntimeError(
                 f"param {missing[0]} of group {gi} has no optimizer state yet while a CUDA graph is being "
                 "captured: state made during capture would be re-initialized at every replay. Step "
@@ -708,7 +708,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         if unit is None:
             unit = torch.zeros(SIZE, dtype=torch.float32, device=device)
             unit[GRAD_MULT] = 1.0
-            if not backends.capturing(device):  # see backends.capturing
+            if not capture.capturing(device):  # see capture.capturing
                 self._unit_scalars[device] = unit
         return unit
 

@@ -396,6 +396,10 @@ def lars(batch) -> None:
     _run(batch, families.LARS, update)
 
 
+#: The step of each family (``fusedopt.backends``).
+STEPS = {"adam": adam, "lamb": lamb, "lion": lion, "sgd": sgd, "adagrad": adagrad, "rmsprop": rmsprop, "lars": lars}
+
+
 def global_norm(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor:
     """The ``norm_type``-norm of all ``tensors`` together, as a 0-d tensor on their device,
     accumulated in fp32 (float64 if any tensor is float64). ``inf`` is ``max |x|``."""

@@ -111,7 +111,7 @@ def run_batches(family: str, work, scalars: dict) -> None:
     masters (``master_weights``)."""
     for key, batch, backend in work:
         batch.scalars = scalars[key[0]]
-        getattr(backend, family)(batch)
+        backend.STEPS[family](batch)
         if batch.outputs is not None:
             # Round to nearest from the fp32 masters (a skipped step rewrites the same bits).
             torch._foreach_copy_(batch.outputs, batch.params)

@@ -132,6 +132,10 @@ def rmsprop(batch) -> None:
     _elementwise.step(batch, _rmsprop.RMSPROP)
 
 
+#: The step of each family (``fusedopt.backends``).
+STEPS = {"adam": adam, "lamb": lamb, "lion": lion, "sgd": sgd, "adagrad": adagrad, "rmsprop": rmsprop, "lars": lars}
+
+
 def global_norm(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor:
     """The ``norm_type``-norm of all ``tensors`` (0-d fp32 on their device): a deterministic
     two-pass reduction for 1, 2 and inf; other orders raise (``unsupported_step`` says so

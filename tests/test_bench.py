@@ -365,9 +365,8 @@ def test_a_case_a_provider_cannot_run_is_unavailable_with_the_reason(monkeypatch
     from fusedopt import backends, reference
 
     module = types.SimpleNamespace(NAME="triton", DESCRIPTION="stand-in", available=lambda device: None,
-                                   lion=reference.lion, global_norm=reference.global_norm)
-    monkeypatch.setitem(sys.modules, "fusedopt_bench_stand_in", module)
-    monkeypatch.setitem(backends._MODULES, "triton", "fusedopt_bench_stand_in")
+                                   STEPS={"lion": reference.lion}, global_norm=reference.global_norm)
+    monkeypatch.setitem(backends.LOADERS, "triton", lambda: module)
     cpu = torch.device("cpu")
     provider = benchmarking.PROVIDERS["fusedopt-triton"]
     assert provider.unsupported(benchmarking.OPTIMIZERS["lion8bit"], cpu) is None

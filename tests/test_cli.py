@@ -178,13 +178,12 @@ def _fake_backend(monkeypatch, name, lr_factor, has=tuple(families.FAMILIES)):
     def wrap(family):
         def run(batch):
             group = dict(batch.group, lr=batch.group["lr"] * lr_factor)
-            getattr(reference, family)(type(batch)(**{**batch.__dict__, "group": group}))
+            reference.STEPS[family](type(batch)(**{**batch.__dict__, "group": group}))
         return run
 
     module = types.SimpleNamespace(NAME=name, DESCRIPTION="test double", available=lambda device: None,
-                                   global_norm=reference.global_norm, **{f: wrap(f) for f in has})
-    monkeypatch.setitem(sys.modules, "fusedopt_test_double", module)
-    monkeypatch.setitem(backends._MODULES, name, "fusedopt_test_double")
+                                   global_norm=reference.global_norm, STEPS={f: wrap(f) for f in has})
+    monkeypatch.setitem(backends.LOADERS, name, lambda: module)
 
 
 @pytest.mark.parametrize("lr_factor, must_fail", [(1.0, ()), (1.01, ("float32",)), (1.1, ("float32", "bfloat16"))])

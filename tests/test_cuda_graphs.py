@@ -6,7 +6,7 @@ allocated and zeroed in place inside the graph), replayed with new data and a te
 rate changed in place between replays, against eager steps on the same data and learning
 rates, for the Triton and CUDA backends, with and without ``max_grad_norm``.
 
-On the CPU: what keeps capture safe, with capture simulated (``backends.capturing``): no state
+On the CPU: what keeps capture safe, with capture simulated (``capture.capturing``): no state
 is created while capturing (it would be re-initialized at every replay), and launch tables
 made while capturing are not kept for later eager steps (they are written only by a replay).
 """
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import fusedopt
-from fusedopt import backends
+from fusedopt import backends, capture
 from fusedopt.testing import assert_close, assert_identical
 
 from cases import assert_unchanged, snapshot
@@ -132,13 +132,13 @@ def test_no_state_is_created_while_capturing(monkeypatch, name):
     for p in params:
         p.grad = torch.randn_like(p)
     before = snapshot(opt, [params])
-    monkeypatch.setattr(backends, "capturing", lambda device: True)
+    monkeypatch.setattr(capture, "capturing", lambda device: True)
     with pytest.raises(RuntimeError, match="param 0 of group 0 has no optimizer state yet while a CUDA graph"):
         opt.step()
     assert_unchanged(opt, [params], before, "after the error")
     monkeypatch.undo()
     opt.step()  # the warm-up step
-    monkeypatch.setattr(backends, "capturing", lambda device: True)
+    monkeypatch.setattr(capture, "capturing", lambda device: True)
     opt.step()  # every state exists: fine
     assert all(float(opt.state[p]["step"]) == 2 for p in params)
 
@@ -160,7 +160,7 @@ def test_tables_made_while_capturing_are_not_kept(monkeypatch):
             for p, g in zip(ps, grads):
                 p.grad = g.clone()  # new tensors: new addresses, a new table
         if k == 1:
-            monkeypatch.setattr(backends, "capturing", lambda device: True)
+            monkeypatch.setattr(capture, "capturing", lambda device: True)
         opt.step()
         ref.step()
         kept = {id(entry[1]) for cache in opt._caches.values() for entry in cache.values()}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # Package name -> its folder in the repository (pyproject.toml's package-dir).
-PACKAGES = {"fusedopt": ROOT / "fusedopt", "fusedopt.kernels": ROOT / "kernels"}
+PACKAGES = {"fusedopt": ROOT / "fusedopt", "fusedopt.kernels": ROOT / "kernels", "fusedopt.csrc": ROOT / "csrc"}
 
 
 def modules() -> dict[str, Path]:
@@ -139,3 +139,29 @@ def test_the_graph_sees_every_kind_of_import():
 def test_no_import_cycles():
     found = cycles(graph())
     assert not found, "import cycles in the package:\n" + "\n".join(" -> ".join(c) for c in found)
+
+
+def test_a_step_is_followed_by_its_imports():
+    """class -> base step -> ``backends.resolve`` -> backend module -> kernel, each an import
+    edge: the backends are named where they are loaded, and the kernels below them import
+    nothing of the layers above (the capture check is a leaf both read)."""
+    edges = graph()
+    assert "fusedopt.optimizer" in edges["fusedopt.sgd"]
+    assert "fusedopt.backends" in edges["fusedopt.compiled"]
+    assert {"fusedopt.reference", "fusedopt.kernels.backend", "fusedopt.cuda_backend"} <= edges["fusedopt.backends"]
+    assert "fusedopt.kernels.elementwise" in edges["fusedopt.kernels.backend"]
+    above = {"fusedopt", "fusedopt.optimizer", "fusedopt.compiled", "fusedopt.backends", "fusedopt.step"}
+    below = [m for m in edges if m.startswith("fusedopt.kernels") or m == "fusedopt.cuda_backend"]
+    assert not {m: edges[m] & above for m in below if edges[m] & above}
+    assert edges["fusedopt.capture"] == set()
+
+
+def test_every_backend_names_its_steps():
+    """Each backend's ``STEPS`` holds only the spec's families; the reference runs them all."""
+    from fusedopt import backends, families
+
+    for name, load in backends.LOADERS.items():
+        module = load()
+        assert set(module.STEPS) <= set(families.FAMILIES), name
+        assert all(callable(f) for f in module.STEPS.values()), name
+    assert set(backends.LOADERS["reference"]().STEPS) == set(families.FAMILIES)

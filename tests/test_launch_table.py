@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fusedopt import backends, launch_table, quant
+from fusedopt import capture, launch_table, quant
 
 PARAMS_H = Path(__file__).resolve().parents[1] / "csrc" / "params.h"
 
@@ -143,7 +143,7 @@ def test_lookup_rebuilds_only_on_a_change_and_keeps_nothing_while_capturing(monk
     second = launch_table.lookup(cache, "t", launch_table.columns(params, grads), 1024)
     assert second is not first and cache["t"][1] is second
     assert launch_table.lookup(cache, "t", launch_table.columns(params, grads), 2048) is not second  # chunk
-    monkeypatch.setattr(backends, "capturing", lambda device: True)
+    monkeypatch.setattr(capture, "capturing", lambda device: True)
     cache.clear()
     launch_table.lookup(cache, "t", launch_table.columns(params, grads), 1024)
     launch_table._CODEBOOKS.clear()
