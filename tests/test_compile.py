@@ -368,6 +368,9 @@ def _vectors(streams: list[int], block: int, threads: int) -> int:
 def test_kernels_compile_vectorized_without_spills(report):
     problems = []
     for name, r in sorted(report.items()):
+        registers = re.findall(r"Used (\d+) registers", r["ptxas"])
+        print(f"{name}: {registers[0] if registers else '?'} registers, {r['ld_v4']} ld.v4, {r['st_v4']} st.v4")  # -s
+
         if r["ptxas_rc"] != 0:
             problems.append(f"{name}: ptxas failed: {r['ptxas'][-500:]}")
             continue
