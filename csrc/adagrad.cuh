@@ -1,10 +1,17 @@
-// Adagrad (torch.optim.Adagrad semantics), with maximize: the per-element math and the family
-// the elementwise and 8-bit kernels instantiate.
+// Adagrad (torch.optim.Adagrad semantics), with maximize: the per-element math, the family the
+// elementwise and 8-bit kernels instantiate, and its entry for elementwise_ (families.cuh).
 #pragma once
 
+#include "family.h"
 #include "multi_tensor.cuh"
 
 namespace fusedopt {
+
+// clr = lr / (1 + (t - 1) * lr_decay) is derived per step (Adagrad::step).
+struct AdagradHyper {
+  Scalar lr, lr_decay, weight_decay, eps;
+  bool maximize;
+};
 
 struct AdagradStep {
   float clr;  // lr / (1 + (t - 1) * lr_decay), in double rounded once
@@ -41,6 +48,23 @@ struct Adagrad {
 
   __device__ __forceinline__ static void math(float& p, float g, States<kStates>& s, const Step& step) {
     adagrad_math(p, g, s[0], step);
+  }
+};
+
+// What elementwise_ takes (see ElementwiseFamily), and the kernel for the named inputs.
+// initial_accumulator_value is the sum's initial value (the optimizer fills the state with it):
+// taken so that the op's names are the family's (fusedopt.families.ADAGRAD), and checked like the
+// others, though the kernel does not read it.
+struct AdagradSpec {
+  static ElementwiseFamily declare() {
+    return {"adagrad", {"lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps"}, {"maximize"},
+            {{"sum"}}, {}, nullptr};
+  }
+
+  template <typename F>
+  static cudaError_t dispatch(const Named& v, F&& f) {
+    return f(Adagrad{AdagradHyper{v.scalar("lr"), v.scalar("lr_decay"), v.scalar("weight_decay"), v.scalar("eps"),
+                                  v.flag("maximize")}});
   }
 };
 

@@ -1,10 +1,19 @@
-// Adam / AdamW (torch semantics), with amsgrad and maximize: the per-element math and the
-// family the elementwise and 8-bit kernels instantiate.
+// Adam / AdamW (torch semantics), with amsgrad and maximize: the per-element math, the family
+// the elementwise and 8-bit kernels instantiate, and its entry for elementwise_ (families.cuh).
 #pragma once
 
+#include "family.h"
 #include "multi_tensor.cuh"
 
 namespace fusedopt {
+
+struct AdamHyper {
+  Scalar lr;
+  Beta beta1, beta2;
+  Scalar eps, weight_decay;
+  Decay decay;
+  bool maximize, decoupled;
+};
 
 // Everything the math needs that is the same for a whole tensor this step.
 struct AdamStep {
@@ -71,8 +80,26 @@ struct Adam {
   }
 };
 
-// The 8-bit launcher (adam8.cu); launch_adam hands 8-bit batches to it.
-cudaError_t launch_adam8(const MultiTensor& mt, const AdamHyper& h, ScalarKind param, bool amsgrad,
-                         const Quant& quant, cudaStream_t stream);
+// What elementwise_ takes (see ElementwiseFamily), and the kernel for the named inputs:
+// max_exp_avg_sq passed (amsgrad) picks Adam<true>.
+struct AdamSpec {
+  static ElementwiseFamily declare() {
+    return {"adam",
+            {"lr", "beta1", "beta2", "eps", "weight_decay"},
+            {"amsgrad", "maximize", "decoupled_weight_decay"},
+            {{"exp_avg", "exp_avg_sq"}, {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"}},
+            {{"amsgrad", "max_exp_avg_sq"}},
+            nullptr};
+  }
+
+  template <typename F>
+  static cudaError_t dispatch(const Named& v, F&& f) {
+    const AdamHyper h{v.scalar("lr"),          v.beta("beta1"),
+                      v.beta("beta2"),         v.scalar("eps"),
+                      v.scalar("weight_decay"), v.decay("lr", "weight_decay"),
+                      v.flag("maximize"),      v.flag("decoupled_weight_decay")};
+    return v.has_state("max_exp_avg_sq") ? f(Adam<true>{h}) : f(Adam<false>{h});
+  }
+};
 
 }  // namespace fusedopt

@@ -1,10 +1,18 @@
-// Lion (Chen et al., 2023): the per-element math and the family the elementwise and 8-bit
-// kernels instantiate.
+// Lion (Chen et al., 2023): the per-element math, the family the elementwise and 8-bit kernels
+// instantiate, and its entry for elementwise_ (families.cuh).
 #pragma once
 
+#include "family.h"
 #include "multi_tensor.cuh"
 
 namespace fusedopt {
+
+struct LionHyper {
+  Scalar lr;
+  Beta beta1, beta2;
+  Scalar weight_decay;
+  Decay decay;
+};
 
 struct LionStep {
   float lr, beta1, one_minus_beta1, beta2, one_minus_beta2;
@@ -40,6 +48,19 @@ struct Lion {
 
   __device__ __forceinline__ static void math(float& p, float g, States<kStates>& s, const Step& step) {
     lion_math(p, g, s[0], step);
+  }
+};
+
+// What elementwise_ takes (see ElementwiseFamily), and the kernel for the named inputs.
+struct LionSpec {
+  static ElementwiseFamily declare() {
+    return {"lion", {"lr", "beta1", "beta2", "weight_decay"}, {}, {{"exp_avg"}}, {}, nullptr};
+  }
+
+  template <typename F>
+  static cudaError_t dispatch(const Named& v, F&& f) {
+    return f(Lion{LionHyper{v.scalar("lr"), v.beta("beta1"), v.beta("beta2"), v.scalar("weight_decay"),
+                            v.decay("lr", "weight_decay")}});
   }
 };
 

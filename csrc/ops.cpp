@@ -1,6 +1,6 @@
 // The torch side of the CUDA backend: every input is checked here (each message names the
 // argument), the device tables are built here, and the ops are registered as torch.ops.fusedopt.*.
-// The kernels (*.cu) see only the plain structs of params.h.
+// The kernels (*.cu) see only the plain structs of params.h and family.h.
 //
 // Ops (schemas in TORCH_LIBRARY below; fake implementations in fusedopt/cuda_backend.py):
 //   make_table   (host) the [tensors, kRowWidth] int64 address table (with each param's salt: its
@@ -51,12 +51,12 @@
 
 #include <algorithm>
 #include <cmath>
-#include <functional>
 #include <limits>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "family.h"
 #include "params.h"
 
 namespace fusedopt {
@@ -303,10 +303,6 @@ struct Hyper {
   Beta beta(int i) const {
     const double log = values[i] > 0 ? std::log(values[i]) : -std::numeric_limits<double>::infinity();
     return Beta{float(values[i]), float(1.0 - values[i]), log, ptrs[i]};
-  }
-  // 1 - lr * weight_decay, from entries lr and weight_decay.
-  Decay decay(int lr, int weight_decay) const {
-    return Decay{float(1.0 - values[lr] * values[weight_decay]), ptrs[lr] != nullptr || ptrs[weight_decay] != nullptr};
   }
 };
 
@@ -598,141 +594,42 @@ void lars_apply_(TensorList params, TensorList grads, TensorList momentum_buffer
 
 // ---- elementwise_: every elementwise family through one op ------------------------------------
 //
-// A family declares here what the op takes from it, under fusedopt.families' names: its
-// hyper-parameters by name (all required), its switches by name (`flags` lists those that are
-// on), the state lists it accepts (each in the family's order; the states passed pick the
-// kernel's variant, as an RMSprop with momentum_buffer and grad_avg, and must agree with the
-// switches and numbers that decide them: amsgrad, centered, momentum), and how its params
-// struct (params.h) is filled from those names. The op makes every check (streams, tables,
-// codebook, hyper tensors, rounding) for any family, so a family adds only its entry below and
-// its launcher.
+// A family declares in its header (csrc/families.cuh) what the op takes from it, under
+// fusedopt.families' names (family.h, ElementwiseFamily): its hyper-parameters by name (all
+// required), its switches by name (`flags` lists those that are on), the state lists it accepts
+// (each in the family's order; the states passed pick the kernel's variant, as an RMSprop with
+// momentum_buffer and grad_avg, and must agree with the switches and numbers that decide them:
+// amsgrad, centered, momentum), and the checks only it knows. The op makes every check (streams,
+// tables, codebook, hyper tensors, rounding) for any family from that declaration, then
+// launch_elementwise fills the family's params struct from the named inputs (family.h, Named).
 
-// A family's named inputs, checked: hyper-parameters (numbers or device tensors), flags, states.
-struct Named {
+// A family's named inputs, checked, and the Named view of them the family reads.
+struct NamedInputs {
   Hyper hyper;
   std::vector<std::string> hyper_names, flags, states;
+  std::vector<const char*> hyper_ptrs, flag_ptrs, state_ptrs;
+  std::vector<Scalar> scalars;
+  std::vector<Beta> betas;
 
-  size_t index(const char* name) const {
-    for (size_t i = 0; i < hyper_names.size(); ++i)
-      if (hyper_names[i] == name) return i;
-    TORCH_CHECK(false, "fusedopt: internal error: no hyper-parameter ", name);  // checked before
+  // Call once every field above is filled (the views point into them).
+  Named view() {
+    auto pointers = [](const std::vector<std::string>& names, std::vector<const char*>& out) {
+      out.clear();
+      for (const std::string& name : names) out.push_back(name.c_str());
+    };
+    pointers(hyper_names, hyper_ptrs);
+    pointers(flags, flag_ptrs);
+    pointers(states, state_ptrs);
+    scalars.clear();
+    betas.clear();
+    for (size_t i = 0; i < hyper_names.size(); ++i) {
+      scalars.push_back(hyper.scalar(int(i)));
+      betas.push_back(hyper.beta(int(i)));
+    }
+    return Named{hyper_ptrs.data(), scalars.data(), betas.data(), hyper_ptrs.size(), flag_ptrs.data(),
+                 flag_ptrs.size(),  state_ptrs.data(), state_ptrs.size()};
   }
-  Scalar scalar(const char* name) const { return hyper.scalar(int(index(name))); }
-  Beta beta(const char* name) const { return hyper.beta(int(index(name))); }
-  Decay decay(const char* lr, const char* weight_decay) const {
-    return hyper.decay(int(index(lr)), int(index(weight_decay)));
-  }
-  // The value given as a number (not a device tensor), or nullopt.
-  std::optional<double> number(const char* name) const {
-    const size_t i = index(name);
-    return hyper.ptrs[i] ? std::nullopt : std::optional<double>(hyper.values[i]);
-  }
-  bool flag(const char* name) const { return std::find(flags.begin(), flags.end(), name) != flags.end(); }
-  bool has_state(const char* name) const { return std::find(states.begin(), states.end(), name) != states.end(); }
 };
-
-using Launch = std::function<cudaError_t(const MultiTensor&, const Quant&, ScalarKind, cudaStream_t)>;
-
-struct ElementwiseFamily {
-  const char* name;
-  std::vector<const char*> hypers;  // every one required, in any order
-  std::vector<const char*> flags;   // the switches it takes
-  std::vector<std::vector<const char*>> layouts;  // the state lists it accepts
-  // Switches that decide whether a state exists (amsgrad: max_exp_avg_sq): on exactly when the
-  // state is passed.
-  std::vector<std::pair<const char*, const char*>> flag_states;
-  // Checks what only this family knows (before anything runs), and returns the launch.
-  Launch (*prepare)(const Named&, const char* op);
-};
-
-// momentum given as a number decides whether the momentum_buffer state exists (> 0 or != 0, in
-// the family's words): a step with the wrong states would run another variant's math.
-void check_momentum_buffer(const Named& v, bool positive_only, const char* family, const char* op) {
-  const std::optional<double> momentum = v.number("momentum");
-  if (!momentum) return;
-  const bool needs = positive_only ? *momentum > 0 : *momentum != 0;
-  TORCH_CHECK(needs == v.has_state("momentum_buffer"), "fusedopt.", op, ": ", family, " with momentum=", *momentum,
-              needs ? " needs" : " takes no", " momentum_buffer state");
-}
-
-Launch prepare_adam(const Named& v, const char*) {
-  const AdamHyper h{v.scalar("lr"),
-                    v.beta("beta1"),
-                    v.beta("beta2"),
-                    v.scalar("eps"),
-                    v.scalar("weight_decay"),
-                    v.decay("lr", "weight_decay"),
-                    v.flag("maximize"),
-                    v.flag("decoupled_weight_decay")};
-  const bool amsgrad = v.has_state("max_exp_avg_sq");
-  return [h, amsgrad](const MultiTensor& mt, const Quant& q, ScalarKind param, cudaStream_t stream) {
-    return launch_adam(mt, h, param, amsgrad, q, stream);
-  };
-}
-
-Launch prepare_lion(const Named& v, const char*) {
-  const LionHyper h{v.scalar("lr"), v.beta("beta1"), v.beta("beta2"), v.scalar("weight_decay"),
-                    v.decay("lr", "weight_decay")};
-  return [h](const MultiTensor& mt, const Quant& q, ScalarKind param, cudaStream_t stream) {
-    return launch_lion(mt, h, param, q, stream);
-  };
-}
-
-Launch prepare_sgd(const Named& v, const char* op) {
-  check_momentum_buffer(v, false, "sgd", op);
-  TORCH_CHECK(!v.flag("nesterov") || v.has_state("momentum_buffer"), "fusedopt.", op,
-              ": sgd with nesterov needs the momentum_buffer state (and momentum > 0)");
-  const SgdHyper h{v.scalar("lr"),           v.scalar("momentum"), v.beta("dampening"),
-                   v.scalar("weight_decay"), v.flag("nesterov"),   v.flag("maximize"),
-                   v.has_state("momentum_buffer")};
-  return [h](const MultiTensor& mt, const Quant& q, ScalarKind param, cudaStream_t stream) {
-    return launch_sgd(mt, h, param, q, stream);
-  };
-}
-
-Launch prepare_adagrad(const Named& v, const char*) {
-  const AdagradHyper h{v.scalar("lr"), v.scalar("lr_decay"), v.scalar("weight_decay"), v.scalar("eps"),
-                       v.flag("maximize")};
-  return [h](const MultiTensor& mt, const Quant& q, ScalarKind param, cudaStream_t stream) {
-    return launch_adagrad(mt, h, param, q, stream);
-  };
-}
-
-Launch prepare_rmsprop(const Named& v, const char* op) {
-  check_momentum_buffer(v, true, "rmsprop", op);
-  const RmspropHyper h{v.scalar("lr"),
-                       v.beta("alpha"),
-                       v.scalar("eps"),
-                       v.scalar("weight_decay"),
-                       v.scalar("momentum"),
-                       v.flag("maximize"),
-                       v.has_state("momentum_buffer"),
-                       v.has_state("grad_avg")};
-  return [h](const MultiTensor& mt, const Quant& q, ScalarKind param, cudaStream_t stream) {
-    return launch_rmsprop(mt, h, param, q, stream);
-  };
-}
-
-const std::vector<ElementwiseFamily>& elementwise_families() {
-  static const std::vector<ElementwiseFamily> families{
-      {"adam", {"lr", "beta1", "beta2", "eps", "weight_decay"}, {"amsgrad", "maximize", "decoupled_weight_decay"},
-       {{"exp_avg", "exp_avg_sq"}, {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"}}, {{"amsgrad", "max_exp_avg_sq"}},
-       &prepare_adam},
-      {"lion", {"lr", "beta1", "beta2", "weight_decay"}, {}, {{"exp_avg"}}, {}, &prepare_lion},
-      {"sgd", {"lr", "momentum", "dampening", "weight_decay"}, {"nesterov", "maximize"},
-       {{}, {"momentum_buffer"}}, {}, &prepare_sgd},
-      // initial_accumulator_value is the sum's initial value (the optimizer fills the state
-      // with it): taken so that the op's names are the family's (fusedopt.families.ADAGRAD),
-      // and checked like the others, though the kernel does not read it.
-      {"adagrad", {"lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps"}, {"maximize"}, {{"sum"}},
-       {}, &prepare_adagrad},
-      {"rmsprop", {"lr", "alpha", "eps", "weight_decay", "momentum"}, {"centered", "maximize"},
-       {{"square_avg"}, {"square_avg", "momentum_buffer"}, {"square_avg", "grad_avg"},
-        {"square_avg", "momentum_buffer", "grad_avg"}},
-       {{"centered", "grad_avg"}}, &prepare_rmsprop},
-  };
-  return families;
-}
 
 template <typename List>
 std::string join(const List& items) {
@@ -741,22 +638,23 @@ std::string join(const List& items) {
   return out + "]";
 }
 
-const ElementwiseFamily& find_family(const std::string& name, const char* op) {
+// The family's index in elementwise_families().
+size_t find_family(const std::string& name, const char* op) {
+  const std::vector<ElementwiseFamily>& families = elementwise_families();
   std::vector<const char*> known;
-  for (const ElementwiseFamily& f : elementwise_families()) {
-    if (name == f.name) return f;
-    known.push_back(f.name);
+  for (size_t i = 0; i < families.size(); ++i) {
+    if (name == families[i].name) return i;
+    known.push_back(families[i].name);
   }
   TORCH_CHECK(false, "fusedopt.", op, ": family must be one of ", join(known), ", got '", name, "'");
 }
 
 // state_names: one of the family's layouts. hyper_names: its hyper-parameters, each once.
 // flags: switches it takes, each once.
-Named check_named(const ElementwiseFamily& f, const std::vector<std::string>& state_names,
-                  const std::vector<std::string>& hyper_names, at::ArrayRef<double> hyper,
-                  const c10::List<std::optional<Tensor>>& hyper_tensors, const std::vector<std::string>& flags,
-                  OnDevice& on_device, const char* op) {
-  Named v;
+void check_named(const ElementwiseFamily& f, const std::vector<std::string>& state_names,
+                 const std::vector<std::string>& hyper_names, at::ArrayRef<double> hyper,
+                 const c10::List<std::optional<Tensor>>& hyper_tensors, const std::vector<std::string>& flags,
+                 OnDevice& on_device, NamedInputs& v, const char* op) {
   v.states.assign(state_names.begin(), state_names.end());
   bool known_layout = false;
   for (const auto& layout : f.layouts)
@@ -790,11 +688,11 @@ Named check_named(const ElementwiseFamily& f, const std::vector<std::string>& st
   v.hyper_names.assign(hyper_names.begin(), hyper_names.end());
   v.flags.assign(flags.begin(), flags.end());
   for (const auto& [flag, state] : f.flag_states) {
-    const bool on = v.flag(flag);
-    TORCH_CHECK(on == v.has_state(state), "fusedopt.", op, ": ", f.name, on ? " with " : " without ", flag,
+    const bool on = std::find(v.flags.begin(), v.flags.end(), flag) != v.flags.end();
+    const bool has = std::find(v.states.begin(), v.states.end(), state) != v.states.end();
+    TORCH_CHECK(on == has, "fusedopt.", op, ": ", f.name, on ? " with " : " without ", flag,
                 on ? " needs the " : " takes no ", state, " state");
   }
-  return v;
 }
 
 void elementwise_(const std::string& family, TensorList params, TensorList grads,
@@ -806,31 +704,38 @@ void elementwise_(const std::string& family, TensorList params, TensorList grads
                   at::ArrayRef<double> hyper, const c10::List<std::optional<Tensor>>& hyper_tensors,
                   const std::vector<std::string>& flags, int64_t block_size, bool stochastic_rounding, int64_t seed) {
   const char* op = "elementwise_";
-  const ElementwiseFamily& f = find_family(family, op);
+  const size_t index = find_family(family, op);
+  const ElementwiseFamily& f = elementwise_families()[index];
   OnDevice on_device;
-  const Named v = check_named(f, state_names, hyper_names, hyper, hyper_tensors, flags, on_device, op);
+  NamedInputs inputs;
+  check_named(f, state_names, hyper_names, hyper, hyper_tensors, flags, on_device, inputs, op);
+  const Named v = inputs.view();
   const char* notes[3] = {nullptr, nullptr, nullptr};
-  for (size_t k = 0; k < v.states.size(); ++k) notes[k] = v.states[k].c_str();
+  for (size_t k = 0; k < v.n_states; ++k) notes[k] = v.states[k];
   Streams s{params, grads, {states0, states1, states2}, {absmaxes0, absmaxes1, absmaxes2}, steps};
   s.state_lists = kStateLists;
   s.absmax_lists = kAbsmaxLists;
   s.notes = notes;
-  check_streams(s, int(v.states.size()), block_size, on_device, op);
-  const Launch launch_family = f.prepare(v, op);
+  check_streams(s, int(v.n_states), block_size, on_device, op);
+  if (f.check) {
+    const std::string error = f.check(v);
+    TORCH_CHECK(error.empty(), "fusedopt.", op, ": ", error);
+  }
   if (params.empty()) return;
   check_scalars(scalars, on_device, op);
   check_plan(table, work, counters, params.size(), on_device, op);
   // Without states (SGD without momentum) an 8-bit batch has nothing to decode.
-  if (!v.states.empty()) check_codebook(codebook, block_size, on_device, op);
+  if (v.n_states > 0) check_codebook(codebook, block_size, on_device, op);
   const uint32_t seed32 = check_rounding(stochastic_rounding, seed, params[0], op);
   const at::Device device = on_device.check(op);
 
   FUSEDOPT_DEVICE_GUARD(device);
-  const Quant quant{v.states.empty() ? 0 : block_size,
-                    block_size > 0 && !v.states.empty() ? codebook->data_ptr<float>() : nullptr};
+  const Quant quant{v.n_states == 0 ? 0 : block_size,
+                    block_size > 0 && v.n_states > 0 ? codebook->data_ptr<float>() : nullptr};
   const MultiTensor mt = multi_tensor(table, work, scalars, counters, chunk_elements(block_size),
                                       kind_of(grads[0], Name{"grads", 0}, op), stochastic_rounding, seed32);
-  C10_CUDA_CHECK(launch_family(mt, quant, kind_of(params[0], Name{"params", 0}, op), stream_of(device)));
+  C10_CUDA_CHECK(
+      launch_elementwise(index, v, mt, kind_of(params[0], Name{"params", 0}, op), quant, stream_of(device)));
 }
 
 Tensor global_norm(TensorList tensors, const Tensor& table, const Tensor& work, double norm_type) {

@@ -98,50 +98,13 @@ struct Decay {
   bool on_device;
 };
 
-struct AdamHyper {
-  Scalar lr;
-  Beta beta1, beta2;
-  Scalar eps, weight_decay;
-  Decay decay;
-  bool maximize, decoupled;
-};
-
-struct LionHyper {
-  Scalar lr;
-  Beta beta1, beta2;
-  Scalar weight_decay;
-  Decay decay;
-};
-
+// LAMB and LARS (two_pass.cuh; the elementwise families keep their params structs in their
+// own headers).
 struct LambHyper {
   Scalar lr;
   Beta beta1, beta2;
   Scalar eps, weight_decay;
   bool bias_correction;
-};
-
-// torch.optim.SGD. has_momentum: the momentum_buffer state exists (momentum != 0), a variant of
-// the kernel; nesterov and maximize are runtime switches.
-struct SgdHyper {
-  Scalar lr, momentum;
-  Beta dampening;  // its 1 - dampening is what the math uses
-  Scalar weight_decay;
-  bool nesterov, maximize, has_momentum;
-};
-
-// torch.optim.Adagrad: clr = lr / (1 + (t - 1) * lr_decay) is derived per step (adagrad.cuh).
-struct AdagradHyper {
-  Scalar lr, lr_decay, weight_decay, eps;
-  bool maximize;
-};
-
-// torch.optim.RMSprop. has_momentum (a momentum_buffer state, momentum > 0) and centered (a
-// grad_avg state) are variants of the kernel; maximize is a runtime switch.
-struct RmspropHyper {
-  Scalar lr;
-  Beta alpha;  // square_avg = alpha * square_avg + (1 - alpha) * g^2
-  Scalar eps, weight_decay, momentum;
-  bool maximize, has_momentum, centered;
 };
 
 struct LarsHyper {
@@ -175,16 +138,6 @@ struct NormArgs {
   float* out;       // 0-d result
 };
 
-cudaError_t launch_adam(const MultiTensor& mt, const AdamHyper& h, ScalarKind param, bool amsgrad,
-                        const Quant& quant, cudaStream_t stream);
-cudaError_t launch_lion(const MultiTensor& mt, const LionHyper& h, ScalarKind param, const Quant& quant,
-                        cudaStream_t stream);
-cudaError_t launch_sgd(const MultiTensor& mt, const SgdHyper& h, ScalarKind param, const Quant& quant,
-                       cudaStream_t stream);
-cudaError_t launch_adagrad(const MultiTensor& mt, const AdagradHyper& h, ScalarKind param, const Quant& quant,
-                           cudaStream_t stream);
-cudaError_t launch_rmsprop(const MultiTensor& mt, const RmspropHyper& h, ScalarKind param, const Quant& quant,
-                           cudaStream_t stream);
 cudaError_t launch_lamb(const MultiTensor& mt, const LambHyper& h, const TensorNorms& norms, ScalarKind param,
                         const Quant& quant, TwoPass passes, cudaStream_t stream);
 // momentum: whether the momentum buffer exists (momentum != 0), kState0.

@@ -1,10 +1,21 @@
 // RMSprop (torch.optim.RMSprop semantics), centered or not, with or without momentum, with
-// maximize: the per-element math and the family the elementwise and 8-bit kernels instantiate.
+// maximize: the per-element math, the family the elementwise and 8-bit kernels instantiate, and
+// its entry for elementwise_ (families.cuh).
 #pragma once
 
+#include "family.h"
 #include "multi_tensor.cuh"
 
 namespace fusedopt {
+
+// maximize is a runtime switch; momentum (a momentum_buffer state) and centered (a grad_avg
+// state) are variants of the kernel.
+struct RmspropHyper {
+  Scalar lr;
+  Beta alpha;  // square_avg = alpha * square_avg + (1 - alpha) * g^2
+  Scalar eps, weight_decay, momentum;
+  bool maximize;
+};
 
 struct RmspropStep {
   float lr, alpha, one_minus_alpha, eps, weight_decay, momentum;
@@ -75,15 +86,31 @@ struct Rmsprop {
   }
 };
 
-// Calls f(Rmsprop<MOMENTUM, CENTERED>{h}) for the variant of h.
-template <typename F>
-cudaError_t dispatch_rmsprop(const RmspropHyper& h, F&& f) {
-  if (h.has_momentum) return h.centered ? f(Rmsprop<true, true>{h}) : f(Rmsprop<true, false>{h});
-  return h.centered ? f(Rmsprop<false, true>{h}) : f(Rmsprop<false, false>{h});
-}
+// What elementwise_ takes (see ElementwiseFamily), and the kernel for the named inputs: the
+// states passed pick Rmsprop<MOMENTUM, CENTERED>.
+struct RmspropSpec {
+  static ElementwiseFamily declare() {
+    return {"rmsprop",
+            {"lr", "alpha", "eps", "weight_decay", "momentum"},
+            {"centered", "maximize"},
+            {{"square_avg"},
+             {"square_avg", "momentum_buffer"},
+             {"square_avg", "grad_avg"},
+             {"square_avg", "momentum_buffer", "grad_avg"}},
+            {{"centered", "grad_avg"}},
+            &check};
+  }
 
-// The 8-bit launcher (rmsprop8.cu); launch_rmsprop hands 8-bit batches to it.
-cudaError_t launch_rmsprop8(const MultiTensor& mt, const RmspropHyper& h, ScalarKind param, const Quant& quant,
-                            cudaStream_t stream);
+  static std::string check(const Named& v) { return check_momentum_buffer(v, true, "rmsprop"); }
+
+  template <typename F>
+  static cudaError_t dispatch(const Named& v, F&& f) {
+    const RmspropHyper h{v.scalar("lr"),          v.beta("alpha"),       v.scalar("eps"),
+                         v.scalar("weight_decay"), v.scalar("momentum"), v.flag("maximize")};
+    if (v.has_state("momentum_buffer"))
+      return v.has_state("grad_avg") ? f(Rmsprop<true, true>{h}) : f(Rmsprop<true, false>{h});
+    return v.has_state("grad_avg") ? f(Rmsprop<false, true>{h}) : f(Rmsprop<false, false>{h});
+  }
+};
 
 }  // namespace fusedopt

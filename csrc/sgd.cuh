@@ -1,10 +1,20 @@
 // SGD with momentum, dampening and Nesterov (torch.optim.SGD semantics), with maximize: the
-// per-element math and the family the elementwise and 8-bit kernels instantiate.
+// per-element math, the family the elementwise and 8-bit kernels instantiate, and its entry for
+// elementwise_ (families.cuh).
 #pragma once
 
+#include "family.h"
 #include "multi_tensor.cuh"
 
 namespace fusedopt {
+
+// nesterov and maximize are runtime switches; momentum (a momentum_buffer state) is a variant.
+struct SgdHyper {
+  Scalar lr, momentum;
+  Beta dampening;  // its 1 - dampening is what the math uses
+  Scalar weight_decay;
+  bool nesterov, maximize;
+};
 
 struct SgdStep {
   float lr, momentum, one_minus_dampening, weight_decay;
@@ -49,6 +59,29 @@ struct Sgd {
   // Without momentum s[0] is an unused slot (States<0>).
   __device__ __forceinline__ static void math(float& p, float g, States<kStates>& s, const Step& step) {
     sgd_math<MOMENTUM>(p, g, s[0], step);
+  }
+};
+
+// What elementwise_ takes (see ElementwiseFamily), and the kernel for the named inputs: a
+// momentum_buffer passed picks Sgd<true>.
+struct SgdSpec {
+  static ElementwiseFamily declare() {
+    return {"sgd", {"lr", "momentum", "dampening", "weight_decay"}, {"nesterov", "maximize"},
+            {{}, {"momentum_buffer"}}, {}, &check};
+  }
+
+  static std::string check(const Named& v) {
+    std::string error = check_momentum_buffer(v, false, "sgd");
+    if (error.empty() && v.flag("nesterov") && !v.has_state("momentum_buffer"))
+      error = "sgd with nesterov needs the momentum_buffer state (and momentum > 0)";
+    return error;
+  }
+
+  template <typename F>
+  static cudaError_t dispatch(const Named& v, F&& f) {
+    const SgdHyper h{v.scalar("lr"), v.scalar("momentum"), v.beta("dampening"), v.scalar("weight_decay"),
+                     v.flag("nesterov"), v.flag("maximize")};
+    return v.has_state("momentum_buffer") ? f(Sgd<true>{h}) : f(Sgd<false>{h});
   }
 };
 

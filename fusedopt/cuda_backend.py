@@ -7,7 +7,11 @@ Lion, SGD, Adagrad, RMSprop: the family by name, its states in its own order, it
 hyper-parameters by name, all read from its spec in ``fusedopt.families``), or ``lamb_`` or
 ``lars_`` for the two-pass families (two kernels; for sharded params ``lamb_moments_`` /
 ``lars_norms_`` and ``lamb_apply_`` / ``lars_apply_``, with the per-tensor norms summed over the
-shards between them). The step scalars (``fusedopt.scalars``) and tensor-valued
+shards between them). In ``csrc/``: ``elementwise_`` (``ops.cpp``) checks the inputs against
+the family's declaration and calls ``launch_elementwise`` (``elementwise.cu``), which runs the
+family's kernel (its header, listed in ``families.cuh``, on ``elementwise_kernel`` or the 8-bit
+``quant8.cuh``); ``lamb_`` and ``lars_`` call ``launch_lamb`` / ``launch_lars`` (``lamb.cu``,
+``lars.cu``, on ``two_pass.cuh``). The step scalars (``fusedopt.scalars``) and tensor-valued
 hyper-parameters are read on the device, so a step never waits for the GPU. ``global_norm`` is
 two kernels (partials in fixed slots, then one block), deterministic.
 
@@ -225,18 +229,18 @@ def _flat(fn):
     return run
 
 
-def _two_pass(batch, name: str, slots: int, states: tuple[str, ...], hyper_values, flags: tuple) -> None:
-    """A two-pass family's step over one batch (LAMB, LARS: csrc/two_pass.cuh): the op ``name_``
-    (two kernels), or for sharded params (``batch.all_reduce``) ``name_norms_`` (``lamb_moments_``
-    for LAMB), each tensor's ``||p||^2`` and ``||u||^2`` summed over its shards, then ``name_apply_``.
-    The op takes ``slots`` state lists and as many absmax lists: ``states`` (the batch's state
-    names, in the op's order; fp32, or 8-bit codes with absmaxes), the rest empty. ``flags``: the
-    op's arguments between ``hyper_tensors`` and ``block_size``."""
+def _two_pass(batch, ops: tuple, slots: int, states: tuple[str, ...], hyper_values, flags: tuple) -> None:
+    """A two-pass family's step over one batch (LAMB, LARS: csrc/two_pass.cuh). ``ops`` are the
+    family's three ops ``(both, norms, apply)``: ``both`` (two kernels), or for sharded params
+    (``batch.all_reduce``) ``norms``, each tensor's ``||p||^2`` and ``||u||^2`` summed over its
+    shards, then ``apply``. The ops take ``slots`` state lists and as many absmax lists: ``states``
+    (the batch's state names, in the op's order; fp32, or 8-bit codes with absmaxes), the rest
+    empty. ``flags``: the ops' arguments between ``hyper_tensors`` and ``block_size``."""
+    both, norms_pass, apply_pass = ops
     lists = _lists(batch, states)
     plan = _plan(batch, lists)
     device = batch.params[0].device
     hyper, hyper_tensors = _hyper(hyper_values, device)
-    ops = _ops()
     streams = [lists["params"], lists["grads"], *(lists[f"states{k}"] for k in range(slots)),
                *(lists[f"absmaxes{k}"] for k in range(slots)), lists["steps"]]
     tables = (batch.scalars, plan.table, plan.work, plan.counters)
@@ -244,12 +248,11 @@ def _two_pass(batch, name: str, slots: int, states: tuple[str, ...], hyper_value
     block_size = batch.block_size if batch.quantized else 0
     rounding = _rounding(batch)
     if batch.all_reduce is None:
-        getattr(ops, name + "_")(*streams, *tables, book, hyper, hyper_tensors, *flags, block_size, *rounding)
+        both(*streams, *tables, book, hyper, hyper_tensors, *flags, block_size, *rounding)
         return
-    norms = getattr(ops, name + ("_moments_" if name == "lamb" else "_norms_"))(
-        *streams, *tables, book, hyper, hyper_tensors, *flags, block_size)
+    norms = norms_pass(*streams, *tables, book, hyper, hyper_tensors, *flags, block_size)
     batch.all_reduce(norms)
-    getattr(ops, name + "_apply_")(*streams, *tables, book, norms, hyper, hyper_tensors, *flags, block_size, *rounding)
+    apply_pass(*streams, *tables, book, norms, hyper, hyper_tensors, *flags, block_size, *rounding)
 
 
 @_flat
@@ -258,7 +261,8 @@ def lamb(batch) -> None:
     (``batch.all_reduce``) the moments pass, each tensor's ``||p||^2`` and ``||u||^2`` summed over
     its shards, then the apply pass."""
     group = batch.group
-    _two_pass(batch, "lamb", 2, ("exp_avg", "exp_avg_sq"),
+    ops = _ops()
+    _two_pass(batch, (ops.lamb_, ops.lamb_moments_, ops.lamb_apply_), 2, ("exp_avg", "exp_avg_sq"),
               (group["lr"], *group["betas"], group["eps"], group["weight_decay"]), (group["bias_correction"],))
 
 
@@ -267,8 +271,10 @@ def lars(batch) -> None:
     """LARS over one batch, with the momentum buffer (fp32 or 8-bit) where the group keeps one
     (``momentum != 0``): as :func:`lamb`, two kernels, or three steps for sharded params."""
     group = batch.group
+    ops = _ops()
     # the states the base made for the group (families.LARS: the buffer where momentum != 0)
-    _two_pass(batch, "lars", 1, tuple(n for n in ("momentum_buffer",) if n in batch.state),
+    _two_pass(batch, (ops.lars_, ops.lars_norms_, ops.lars_apply_), 1,
+              tuple(n for n in ("momentum_buffer",) if n in batch.state),
               (group["lr"], group["momentum"], group["dampening"], group["weight_decay"], group["max_unorm"]),
               (group["nesterov"],))
 

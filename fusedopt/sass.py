@@ -261,6 +261,31 @@ def _paths(g: Graph, header: int, latch: int, body: set[int]) -> list[Path]:
     return list(table.get(latch, {}).values())
 
 
+def straight_path(text_or_instrs, want: tuple[int, int] | None = None) -> Loop | None:
+    """For a kernel whose main loop the compiler unrolled completely (a loop with constant
+    bounds: a Triton chunk of ``CHUNK // BLOCK`` iterations): its executed path from the entry
+    to an exit, back edges removed (the tail loop's), chosen as :func:`main_loop` chooses; one
+    "iteration" is then the whole work item."""
+    instrs = parse(text_or_instrs) if isinstance(text_or_instrs, str) else text_or_instrs
+    if not instrs:
+        return None
+    g = graph(instrs)
+    exits = [b for b in range(len(g.starts)) if g.block(b)[-1].base in ("EXIT", "RET")]
+    body = set(range(len(g.starts)))
+    best = None
+    for end in exits:
+        paths = _paths(g, 0, end, body)
+        matching = [p for p in paths if want is not None and (16 * p.vector_loads, 16 * p.vector_stores) == tuple(want)]
+        for p in matching or paths:
+            key = (bool(matching), p.vector_loads + p.vector_stores, -p.instructions)
+            if best is None or key > best[0]:
+                best = (key, end, p)
+    if best is None or best[2].vector_loads + best[2].vector_stores == 0:
+        return None
+    _, end, path = best
+    return Loop(g.instrs[0].addr, g.block(end)[-1].addr, len(instrs), path)
+
+
 def main_loop(text_or_instrs, want: tuple[int, int] | None = None) -> Loop | None:
     """The main loop of a function's SASS and its executed path (see the module doc).
 

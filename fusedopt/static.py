@@ -112,12 +112,20 @@ def verdict(arch: str, issue_tb_s: float | None) -> str:
 
 
 def row(backend: str, kernel: str, arch: str, text: str, registers: int | None, spill_bytes: int | None,
-        threads: int, elements: int | None, want: tuple[float, float] | None) -> Row:
+        threads: int, elements: int | None, want: tuple[float, float] | None, chunk: int | None = None) -> Row:
     """A kernel's row from its SASS ``text``: ``elements`` per thread per main-loop iteration,
     ``want`` the (load, store) bytes per element of its roofline row (None: not a streaming
-    kernel)."""
-    loop = sass.main_loop(text, None if want is None or elements is None else
-                          (round(want[0] * elements), round(want[1] * elements)))
+    kernel). ``chunk``: elements per thread of a whole work item, for a kernel whose main loop
+    has constant bounds (the compiler may unroll it completely: the whole work item is then
+    read as one iteration, its set-up included)."""
+
+    def per_thread(n):
+        return None if want is None or n is None else (round(want[0] * n), round(want[1] * n))
+
+    loop = sass.main_loop(text, per_thread(elements))
+    if loop is None and chunk is not None:
+        loop = sass.straight_path(text, per_thread(chunk))
+        elements = chunk if loop is not None else elements
     warps = warps_per_sm(registers, threads) if registers else None
     memory = CARDS[arch][3]
     if loop is None or elements is None:
@@ -238,6 +246,12 @@ def _registers(dump: str, arch: str | None = None) -> dict[tuple[str, str], int]
     return out
 
 
+def _local_bytes(text: str) -> int:
+    """Bytes moved by local-memory instructions (``STL``/``LDL``: register spills) in a
+    function's SASS, each counted once where it appears."""
+    return sum(i.width for i in sass.parse(text) if i.base in ("STL", "LDL"))
+
+
 def find_cuobjdump() -> str | None:
     import shutil
 
@@ -286,6 +300,144 @@ def cuda_rows(archs: tuple[str, ...], library: Path | None = None) -> list[Row]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Triton: the launches the backend makes, compiled as it would compile them
+# ---------------------------------------------------------------------------------------------
+
+#: Constructor arguments that give each family every state it can keep (the configuration the
+#: rows are read in; 8-bit classes quantize every tensor).
+FULL_STATES = {
+    "sgd": dict(momentum=0.9, nesterov=True),
+    "lars": dict(lr=1e-2, momentum=0.9),
+    "rmsprop": dict(momentum=0.9, centered=True),
+}
+_TORCH_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def triton_expected(kernel: str, spec, group: dict, quantized: bool, p: int) -> tuple[float, float] | None:
+    """``(load, store)`` bytes per element of a Triton launch of ``kernel`` for a group of
+    family ``spec`` (the same roofline as :func:`cuda_expected`); None for kernels that do not
+    stream tensors (the step prologue, the two-pass finish)."""
+    k = len(spec.state_names(group))
+    s = 1 if quantized else 4
+    if "norms" in kernel:  # pass 1: reads p, g, states; writes the fp32 states
+        return 2 * p + k * s, 0.0 if quantized else 4.0 * k
+    if "apply" in kernel:  # pass 2
+        if quantized:  # recomputes the states from the old codes and the grad, writes them
+            return 2 * p + k, p + k
+        reads_grad = k == 0 or bool(group.get("nesterov", False))
+        return p + 4 * k + (p if reads_grad else 0), p
+    if kernel.startswith("elementwise"):
+        return 2 * p + k * s, p + k * s
+    return None
+
+
+def _triton_compile_all(archs: tuple[str, ...], classes: tuple[str, ...] | None = None) -> list[dict]:
+    """Runs in a subprocess without ``TRITON_INTERPRET``: every family class's step on CPU
+    tensors with the Triton backend, each launch specialized by Triton's own binder and compiled
+    for each of ``archs`` instead of run; the SASS of each, read by :func:`row`."""
+    import tempfile
+
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    from . import optimizer
+    from .kernels import backend as triton_backend
+
+    cuobjdump = find_cuobjdump()
+    targets = {a: CUDABackend(GPUTarget("cuda", int(a), 32)) for a in archs}
+    out: list[dict] = []
+    current: dict = {}
+    seen: set = set()
+
+    def launch(self, grid):
+        def compile_only(*args, **kwargs):
+            for arch, backend in targets.items():
+                binder = create_function_from_signature(self.signature, self.params, backend)
+                bound, specialization, options = binder(*args, **kwargs)
+                options, signature, constexprs, attrs = self._pack_args(backend, kwargs, bound, specialization,
+                                                                        options)
+                compiled = triton.compile(triton.compiler.ASTSource(self, signature, constexprs, attrs),
+                                          target=backend.target, options=options.__dict__)
+                names = {self.arg_names[key[0]]: value for key, value in constexprs.items() if len(key) == 1}
+                key = (self.__name__, current["name"], arch)
+                if key in seen:
+                    continue
+                seen.add(key)
+                with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                    f.write(compiled.asm["cubin"])
+                    f.flush()
+                    text = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True,
+                                          check=True).stdout
+                    usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True,
+                                           check=True).stdout
+                registers = next(iter(_registers(usage, f"sm_{arch}").values()), None)
+                if "ROWS" in names and "BLOCK_SIZE" in names:
+                    block = names["ROWS"] * names["BLOCK_SIZE"]
+                    chunk = block * names["TILES"] if "TILES" in names else None
+                else:
+                    block = names.get("BLOCK")
+                    chunk = names.get("CHUNK")
+                threads = 32 * options.num_warps
+                out.append(dict(kernel=self.__name__, case=current["name"], arch=f"sm_{arch}", sass=text,
+                                registers=registers, spills=_local_bytes(text), threads=threads,
+                                elements=None if block is None else block // threads,
+                                chunk=None if chunk is None else chunk // threads,
+                                want=triton_expected(self.__name__, current["spec"], current["group"],
+                                                     current["quantized"], current["p"])))
+        return compile_only
+
+    JITFunction.__getitem__ = launch
+    triton_backend.available = lambda device: None  # CPU tensors: nothing runs, launches compile
+    for cls in optimizer.CLASSES.values():
+        if classes is not None and cls.__name__ not in classes:
+            continue
+        spec = cls._spec
+        for dtype in (torch.float32, torch.bfloat16):
+            kw = dict(FULL_STATES.get(spec.name, {}))
+            if cls._quantized:
+                kw.update(min_8bit_size=0)
+            params = [torch.nn.Parameter(torch.randn(4096, dtype=dtype)) for _ in range(2)]
+            opt = cls(params, backend="triton", **kw)
+            for p in params:
+                p.grad = torch.randn_like(p)
+            name = f"{cls.__name__} {str(dtype).removeprefix('torch.')}"
+            current.update(name=name, spec=spec, group=opt.param_groups[0], quantized=cls._quantized,
+                           p=_TORCH_BYTES[str(dtype).removeprefix("torch.")])
+            opt.step()
+    return out
+
+
+def triton_rows(archs: tuple[str, ...], classes: tuple[str, ...] | None = None) -> list[Row]:
+    """Every Triton kernel as the backend launches it for each family class (fp32 and bf16
+    params, every state the family keeps; ``classes``: only these), compiled for ``archs`` in
+    a subprocess."""
+    import os
+    import tempfile
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    with tempfile.TemporaryDirectory() as tmp:
+        env["TRITON_CACHE_DIR"] = tmp
+        path = Path(tmp) / "out.json"
+        code = (f"import json, sys; from fusedopt import static; "
+                f"json.dump(static._triton_compile_all({tuple(archs)!r}, {classes!r}), open({str(path)!r}, 'w'))")
+        result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"compiling the Triton kernels failed:\n{result.stderr[-6000:]}")
+        launches = json.loads(path.read_text())
+    rows = []
+    for launch in launches:
+        functions = sass.functions(launch["sass"])
+        text = next(iter(functions.values()), "")
+        rows.append(row("triton", f"{launch['kernel']}[{launch['case']}]", launch["arch"], text, launch["registers"],
+                        launch["spills"], launch["threads"], launch["elements"],
+                        None if launch["want"] is None else tuple(launch["want"]), launch["chunk"]))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
 # The report
 # ---------------------------------------------------------------------------------------------
 
@@ -311,7 +463,10 @@ def main(argv: list[str] | None = None) -> int:
                     "bandwidth (memory-bound) or not (issue-bound at N TB/s).")
     parser.add_argument("--arch", nargs="+", default=["80", "90"], choices=["80", "90"],
                         help="architectures to compile for (default: 80 90)")
-    parser.add_argument("--backend", nargs="+", default=["cuda"], choices=["cuda"], help="which kernels")
+    parser.add_argument("--backend", nargs="+", default=["triton", "cuda"], choices=["triton", "cuda"],
+                        help="which kernels (default: both)")
+    parser.add_argument("--classes", nargs="+", metavar="NAME",
+                        help="Triton: only these optimizer classes (default: every one)")
     parser.add_argument("--json", metavar="PATH", help="write every row as JSON")
     parser.add_argument("--check", action="store_true",
                         help="exit 1 on a spill, or on a streaming kernel whose full iteration does not move "
@@ -319,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     archs = tuple(args.arch)
     rows: list[Row] = []
+    if "triton" in args.backend:
+        rows += triton_rows(archs, tuple(args.classes) if args.classes else None)
     if "cuda" in args.backend:
         rows += cuda_rows(archs)
     print(table(rows))

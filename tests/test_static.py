@@ -127,13 +127,31 @@ def test_roofline_of_each_cuda_kernel(demangled, expected):
     assert static.cuda_expected(demangled) == expected
 
 
-@pytest.mark.skipif(build.cannot_build() is not None, reason=f"cannot compile: {build.cannot_build()}")
-def test_the_tool_on_the_extension(tmp_path, capsys):
-    """Every kernel of the extension built for sm_80 and sm_90 gets a row; --check passes (no
-    spill, every streaming kernel moves its roofline row with 128-bit accesses); the JSON has
-    every row."""
+def test_the_triton_rows_of_two_classes(tmp_path, capsys):
+    """The launches the Triton backend really makes (here SGD's and Lion8bit's, compiled for
+    sm_90 by Triton's own binder): a row per kernel, its main loop's 128-bit accesses moving
+    exactly its roofline row, no spill. (CI runs the whole tool, every class and both
+    architectures, with --check: .ci/run.)"""
+    pytest.importorskip("triton")
     out = tmp_path / "static.json"
-    code = static.main(["--arch", "80", "90", "--json", str(out), "--check"])
+    assert static.main(["--backend", "triton", "--arch", "90", "--classes", "SGD", "Lion8bit",
+                        "--json", str(out), "--check"]) == 0, capsys.readouterr().err
+    rows = [r for r in json.loads(out.read_text())["rows"] if r["roofline_bytes"] is not None]
+    assert {r["kernel"].split("[")[1] for r in rows} == {"SGD float32]", "SGD bfloat16]", "Lion8bit float32]",
+                                                          "Lion8bit bfloat16]"}
+    assert all(r["matched"] and not r["spill_bytes"] and r["arch"] == "sm_90" for r in rows)
+    sgd = next(r for r in rows if r["kernel"].endswith("[SGD float32]"))
+    # SGD with momentum, fp32: p, g, buf read and p, buf written: 20 bytes per element
+    assert (sgd["bytes_per_element"], sgd["roofline_bytes"]) == (20.0, 20.0)
+
+
+@pytest.mark.skipif(build.cannot_build() is not None, reason=f"cannot compile: {build.cannot_build()}")
+def test_the_cuda_rows(tmp_path, capsys):
+    """Every kernel of the extension built for sm_80 and sm_90 (the build test_cuda_build.py
+    makes, reused) gets a row, and every streaming kernel moves its roofline row with 128-bit
+    accesses, without spills."""
+    out = tmp_path / "static.json"
+    code = static.main(["--backend", "cuda", "--arch", "80", "90", "--json", str(out), "--check"])
     printed = capsys.readouterr()
     assert code == 0, printed.err
     rows = json.loads(out.read_text())["rows"]
