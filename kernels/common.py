@@ -153,7 +153,10 @@ def advance_step_reread(table, work, counters, CHUNK: tl.constexpr):
     the tensor, its element count and ``t`` spilled 28 bytes in AdamW's 32-bit kernel (amsgrad,
     bf16, sm_90); reading them again spilled 8 bytes in LAMB8bit's fp16 pass 2 (block 96,
     sm_80) and 20 in SGD8bit's kernel (bf16, sm_90). The 32-bit elementwise kernel reads them
-    again (this function), the 8-bit and two-pass kernels keep them (:func:`advance_step`)."""
+    again (this function), the 8-bit one too unless it rounds stochastically (then it keeps
+    them: reading them again, SGD8bit spilled 20 bytes on sm_90; keeping them, Lion8bit without
+    stochastic rounding spilled 20 bytes on sm_90 as ``python -m fusedopt static`` compiles
+    it); the two-pass kernels keep them (:func:`advance_step`)."""
     tensor = tl.load(work + 2 * tl.program_id(0), volatile=True)
     row = table + tensor.to(tl.int64) * ROW_WIDTH
     if finished_tensor(counters, tensor, tl.load(row + NUMEL, volatile=True), CHUNK):

@@ -215,7 +215,10 @@ def elementwise8bit_kernel(table, work, counters, scalars, hyper_values, step_po
             for base in range(0, tail, ROWS * BLOCK_SIZE):
                 _tile(p_ptr, g_ptr, s_ptrs, absmax_ptrs, base, tail, first_block, first, key, codebook, grad_mult,
                       h, d, MATH, FLAGS, SIGNED, P_DTYPE, STOCHASTIC, BLOCK_SIZE, BLOCK_PAD, ROWS, True)
-        common.advance_step(counters, tensor, row, start + n, t, CHUNK)
+        if STOCHASTIC:  # what is kept across the loop matters to ptxas: see common.advance_step_reread
+            common.advance_step(counters, tensor, row, start + n, t, CHUNK)
+        else:
+            common.advance_step_reread(table, work, counters, CHUNK)
 
 
 def _step_args(batch, family: Family, device):
