@@ -10,8 +10,8 @@ torch.optim's semantics need, table lookups, scalars. This script measures that 
   **kwargs)`` only counts the call. The arguments are still built by fusedopt (tables, scalar
   tensors, constexpr keywords); Triton's own launcher (argument binding, specialization key,
   driver call) and the kernel itself are not run, so not counted. The kernels resolve their
-  launches through module globals at call time (``elementwise_kernel[...]``, ``from .common import
-  step_kernel``), which is why patching the module attributes intercepts every launch; the
+  launches through module globals at call time (``elementwise_kernel[...]``, ``norms_kernel[...]``),
+  which is why patching the module attributes intercepts every launch; the
   launch count per step is reported, and a triton run with no launch is an error.
   Backends ``reference`` and ``cuda`` are not stubbed: ``reference`` runs its torch ops on
   the tiny tensors (host work plus compute), ``cuda`` needs a GPU and its extension.

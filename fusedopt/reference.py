@@ -18,7 +18,7 @@ import math
 import torch
 
 from . import families, layout, quant
-from .families import log_beta, one_minus_power  # noqa: F401  (the kernels' prologue reads log_beta)
+from .families import log_beta, one_minus_power  # noqa: F401  (the Triton launchers read log_beta)
 from .scalars import GRAD_MULT, SKIP
 
 # --------------------------------------------------------------------------------------------

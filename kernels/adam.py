@@ -15,7 +15,7 @@ from .elementwise import Family
 #: The runtime hyper-parameters, as the math reads them (``decay = 1 - lr * weight_decay``).
 AdamHypers = namedtuple("AdamHypers", ["beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps",
                                        "weight_decay", "decay"])
-#: What the step prologue derives from: ``lr`` and ``log(beta1)``, ``log(beta2)``.
+#: What the kernels derive the per-step scalars from: ``lr`` and ``log(beta1)``, ``log(beta2)``.
 AdamStep = namedtuple("AdamStep", ["lr", "log_beta1", "log_beta2"])
 #: Per tensor and step: ``lr / (1 - beta1^t)`` and ``sqrt(1 - beta2^t)``.
 AdamDerived = namedtuple("AdamDerived", ["step_size", "bias_correction2_sqrt"])

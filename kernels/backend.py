@@ -1,8 +1,9 @@
 """The Triton backend: multi-tensor kernels for every family, the global norm and fused
 clipping (see :mod:`fusedopt.backends` for the contract).
 
-Each family pass is one launch per batch whatever its tensor count, after a one-launch step
-prologue; nothing waits for the device. CUDA tensors run compiled kernels; CPU tensors run
+Each family pass is one launch per batch whatever its tensor count (one pass for the
+elementwise families, two for LAMB and LARS; each program reads its tensor's step and the last
+to finish a tensor advances it); nothing waits for the device. CUDA tensors run compiled kernels; CPU tensors run
 them in Triton's interpreter when ``TRITON_INTERPRET=1`` was set before this module was
 imported (how CI tests them).
 """

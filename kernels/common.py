@@ -1,10 +1,14 @@
 """Device helpers shared by every family's kernels.
 
-Every kernel walks a launch table (see :mod:`fusedopt.kernels.table`): row ``i`` holds the
-int64 addresses of tensor ``i``'s streams (param, grad, states, ...) followed by its element
-count; a work item ``(tensor << 32) | chunk`` tells a program which chunk of which tensor it
-owns. Addresses are cast with ``tl.pointer_type``, which also runs under ``TRITON_INTERPRET=1``
-on CPU tensors.
+Every kernel walks a launch table (see :mod:`fusedopt.launch_table`, the CUDA backend's
+layout): row ``i`` holds tensor ``i``'s element count and the int64 addresses of its streams
+(param, grad, states, absmaxes, step) in fixed columns; a work item, an int32 ``(tensor,
+chunk)`` pair, tells a program which chunk of which tensor it owns. Addresses are cast with
+``tl.pointer_type``, which also runs under ``TRITON_INTERPRET=1`` on CPU tensors.
+
+There is no step prologue: every program reads its tensor's step, derives the family's
+per-step scalars itself, and the program that finishes the tensor last advances the step
+(:func:`advance_step`, :func:`advance_step_reread`), as the CUDA kernels do.
 
 Arithmetic mirrors the reference backend operation by operation in fp32 (IEEE division and
 square root: Triton's ``/`` and ``tl.sqrt`` are approximate on GPUs; kernels are launched
@@ -20,6 +24,7 @@ from collections import namedtuple
 import triton
 import triton.language as tl
 
+from .. import launch_table as _lt
 from ..scalars import GRAD_MULT as _GRAD_MULT
 from ..scalars import SKIP as _SKIP
 
@@ -37,10 +42,20 @@ def block(gpu: int, interpreter: int) -> int:
 GRAD_MULT: tl.constexpr = tl.constexpr(_GRAD_MULT)
 SKIP: tl.constexpr = tl.constexpr(_SKIP)
 
-# The per-tensor step buffer written by ``step_kernel`` (fp32 each): ``t``, the step count
-# after this step, then up to three scalars a family derives from it (``step_kernel``'s DERIVE).
-T_COL: tl.constexpr = tl.constexpr(0)
-STEP_WIDTH: tl.constexpr = tl.constexpr(4)
+# Table columns (``fusedopt.launch_table``, csrc/params.h's ``Column``), as constants.
+NUMEL: tl.constexpr = tl.constexpr(_lt.NUMEL)
+PARAM: tl.constexpr = tl.constexpr(_lt.PARAM)
+GRAD: tl.constexpr = tl.constexpr(_lt.GRAD)
+STATE0: tl.constexpr = tl.constexpr(_lt.STATE0)
+ABSMAX0: tl.constexpr = tl.constexpr(_lt.ABSMAX0)
+STEP: tl.constexpr = tl.constexpr(_lt.STEP)
+SALT: tl.constexpr = tl.constexpr(_lt.SALT)
+OFFSET: tl.constexpr = tl.constexpr(_lt.OFFSET)
+ROW_WIDTH: tl.constexpr = tl.constexpr(_lt.ROW_WIDTH)
+# Codebook rows (``launch_table.codebook``): values and midpoints of the signed map; the
+# unsigned map's are the next row of each.
+SIGNED_VALUES: tl.constexpr = tl.constexpr(_lt.SIGNED_VALUES)
+SIGNED_MIDS: tl.constexpr = tl.constexpr(_lt.SIGNED_MIDS)
 
 
 @triton.jit
@@ -55,88 +70,120 @@ def load_ptr(row, col: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr)
 
 
 @triton.jit
-def work_item(table, work, WIDTH: tl.constexpr, CHUNK: tl.constexpr):
+def work_item(table, work, CHUNK: tl.constexpr):
     """This program's work item, decoded: ``(tensor, chunk, row, start, n)``, the tensor's
-    index, the chunk's index in it, the tensor's table row, the chunk's first element, and the
-    elements from there to the end of the tensor (``n >= CHUNK`` on every chunk but the last).
-    A row is ``WIDTH`` columns, of which the last three are the element count, the salt and
-    the offset (see ``table.rounding``)."""
-    item = tl.load(work + tl.program_id(0))
-    tensor = (item >> 32).to(tl.int32)
-    chunk = item & 0xFFFFFFFF
-    row = table + tensor * WIDTH
-    start = chunk * CHUNK
-    n = tl.load(row + WIDTH - 3) - start
+    index, the chunk's index in it, its table row, the chunk's first element (int64), and the elements from there to the end of
+    the tensor (``n >= CHUNK`` on every chunk but the last; 0 for a tensor without elements,
+    whose one work item only advances its step). A work item is an int32 ``(tensor, chunk)``
+    pair (``fusedopt.launch_table``)."""
+    item = work + 2 * tl.program_id(0)
+    tensor = tl.load(item)
+    chunk = tl.load(item + 1)
+    start = chunk.to(tl.int64) * CHUNK
+    row = table + tensor.to(tl.int64) * ROW_WIDTH
+    n = tl.load(row + NUMEL) - start
     return tensor, chunk, row, start, n
 
 
 @triton.jit
-def column_ptrs(row, start, FIRST: tl.constexpr, COUNT: tl.constexpr, DTYPE: tl.constexpr,
-                ALIGNED: tl.constexpr):
-    """Pointers to element ``start`` of the ``COUNT`` (1 to 3) streams in columns ``FIRST``,
-    ``FIRST + 1``, ... of a row, all of ``DTYPE``: always three, those past ``COUNT`` repeating
-    the last one (a kernel without the stream never touches them)."""
-    a = load_ptr(row, FIRST, DTYPE, ALIGNED) + start
-    if COUNT >= 2:
-        b = load_ptr(row, FIRST + 1, DTYPE, ALIGNED) + start
-    else:
-        b = a
-    if COUNT >= 3:
-        c = load_ptr(row, FIRST + 2, DTYPE, ALIGNED) + start
-    else:
-        c = b
-    return a, b, c
+def tensor_step(row):
+    """The step count after this step, ``t = step + 1``, of the row's tensor (its fp32 step at
+    column ``STEP``). Read before the program counts its chunk done (:func:`advance_step`): the
+    program that advances the step is the last to count, so every program reads the step
+    before it changes."""
+    step_ptr = tl.load(row + STEP).to(tl.pointer_type(tl.float32))
+    return tl.load(step_ptr) + 1.0
 
 
 @triton.jit
-def stream_ptrs(row, start, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
-                STATES: tl.constexpr, ALIGNED: tl.constexpr):
-    """Pointers to element ``start`` of an update row's streams: ``(p, g, s0, s1, s2)``, the
-    param (column 0), the grad (column 1) and ``STATES`` states of ``S_DTYPE`` (columns 2..; fp32,
-    or uint8 codes), the states past ``STATES`` repeating the last one."""
-    p_ptr = load_ptr(row, 0, P_DTYPE, ALIGNED) + start
-    g_ptr = load_ptr(row, 1, G_DTYPE, ALIGNED) + start
-    s0, s1, s2 = column_ptrs(row, start, 2, STATES, S_DTYPE, ALIGNED)
-    return p_ptr, g_ptr, s0, s1, s2
+def finished_tensor(counters, tensor, numel, CHUNK: tl.constexpr):
+    """Count this program's chunk of ``tensor`` done; True in the program that counts its last
+    one (whichever of them finishes last), which resets the counter to 0 for the next launch.
+
+    Memory ordering on the GPU (the interpreter runs the programs one at a time, and
+    tests/program_order.py reorders them, but no CPU test can show a race here):
+
+    * Every warp of a program reads the tensor's step at its start (:func:`tensor_step`), and
+      a program's warps run unsynchronized through the main loop: the ``debug_barrier``
+      (``bar.sync``) makes every warp's step read, and every global store before it (the
+      two-pass partials), happen before the one thread that does the atomic.
+    * ``tl.atomic_add`` is ``acq_rel`` at GPU scope (Triton's default): it releases what the
+      program did before it, and the program that counts the last chunk acquires every earlier
+      count's release (an RMW chain). So the step every program read was read before the last
+      program writes it, and the partials every program stored are visible to the last
+      program, which reads them after counting (through L2: ``.cg`` loads, after Triton's
+      barrier that hands the atomic's result to every thread).
+    * The last program resets the counter with a plain store: no program of this launch uses
+      it again, and the next launch sees it (kernels on a stream are ordered).
+
+    A tensor of one chunk (or none) is finished by its only program, which counts nothing; the
+    barrier is still needed there: the thread that stores the new step, or reads the partial,
+    must not run ahead of a warp that has not read the step, or stored, yet."""
+    chunks = tl.maximum((numel + (CHUNK - 1)) // CHUNK, 1)
+    last = chunks == 1
+    tl.debug_barrier()
+    if chunks > 1:
+        done = tl.atomic_add(counters + tensor, 1)
+        last = done.to(tl.int64) == chunks - 1
+        if last:
+            tl.store(counters + tensor, 0)
+    return last
 
 
 @triton.jit
-def absmax_ptrs(row, STATES: tl.constexpr):
-    """The fp32 absmax pointers of an 8-bit row's ``STATES`` states (the columns after the
-    codes; whole tensors, read at block indices), as :func:`column_ptrs` returns them."""
-    return column_ptrs(row, 0, 2 + STATES, STATES, tl.float32, False)
+def advance_step(counters, tensor, row, numel, t, CHUNK: tl.constexpr):
+    """At the end of a program: count its chunk of ``tensor`` (``numel`` elements) done
+    (:func:`finished_tensor`); the last program of the tensor stores its new step ``t`` (from
+    :func:`tensor_step` at the start, as every program of the tensor read it). (Kernels return
+    before this on a skipped step: steps never advance then.) The step's address is read
+    again, by the last program only."""
+    if finished_tensor(counters, tensor, numel, CHUNK):
+        tl.store(tl.load(row + STEP).to(tl.pointer_type(tl.float32)), t)
 
 
 @triton.jit
-def step_key(seed, steps, tensor, row, WIDTH: tl.constexpr, STOCHASTIC: tl.constexpr):
+def advance_step_reread(table, work, counters, CHUNK: tl.constexpr):
+    """:func:`advance_step` from the work item, the row and the step read again here (volatile
+    loads, which the compiler cannot merge with the same loads at the start), not kept across
+    the main loop; the step read is the one every program read at its start (no program but
+    this one writes it).
+
+    Which values a kernel keeps across its main loop for this matters to ptxas's register
+    allocation, not always the same way (tests/test_compile.py, sm_80 and sm_90): keeping
+    the tensor, its element count and ``t`` spilled 28 bytes in AdamW's 32-bit kernel (amsgrad,
+    bf16, sm_90); reading them again spilled 8 bytes in LAMB8bit's fp16 pass 2 (block 96,
+    sm_80) and 20 in SGD8bit's kernel (bf16, sm_90). The 32-bit elementwise kernel reads them
+    again (this function), the 8-bit one too unless it rounds stochastically (then it keeps
+    them: reading them again, SGD8bit spilled 20 bytes on sm_90; keeping them, Lion8bit without
+    stochastic rounding spilled 20 bytes on sm_90 as ``python -m fusedopt static`` compiles
+    it); the two-pass kernels keep them (:func:`advance_step`)."""
+    tensor = tl.load(work + 2 * tl.program_id(0), volatile=True)
+    row = table + tensor.to(tl.int64) * ROW_WIDTH
+    if finished_tensor(counters, tensor, tl.load(row + NUMEL, volatile=True), CHUNK):
+        step_ptr = tl.load(row + STEP).to(tl.pointer_type(tl.float32))
+        tl.store(step_ptr, tl.load(step_ptr) + 1.0)
+
+
+@triton.jit
+def step_key(seed, t, row, STOCHASTIC: tl.constexpr):
     """The stochastic-rounding key of this tensor at this step (``rounding_key`` of the seed,
     ``t`` and the row's salt); 0 without ``STOCHASTIC``."""
     if STOCHASTIC:
-        t = tl.load(steps + tensor * STEP_WIDTH + T_COL)
-        key = rounding_key(seed, t, tl.load(row + WIDTH - 2))
+        key = rounding_key(seed, t, tl.load(row + SALT))
     else:
         key = 0
     return key
 
 
 @triton.jit
-def first_index(row, start, WIDTH: tl.constexpr, STOCHASTIC: tl.constexpr):
+def first_index(row, start, STOCHASTIC: tl.constexpr):
     """The index in the full param of a chunk's first element (``start``): its index in the
     tensor plus the row's offset, where the tensor (a shard) starts in the param (int64; the
     rounding noise's element index). ``start`` without ``STOCHASTIC``."""
     if STOCHASTIC:
-        return start + tl.load(row + WIDTH - 1)
+        return start + tl.load(row + OFFSET)
     else:
         return start
-
-
-@triton.jit
-def bias_corrections(steps, tensor):
-    """``(1 - beta1^t, 1 - beta2^t)`` of this tensor, from the step buffer (written by
-    :func:`bias_corrections_derive`)."""
-    bias_correction1 = tl.load(steps + tensor * STEP_WIDTH + 1)
-    bias_correction2 = tl.load(steps + tensor * STEP_WIDTH + 2)
-    return bias_correction1, bias_correction2
 
 
 @triton.jit
@@ -243,18 +290,8 @@ def hypers(values, IN_MEMORY: tl.constexpr, HYPERS: tl.constexpr):
 
 
 @triton.jit
-def derived(steps, tensor, DERIVED: tl.constexpr):
-    """This tensor's per-step scalars as the family's ``DERIVED`` struct (a namedtuple class),
-    from the step buffer where :func:`step_kernel` wrote them (columns 1, 2, ...)."""
-    out = ()
-    for i in tl.static_range(len(DERIVED._fields)):
-        out = out + (tl.load(steps + tensor * STEP_WIDTH + 1 + i),)
-    return DERIVED(*out)
-
-
-@triton.jit
 def step_hypers(pointers, x0, x1, x2, MODES: tl.constexpr, HYPERS: tl.constexpr):
-    """The step prologue's hyper-parameters as the family's ``HYPERS`` struct, in fp64: field
+    """The per-step derivation's hyper-parameters as the family's ``HYPERS`` struct, in fp64: field
     ``i`` is ``x<i>`` (a float64 argument: a Python number, exact) with ``MODES[i] == 0``, or
     read from ``pointers[i]`` (an fp32 device scalar) with ``MODES[i] == 1``, or its ``log`` in
     fp64 with ``MODES[i] == 2`` (a beta the derivation takes the log of; a number's log is taken
@@ -271,38 +308,26 @@ def step_hypers(pointers, x0, x1, x2, MODES: tl.constexpr, HYPERS: tl.constexpr)
     return HYPERS(*out)
 
 
-@triton.jit(do_not_specialize=["n"])
-def step_kernel(table, out, n, scalars, pointers, x0: tl.float64, x1: tl.float64, x2: tl.float64,
-                DERIVE: tl.constexpr, HYPERS: tl.constexpr, MODES: tl.constexpr, WIDTH: tl.constexpr,
-                STEP_COL: tl.constexpr, BLOCK: tl.constexpr):
-    """Before a family pass: ``t = step + 1`` of every tensor and the family's per-step scalars,
-    ``DERIVE(t, h)`` (a ``triton.jit`` function of the step count, fp32 and exact, and the fp64
-    ``HYPERS`` struct, see :func:`step_hypers`; None: ``t`` only), into ``out`` (read by the pass), and
-    each step advanced unless the step is skipped. Each scalar is computed in fp64 and rounded
-    once to fp32, as the reference computes it (and torch's for-loop, on the host).
-
-    Doing this in its own launch keeps the family kernels free of the race between the
-    programs that read a tensor's step and the one that would advance it. (The stores follow the
-    derivation: storing ``t`` first costs ptxas 17 registers more, and spills on sm_90.)"""
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = i < n
-    skip = tl.load(scalars + SKIP)
-    step_ptr = tl.load(table + i.to(tl.int64) * WIDTH + STEP_COL, mask=mask, other=0).to(tl.pointer_type(tl.float32))
-    step = tl.load(step_ptr, mask=mask, other=0.0)
-    t = step + 1.0
+@triton.jit
+def derived(t, pointers, x0, x1, x2, DERIVE: tl.constexpr, HYPERS: tl.constexpr, MODES: tl.constexpr,
+            DERIVED: tl.constexpr):
+    """This tensor's per-step scalars as the family's ``DERIVED`` struct (a namedtuple class):
+    ``DERIVE(t, h)`` (a ``triton.jit`` function of the step count ``t``, fp32 and exact, and the
+    fp64 ``HYPERS`` struct, see :func:`step_hypers`; None: no scalars), each computed in fp64
+    and rounded once to fp32, as the reference computes it (and torch's for-loop, on the host).
+    Every program of a tensor computes the same values from the same ``t``."""
+    out = ()
     if DERIVE is not None:
         d = DERIVE(t, step_hypers(pointers, x0, x1, x2, MODES, HYPERS))
-    tl.store(out + i * STEP_WIDTH + T_COL, t, mask=mask)
-    if DERIVE is not None:
         for k in tl.static_range(len(d)):
-            tl.store(out + i * STEP_WIDTH + 1 + k, d[k].to(tl.float32), mask=mask)
-    tl.store(step_ptr, t, mask=i < tl.where(skip == 0, n, 0))
+            out = out + (d[k].to(tl.float32),)
+    return DERIVED(*out)
 
 
 @triton.jit
 def bias_corrections_derive(t, h):
     """``(1 - beta1^t, 1 - beta2^t)``, from ``h.log_beta1``, ``h.log_beta2`` (LAMB's per-step
-    scalars; :func:`bias_corrections` reads them back)."""
+    scalars)."""
     return one_minus_power(h.log_beta1, t), one_minus_power(h.log_beta2, t)
 
 

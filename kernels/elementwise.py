@@ -1,5 +1,5 @@
 """The kernels of every elementwise family (Adam, Lion, SGD, Adagrad, RMSprop), 32-bit and
-block-wise 8-bit states: one launch per batch, after the step prologue.
+block-wise 8-bit states: one launch per batch and step, whatever its tensor count.
 
 A family is a :class:`Family`: its math, a ``triton.jit`` function passed to the kernels as a
 compile-time constant (``MATH``), named as in DESIGN.md,
@@ -9,7 +9,7 @@ compile-time constant (``MATH``), named as in DESIGN.md,
 on fp32 values: ``p`` the param, ``g`` the grad times the step's multiplier (unscale, clip),
 ``s`` the tuple of its states in the family's order (returned updated), ``h`` its runtime
 hyper-parameters as a struct (a namedtuple: ``h.beta1``), ``d`` the per-step scalars its
-``derive`` computes once per tensor in the step prologue (fp64, rounded once: ``d.step_size``),
+``derive`` computes from the tensor's step in every program (fp64, rounded once: ``d.step_size``),
 and ``FLAGS`` its compile-time switches (a namedtuple: ``FLAGS.amsgrad``). The kernels only move
 bytes around it. A program owns one chunk of one tensor: full chunks run an unmasked loop of
 16-byte vector accesses, the last chunk of a tensor a masked one. In the 8-bit kernel a chunk
@@ -28,7 +28,7 @@ from typing import Callable, NamedTuple
 import triton
 import triton.language as tl
 
-from .. import families
+from .. import families, launch_table
 from . import common, quant, table
 from .common import GRAD_MULT, SKIP
 
@@ -95,10 +95,10 @@ class Family:
 
 @triton.jit
 def _state_ptrs(row, start, STATES: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
-    """Pointers to element ``start`` of the ``STATES`` states of a row (columns 2, 3, ...)."""
+    """Pointers to element ``start`` of the ``STATES`` states of a row (columns ``STATE0``, ...)."""
     ptrs = ()
     for i in tl.static_range(STATES):
-        ptrs = ptrs + (common.load_ptr(row, 2 + i, DTYPE, ALIGNED) + start,)
+        ptrs = ptrs + (common.load_ptr(row, common.STATE0 + i, DTYPE, ALIGNED) + start,)
     return ptrs
 
 
@@ -118,22 +118,27 @@ def _block(p_ptr, g_ptr, s_ptrs, off, mask, index, key, grad_mult, h, d, MATH: t
 
 
 @triton.jit(do_not_specialize=["seed"])
-def elementwise_kernel(table, work, steps, scalars, hyper_values, seed, MATH: tl.constexpr, FLAGS: tl.constexpr,
-                       HYPERS: tl.constexpr, IN_MEMORY: tl.constexpr, DERIVED: tl.constexpr, STATES: tl.constexpr,
-                       WIDTH: tl.constexpr, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
+def elementwise_kernel(table, work, counters, scalars, hyper_values, step_pointers, x0: tl.float64, x1: tl.float64,
+                       x2: tl.float64, seed, MATH: tl.constexpr, FLAGS: tl.constexpr, HYPERS: tl.constexpr,
+                       IN_MEMORY: tl.constexpr, DERIVE: tl.constexpr, STEP_HYPERS: tl.constexpr, MODES: tl.constexpr,
+                       DERIVED: tl.constexpr, STATES: tl.constexpr, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
                        STOCHASTIC: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    """Table row: param, grad, ``STATES`` fp32 states, step, numel, salt, offset."""
+    """Table row (``fusedopt.launch_table``): param, grad, ``STATES`` fp32 states, step. The
+    per-step scalars come from ``DERIVE`` (see ``common.derived``; ``step_pointers``, ``x0``..``x2``
+    and ``MODES``: ``table.step_args``); the step is advanced by the program that finishes the
+    tensor (``common.advance_step_reread``)."""
     skip = tl.load(scalars + SKIP)
     if skip == 0:
-        tensor, chunk, row, start, n = common.work_item(table, work, WIDTH, CHUNK)
-        p_ptr = common.load_ptr(row, 0, P_DTYPE, ALIGNED) + start
-        g_ptr = common.load_ptr(row, 1, G_DTYPE, ALIGNED) + start
+        tensor, chunk, row, start, n = common.work_item(table, work, CHUNK)
+        t = common.tensor_step(row)
+        d = common.derived(t, step_pointers, x0, x1, x2, DERIVE, STEP_HYPERS, MODES, DERIVED)
+        p_ptr = common.load_ptr(row, common.PARAM, P_DTYPE, ALIGNED) + start
+        g_ptr = common.load_ptr(row, common.GRAD, G_DTYPE, ALIGNED) + start
         s_ptrs = _state_ptrs(row, start, STATES, tl.float32, ALIGNED)
         h = common.hypers(hyper_values, IN_MEMORY, HYPERS)
-        d = common.derived(steps, tensor, DERIVED)
         grad_mult = tl.load(scalars + GRAD_MULT)
-        key = common.step_key(seed, steps, tensor, row, WIDTH, STOCHASTIC)
-        first = common.first_index(row, start, WIDTH, STOCHASTIC)
+        key = common.step_key(seed, t, row, STOCHASTIC)
+        first = common.first_index(row, start, STOCHASTIC)
         if n >= CHUNK:
             for off in range(0, CHUNK, BLOCK):
                 _block(p_ptr, g_ptr, s_ptrs, off, None, first, key, grad_mult, h, d, MATH, FLAGS, P_DTYPE,
@@ -143,10 +148,11 @@ def elementwise_kernel(table, work, steps, scalars, hyper_values, seed, MATH: tl
             for off in range(0, tail, BLOCK):
                 _block(p_ptr, g_ptr, s_ptrs, off, off + tl.arange(0, BLOCK) < tail, first, key, grad_mult, h, d,
                        MATH, FLAGS, P_DTYPE, STOCHASTIC, BLOCK)
+        common.advance_step_reread(table, work, counters, CHUNK)
 
 
 @triton.jit
-def _tile(p_ptr, g_ptr, s_ptrs, absmax_ptrs, base, n, first_block, index, key, code_values, code_mids, grad_mult,
+def _tile(p_ptr, g_ptr, s_ptrs, absmax_ptrs, base, n, first_block, index, key, codebook, grad_mult,
           h, d, MATH: tl.constexpr, FLAGS: tl.constexpr, SIGNED: tl.constexpr, P_DTYPE: tl.constexpr,
           STOCHASTIC: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_PAD: tl.constexpr, ROWS: tl.constexpr,
           MASKED: tl.constexpr):
@@ -162,106 +168,111 @@ def _tile(p_ptr, g_ptr, s_ptrs, absmax_ptrs, base, n, first_block, index, key, c
     s = ()
     for i in tl.static_range(len(SIGNED)):
         s = s + (quant.load_state(s_ptrs[i], absmax_ptrs[i], o, blocks, mask, row_mask,
-                                  code_values + 256 * SIGNED[i]),)
+                                  codebook + 256 * (common.SIGNED_VALUES + 1 - SIGNED[i])),)
     p, s = MATH(p, g, s, h, d, FLAGS)
     common.store_param(p_ptr, o, p, mask, index, key, P_DTYPE, STOCHASTIC)
     for i in tl.static_range(len(SIGNED)):
-        quant.store_state(s[i], s_ptrs[i], absmax_ptrs[i], o, blocks, mask, row_mask, code_mids + 256 * SIGNED[i],
-                          SIGNED[i])
+        quant.store_state(s[i], s_ptrs[i], absmax_ptrs[i], o, blocks, mask, row_mask,
+                          codebook + 256 * (common.SIGNED_MIDS + 1 - SIGNED[i]), SIGNED[i])
 
 
 @triton.jit(do_not_specialize=["seed"])
-def elementwise8bit_kernel(table, work, steps, scalars, hyper_values, code_values, code_mids, seed,
-                           MATH: tl.constexpr, FLAGS: tl.constexpr, HYPERS: tl.constexpr, IN_MEMORY: tl.constexpr,
-                           DERIVED: tl.constexpr, SIGNED: tl.constexpr, WIDTH: tl.constexpr,
-                           P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr,
-                           ALIGNED: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_PAD: tl.constexpr,
-                           ROWS: tl.constexpr, TILES: tl.constexpr):
+def elementwise8bit_kernel(table, work, counters, scalars, hyper_values, step_pointers, x0: tl.float64,
+                           x1: tl.float64, x2: tl.float64, codebook, seed, MATH: tl.constexpr, FLAGS: tl.constexpr,
+                           HYPERS: tl.constexpr, IN_MEMORY: tl.constexpr, DERIVE: tl.constexpr,
+                           STEP_HYPERS: tl.constexpr, MODES: tl.constexpr, DERIVED: tl.constexpr,
+                           SIGNED: tl.constexpr, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
+                           STOCHASTIC: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                           BLOCK_PAD: tl.constexpr, ROWS: tl.constexpr, TILES: tl.constexpr):
     """Table row: param, grad, ``len(SIGNED)`` states (uint8 codes; ``SIGNED[i]``: the signed
-    map), their absmax, step, numel, salt, offset. ``code_values`` / ``code_mids``: see
-    ``table.codebooks``."""
+    map), their absmax, step. ``codebook``: ``launch_table.codebook``. The rest as
+    :func:`elementwise_kernel`'s."""
     skip = tl.load(scalars + SKIP)
     if skip == 0:
         CHUNK: tl.constexpr = TILES * ROWS * BLOCK_SIZE
         STATES: tl.constexpr = len(SIGNED)
-        tensor, chunk, row, start, n = common.work_item(table, work, WIDTH, CHUNK)
-        p_ptr = common.load_ptr(row, 0, P_DTYPE, ALIGNED) + start
-        g_ptr = common.load_ptr(row, 1, G_DTYPE, ALIGNED) + start
+        tensor, chunk, row, start, n = common.work_item(table, work, CHUNK)
+        t = common.tensor_step(row)
+        d = common.derived(t, step_pointers, x0, x1, x2, DERIVE, STEP_HYPERS, MODES, DERIVED)
+        p_ptr = common.load_ptr(row, common.PARAM, P_DTYPE, ALIGNED) + start
+        g_ptr = common.load_ptr(row, common.GRAD, G_DTYPE, ALIGNED) + start
         s_ptrs = _state_ptrs(row, start, STATES, tl.uint8, ALIGNED)
         absmax_ptrs = ()
         for i in tl.static_range(STATES):
-            absmax_ptrs = absmax_ptrs + (common.load_ptr(row, 2 + STATES + i, tl.float32, False),)
+            absmax_ptrs = absmax_ptrs + (common.load_ptr(row, common.ABSMAX0 + i, tl.float32, False),)
         h = common.hypers(hyper_values, IN_MEMORY, HYPERS)
-        d = common.derived(steps, tensor, DERIVED)
         grad_mult = tl.load(scalars + GRAD_MULT)
-        key = common.step_key(seed, steps, tensor, row, WIDTH, STOCHASTIC)
-        first = common.first_index(row, start, WIDTH, STOCHASTIC)
+        key = common.step_key(seed, t, row, STOCHASTIC)
+        first = common.first_index(row, start, STOCHASTIC)
         first_block = chunk * (TILES * ROWS)
         if n >= CHUNK:
             for it in range(TILES):
                 _tile(p_ptr, g_ptr, s_ptrs, absmax_ptrs, it * (ROWS * BLOCK_SIZE), n, first_block, first, key,
-                      code_values, code_mids, grad_mult, h, d, MATH, FLAGS, SIGNED, P_DTYPE, STOCHASTIC, BLOCK_SIZE,
-                      BLOCK_PAD, ROWS, False)
+                      codebook, grad_mult, h, d, MATH, FLAGS, SIGNED, P_DTYPE, STOCHASTIC, BLOCK_SIZE, BLOCK_PAD,
+                      ROWS, False)
         else:
             tail = n.to(tl.int32)
             for base in range(0, tail, ROWS * BLOCK_SIZE):
-                _tile(p_ptr, g_ptr, s_ptrs, absmax_ptrs, base, tail, first_block, first, key, code_values, code_mids,
-                      grad_mult, h, d, MATH, FLAGS, SIGNED, P_DTYPE, STOCHASTIC, BLOCK_SIZE, BLOCK_PAD, ROWS, True)
+                _tile(p_ptr, g_ptr, s_ptrs, absmax_ptrs, base, tail, first_block, first, key, codebook, grad_mult,
+                      h, d, MATH, FLAGS, SIGNED, P_DTYPE, STOCHASTIC, BLOCK_SIZE, BLOCK_PAD, ROWS, True)
+        if STOCHASTIC:  # what is kept across the loop matters to ptxas: see common.advance_step_reread
+            common.advance_step(counters, tensor, row, start + n, t, CHUNK)
+        else:
+            common.advance_step_reread(table, work, counters, CHUNK)
 
 
-def _prologue(batch, tab, family: Family, device):
-    """The step prologue (``t`` and the family's per-step scalars; steps advanced) and the
-    hyper-parameter struct: ``(hypers, in_memory)``, see ``table.hyper_struct``."""
+def _step_args(batch, family: Family, device):
+    """The hyper-parameter struct and the per-step derivation's arguments of ``family`` over
+    ``batch``: ``(hypers, in_memory, step_args, step_constexprs)`` (``table.hyper_struct``,
+    ``table.step_args``)."""
     group = batch.group
     step_values = family.step_hypers(group, device) if family.derive is not None else None
-    table.launch_steps(tab, batch.scalars, family.derive, step_values)
-    return table.hyper_struct(family.hypers(group, device))
+    pointers, numbers, modes = table.step_args(step_values, batch.scalars)
+    hypers, in_memory = table.hyper_struct(family.hypers(group, device))
+    constexprs = dict(DERIVE=family.derive, STEP_HYPERS=type(step_values) if step_values is not None else None,
+                      MODES=modes, DERIVED=family.derived)
+    return hypers, in_memory, (pointers, *numbers), constexprs
 
 
 def step(batch, family: Family) -> None:
-    """Launch the step prologue and ``family``'s kernel over ``batch`` (32-bit or 8-bit states)."""
+    """Launch ``family``'s kernel over ``batch`` (32-bit or 8-bit states): one launch."""
     if batch.quantized:
         return step8bit(batch, family)
     group = batch.group
     names = tuple(family.states(group))
-    streams = [batch.params, batch.grads] + [batch.state[n] for n in names] + [batch.steps]
+    cols = launch_table.columns(batch.params, batch.grads, [batch.state[n] for n in names], steps=batch.steps)
     stochastic = table.stochastic(batch)
-    tab = table.lookup(batch.cache, family.name, streams, vector_streams=len(streams) - 1, chunk=table.CHUNK,
-                       extra=table.rounding(batch) if stochastic else None)
+    tab = launch_table.lookup(batch.cache, family.name, cols, table.CHUNK,
+                              extra=table.rounding(batch) if stochastic else None)
     device = batch.params[0].device
-    hypers, in_memory = _prologue(batch, tab, family, device)
-    if tab.n_work == 0:
-        return
+    hypers, in_memory, step_args, step_constexprs = _step_args(batch, family, device)
     elementwise_kernel[(tab.n_work,)](
-        tab.rows, tab.work, tab.steps, batch.scalars, hypers, table.seed(group),
-        MATH=family.math, FLAGS=family.flags(group), HYPERS=type(hypers), IN_MEMORY=in_memory,
-        DERIVED=family.derived, STATES=len(names), WIDTH=tab.width, P_DTYPE=table.tl_dtype(batch.params[0].dtype),
+        tab.rows, tab.work, tab.counters, batch.scalars, hypers, *step_args, table.seed(group),
+        MATH=family.math, FLAGS=family.flags(group), HYPERS=type(hypers), IN_MEMORY=in_memory, **step_constexprs,
+        STATES=len(names), P_DTYPE=table.tl_dtype(batch.params[0].dtype),
         G_DTYPE=table.tl_dtype(batch.grads[0].dtype), STOCHASTIC=stochastic, ALIGNED=tab.aligned,
         CHUNK=table.CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,
     )
 
 
 def step8bit(batch, family: Family) -> None:
-    """Launch the step prologue and ``family``'s 8-bit kernel over ``batch``. Blocks over
+    """Launch ``family``'s 8-bit kernel over ``batch``: one launch. Blocks over
     ``quant.MAX_BLOCK`` elements do not fit one program: ``fusedopt.backends`` does not
     resolve such a step here (see ``fusedopt.kernels.backend.unsupported_step``)."""
     quant.check_block(batch)
     group = batch.group
     names = tuple(family.states(group))
-    streams = ([batch.params, batch.grads] + [batch.state[n] for n in names]
-               + [batch.state[n + "_absmax"] for n in names] + [batch.steps])
+    cols = launch_table.columns(batch.params, batch.grads, [batch.state[n] for n in names],
+                                [batch.state[n + "_absmax"] for n in names], batch.steps)
     stochastic = table.stochastic(batch)
-    tab = table.lookup(batch.cache, family.name + "8bit", streams, vector_streams=2 + len(names),
-                       chunk=quant.chunk(batch.block_size), extra=table.rounding(batch) if stochastic else None)
+    tab = launch_table.lookup(batch.cache, family.name + "8bit", cols, quant.chunk(batch.block_size),
+                              extra=table.rounding(batch) if stochastic else None)
     device = batch.params[0].device
-    hypers, in_memory = _prologue(batch, tab, family, device)
-    if tab.n_work == 0:
-        return
-    code_values, code_mids = table.codebooks(device)
+    hypers, in_memory, step_args, step_constexprs = _step_args(batch, family, device)
     elementwise8bit_kernel[(tab.n_work,)](
-        tab.rows, tab.work, tab.steps, batch.scalars, hypers, code_values, code_mids, table.seed(group),
-        MATH=family.math, FLAGS=family.flags(group), HYPERS=type(hypers), IN_MEMORY=in_memory,
-        DERIVED=family.derived, SIGNED=tuple(family.signed(n) for n in names), WIDTH=tab.width,
+        tab.rows, tab.work, tab.counters, batch.scalars, hypers, *step_args, launch_table.codebook(device),
+        table.seed(group), MATH=family.math, FLAGS=family.flags(group), HYPERS=type(hypers), IN_MEMORY=in_memory,
+        **step_constexprs, SIGNED=tuple(family.signed(n) for n in names),
         P_DTYPE=table.tl_dtype(batch.params[0].dtype), G_DTYPE=table.tl_dtype(batch.grads[0].dtype),
         STOCHASTIC=stochastic, ALIGNED=tab.aligned, **quant.layout(batch.block_size), num_warps=quant.NUM_WARPS,
         enable_fp_fusion=False,

@@ -1,5 +1,5 @@
 """Lion with a 32-bit or block-wise 8-bit state: the math, run by the generic kernels of
-:mod:`fusedopt.kernels.elementwise` (the step prologue only advances the steps)."""
+:mod:`fusedopt.kernels.elementwise` (no per-step scalars: its programs only advance the steps)."""
 
 from __future__ import annotations
 

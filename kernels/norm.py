@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import layout
+from .. import launch_table, layout
 from . import common, table
 from .table import unsupported
 
@@ -62,9 +62,10 @@ def _reduce(acc, ORD: tl.constexpr):
 def norm_partial_kernel(table, work, partials, offset, G_DTYPE: tl.constexpr, ORD: tl.constexpr,
                         ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     """Slot ``offset + program`` gets the partial of one chunk (sum of squares, sum of
-    magnitudes or max magnitude). Table row: grad, numel, two unused (salt, offset)."""
-    tensor, chunk, row, start, n = common.work_item(table, work, 4, CHUNK)
-    g_ptr, _, _ = common.column_ptrs(row, start, 0, 1, G_DTYPE, ALIGNED)
+    magnitudes or max magnitude; 0 for a tensor without elements). Table row
+    (``fusedopt.launch_table``): the tensor at column ``PARAM``."""
+    tensor, chunk, row, start, n = common.work_item(table, work, CHUNK)
+    g_ptr = common.load_ptr(row, common.PARAM, G_DTYPE, ALIGNED) + start
     o = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], tl.float32)
     if n >= CHUNK:
@@ -94,15 +95,15 @@ def norm_finish_kernel(partials, n, out, ORD: tl.constexpr, BLOCK: tl.constexpr)
     tl.store(out, total)
 
 
-def _tables(tensors: list[torch.Tensor]) -> list[tuple[torch.dtype, table.Table]]:
+def _tables(tensors: list[torch.Tensor]) -> list[tuple[torch.dtype, launch_table.Table]]:
     """One table per gradient dtype (cached while the same gradients come back)."""
     by_dtype: dict = {}
     for t in tensors:
         by_dtype.setdefault(t.dtype, []).append(t)
-    key = tuple((dtype, table.key_of([ts], table.CHUNK)) for dtype, ts in by_dtype.items())
+    key = tuple((dtype, launch_table.key_of(launch_table.columns(ts), table.CHUNK)) for dtype, ts in by_dtype.items())
     tables = _TABLES.get(key)
     if tables is None:
-        tables = [(dtype, table.build([ts], 1, table.CHUNK)) for dtype, ts in by_dtype.items()]
+        tables = [(dtype, launch_table.build(launch_table.columns(ts), table.CHUNK)) for dtype, ts in by_dtype.items()]
         _TABLES[key] = tables
         while len(_TABLES) > _MAX_TABLES:
             _TABLES.popitem(last=False)

@@ -23,9 +23,8 @@ import pytest
 CCS = (80, 90)
 
 _POINTERS = {
-    "table": "*i64", "work": "*i64", "first": "*i32", "steps": "*fp32", "scalars": "*fp32",
-    "hyper_values": "*fp32", "code_values": "*fp32", "code_mids": "*fp32", "partials": "*fp32",
-    "ratios": "*fp32", "scales": "*fp32", "out": "*fp32",
+    "table": "*i64", "work": "*i32", "counters": "*i32", "scalars": "*fp32", "hyper_values": "*fp32",
+    "codebook": "*fp32", "partials": "*fp32", "norms": "*fp32", "out": "*fp32",
 }
 _INTS = {"seed", "n", "offset"}
 #: Tuple arguments of fp32 values (the two-pass kernels' runtime hyper-parameters): a case gives
@@ -35,23 +34,39 @@ _FP32_TUPLES = {"hypers"}
 
 def _family(family, group: dict, in_memory: bool = False) -> dict:
     """The constexprs that make the generic kernels ``family``'s for ``group`` (hyper-parameters
-    as kernel arguments, or all read from memory)."""
+    as kernel arguments, or all read from memory; the per-step derivation's likewise: see
+    :func:`_steps`)."""
     import torch
 
     hypers = family.hypers(group, torch.device("cpu"))
     return dict(MATH=family.math, FLAGS=family.flags(group), HYPERS=type(hypers),
-                IN_MEMORY=(in_memory,) * len(hypers), DERIVED=family.derived)
+                IN_MEMORY=(in_memory,) * len(hypers), DERIVED=family.derived, **_steps(family, group, in_memory))
 
 
-def _steps(family, group: dict, modes: tuple | None = None) -> dict:
-    """The step prologue's constexprs for ``family`` (``modes``: see common.step_hypers; all 0,
-    numbers, by default)."""
+def _steps(family, group: dict, in_memory: bool = False) -> dict:
+    """The per-step derivation's constexprs for ``family`` (``MODES``, see common.step_hypers:
+    all numbers, or all read from memory, a beta's log taken in the kernel)."""
     import torch
 
-    if family is None or family.derive is None:
-        return dict(DERIVE=None, HYPERS=None, MODES=())
+    from fusedopt.kernels import table
+
+    if family.derive is None:
+        return dict(DERIVE=None, STEP_HYPERS=None, MODES=())
     step = family.step_hypers(group, torch.device("cpu"))
-    return dict(DERIVE=family.derive, HYPERS=type(step), MODES=modes or (0,) * len(step))
+    modes = tuple((2 if isinstance(v, table.LogOf) or f.startswith("log_") else 1) if in_memory else 0
+                  for f, v in zip(step._fields, step))
+    return dict(DERIVE=family.derive, STEP_HYPERS=type(step), MODES=modes)
+
+
+def _bias_corrections(in_memory: bool = False) -> dict:
+    """LAMB's per-step derivation (the two-pass kernels' ``DERIVE``)."""
+    from fusedopt.kernels.common import BiasCorrections, bias_corrections_derive
+
+    return dict(DERIVE=bias_corrections_derive, STEP_HYPERS=BiasCorrections, MODES=(2, 2) if in_memory else (0, 0))
+
+
+#: LARS derives nothing per step.
+NO_STEPS = dict(DERIVE=None, STEP_HYPERS=None, MODES=())
 
 
 ADAMW = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=True, maximize=False,
@@ -69,7 +84,6 @@ def _cases():
     import triton.language as tl
 
     from fusedopt.kernels import adagrad, adam, elementwise, lamb, lars, lion, norm, quant, rmsprop, sgd, table, twopass
-    from fusedopt.kernels.common import bias_corrections_derive, BiasCorrections, step_kernel
 
     chunk = dict(CHUNK=table.CHUNK, ALIGNED=True)
     lamb_chunk = dict(chunk, HYPER_IN_MEMORY=False)
@@ -83,7 +97,7 @@ def _cases():
         dt = dict(P_DTYPE=p_dtype, G_DTYPE=g_dtype)
         sr = p_dtype == tl.bfloat16
         out.append((f"adam-amsgrad-{p_name}", kernel,
-                    dict(WIDTH=8, **dt, **_family(adam.ADAM, ADAMW), STATES=3, STOCHASTIC=sr,
+                    dict(**dt, **_family(adam.ADAM, ADAMW), STATES=3, STOCHASTIC=sr,
                          BLOCK=elementwise.BLOCK, **chunk), elementwise.NUM_WARPS, [p_bytes, g_bytes, 4, 4, 4],
                     [p_bytes, 4, 4, 4]))
         out.append((f"norm-2-{p_name}", norm.norm_partial_kernel,
@@ -92,59 +106,61 @@ def _cases():
         if p_name == "fp32-bf16grad":
             continue  # the other kernels read grads the same way
         out.append((f"lion-{p_name}", kernel,
-                    dict(WIDTH=6, **dt, **_family(lion.LION, LION), STATES=1, STOCHASTIC=sr, BLOCK=elementwise.BLOCK,
+                    dict(**dt, **_family(lion.LION, LION), STATES=1, STOCHASTIC=sr, BLOCK=elementwise.BLOCK,
                          **chunk), elementwise.NUM_WARPS, [p_bytes, g_bytes, 4], [p_bytes, 4]))
         for name, family, group, states in (("sgd-nesterov", sgd.SGD, SGD, 1), ("adagrad", adagrad.ADAGRAD, ADAGRAD, 1),
                                             ("rmsprop-centered-momentum", rmsprop.RMSPROP, RMSPROP, 3)):
             out.append((f"{name}-{p_name}", kernel,
-                        dict(WIDTH=4 + states + 3, **dt, **_family(family, group), STATES=states, STOCHASTIC=sr,
+                        dict(**dt, **_family(family, group), STATES=states, STOCHASTIC=sr,
                              BLOCK=elementwise.BLOCK, **chunk), elementwise.NUM_WARPS,
                         [p_bytes, g_bytes] + [4] * states, [p_bytes] + [4] * states))
         two = dict(BLOCK=twopass.BLOCK, **lamb_chunk)
         out.append((f"lamb-norms-{p_name}", twopass.norms_kernel,
-                    dict(hypers=7, UPDATE=lamb.lamb_update, FLAGS=(True,), STATES=2, WIDTH=8, **dt, **two),
+                    dict(hypers=7, UPDATE=lamb.lamb_update, FLAGS=(True,), STATES=2, **dt, **two, **_bias_corrections(),
+                         FINISH_BLOCK=twopass.FINISH_BLOCK),
                     twopass.NUM_WARPS, [p_bytes, g_bytes, 4, 4], [4, 4]))
         out.append((f"lamb-apply-{p_name}", twopass.apply_kernel,
-                    dict(hypers=7, DIRECTION=lamb.lamb_stored_direction, FLAGS=(True,), STATES=2, READS_GRAD=False,
-                         WIDTH=8, **dt, STOCHASTIC=sr, **two), twopass.NUM_WARPS, [p_bytes, 4, 4], [p_bytes]))
+                    dict(hypers=7, DIRECTION=lamb.lamb_stored_direction, FINISH=lamb.lamb_trust_ratio, FLAGS=(True,),
+                         STATES=2, READS_GRAD=False, **dt, STOCHASTIC=sr, **two, **_bias_corrections()), twopass.NUM_WARPS, [p_bytes, 4, 4], [p_bytes]))
         out.append((f"lars-norms-{p_name}", twopass.norms_kernel,
-                    dict(hypers=5, UPDATE=lars.lars_update, FLAGS=(True, True), STATES=1, WIDTH=7, **dt, **two),
+                    dict(hypers=5, UPDATE=lars.lars_update, FLAGS=(True, True), STATES=1, **dt, **two, **NO_STEPS,
+                         FINISH_BLOCK=twopass.FINISH_BLOCK),
                     twopass.NUM_WARPS, [p_bytes, g_bytes, 4], [4]))
         out.append((f"lars-apply-nesterov-{p_name}", twopass.apply_kernel,
-                    dict(hypers=5, DIRECTION=lars.lars_stored_direction, FLAGS=(True, True), STATES=1,
-                         READS_GRAD=True, WIDTH=7, **dt, STOCHASTIC=sr, **two), twopass.NUM_WARPS,
+                    dict(hypers=5, DIRECTION=lars.lars_stored_direction, FINISH=lars.lars_clip, FLAGS=(True, True), STATES=1,
+                         READS_GRAD=True, **dt, STOCHASTIC=sr, **two, **NO_STEPS), twopass.NUM_WARPS,
                     [p_bytes, g_bytes, 4], [p_bytes]))
         for block_size in (256, 2048) if sr else (256,):
             eight = dict(ALIGNED=True, **quant.layout(block_size))
             out.append((f"adam8bit-amsgrad-{block_size}-{p_name}", kernel8,
-                        dict(WIDTH=11, **dt, **_family(adam.ADAM, ADAMW), SIGNED=(True, False, False), STOCHASTIC=sr,
+                        dict(**dt, **_family(adam.ADAM, ADAMW), SIGNED=(True, False, False), STOCHASTIC=sr,
                              **eight), quant.NUM_WARPS, [p_bytes, g_bytes, 1, 1, 1], [p_bytes, 1, 1, 1]))
             out.append((f"lion8bit-{block_size}-{p_name}", kernel8,
-                        dict(WIDTH=7, **dt, **_family(lion.LION, LION), SIGNED=(True,), STOCHASTIC=sr, **eight),
+                        dict(**dt, **_family(lion.LION, LION), SIGNED=(True,), STOCHASTIC=sr, **eight),
                         quant.NUM_WARPS, [p_bytes, g_bytes, 1], [p_bytes, 1]))
             two8 = dict(HYPER_IN_MEMORY=False, **eight)
             out.append((f"lamb8bit-norms-{block_size}-{p_name}", twopass.norms8bit_kernel,
                         dict(hypers=7, UPDATE=lamb.lamb_update, FLAGS=(True,), STATES=2, CODEBOOKS=(1, 0),
-                             WIDTH=10, **dt, **two8), quant.NUM_WARPS, [p_bytes, g_bytes, 1, 1], []))
+                             **dt, **two8, **_bias_corrections(), FINISH_BLOCK=twopass.FINISH_BLOCK), quant.NUM_WARPS, [p_bytes, g_bytes, 1, 1], []))
             out.append((f"lamb8bit-apply-{block_size}-{p_name}", twopass.apply8bit_kernel,
-                        dict(hypers=7, UPDATE=lamb.lamb_update, FLAGS=(True,), STATES=2, CODEBOOKS=(1, 0),
-                             WIDTH=10, **dt, STOCHASTIC=sr, **two8), quant.NUM_WARPS,
+                        dict(hypers=7, UPDATE=lamb.lamb_update, FINISH=lamb.lamb_trust_ratio, FLAGS=(True,), STATES=2,
+                             CODEBOOKS=(1, 0), **dt, STOCHASTIC=sr, **two8, **_bias_corrections()), quant.NUM_WARPS,
                         [p_bytes, g_bytes, 1, 1], [p_bytes, 1, 1]))
             if block_size != 256:
                 continue  # LARS8bit (one state) runs the LAMB8bit kernels' code with less to hold
             out.append((f"lars8bit-norms-{block_size}-{p_name}", twopass.norms8bit_kernel,
                         dict(hypers=5, UPDATE=lars.lars_update, FLAGS=(True, True), STATES=1, CODEBOOKS=(1,),
-                             WIDTH=8, **dt, **two8), quant.NUM_WARPS, [p_bytes, g_bytes, 1], []))
+                             **dt, **two8, **NO_STEPS, FINISH_BLOCK=twopass.FINISH_BLOCK), quant.NUM_WARPS, [p_bytes, g_bytes, 1], []))
             out.append((f"lars8bit-apply-{block_size}-{p_name}", twopass.apply8bit_kernel,
-                        dict(hypers=5, UPDATE=lars.lars_update, FLAGS=(True, True), STATES=1, CODEBOOKS=(1,),
-                             WIDTH=8, **dt, STOCHASTIC=sr, **two8), quant.NUM_WARPS,
+                        dict(hypers=5, UPDATE=lars.lars_update, FINISH=lars.lars_clip, FLAGS=(True, True), STATES=1,
+                             CODEBOOKS=(1,), **dt, STOCHASTIC=sr, **two8, **NO_STEPS), quant.NUM_WARPS,
                         [p_bytes, g_bytes, 1], [p_bytes, 1]))
             for name, family, group, signed in (("sgd8bit", sgd.SGD, SGD, (True,)),
                                                 ("adagrad8bit", adagrad.ADAGRAD, ADAGRAD, (False,)),
                                                 ("rmsprop8bit-centered-momentum", rmsprop.RMSPROP, RMSPROP,
                                                  (False, True, True))):
                 out.append((f"{name}-{block_size}-{p_name}", kernel8,
-                            dict(WIDTH=5 + 2 * len(signed), **dt, **_family(family, group), SIGNED=signed,
+                            dict(**dt, **_family(family, group), SIGNED=signed,
                                  STOCHASTIC=sr, **eight), quant.NUM_WARPS,
                             [p_bytes, g_bytes] + [1] * len(signed), [p_bytes] + [1] * len(signed)))
     # the other switches compile too: fp16, tensor hyper-parameters, unaligned tables, Adam's L2
@@ -152,81 +168,67 @@ def _cases():
     other = dict(CHUNK=table.CHUNK, ALIGNED=False)
     fp16 = dict(P_DTYPE=tl.float16, G_DTYPE=tl.float16)
     out.append(("adam-variants-fp16", kernel,
-                dict(WIDTH=7, **fp16, **_family(adam.ADAM, ADAM_L2, True), STATES=2, STOCHASTIC=False,
+                dict(**fp16, **_family(adam.ADAM, ADAM_L2, True), STATES=2, STOCHASTIC=False,
                      BLOCK=elementwise.BLOCK, **other), elementwise.NUM_WARPS, [], []))
     out.append(("lion-variants-fp16", kernel,
-                dict(WIDTH=6, **fp16, **_family(lion.LION, LION, True), STATES=1, STOCHASTIC=False,
+                dict(**fp16, **_family(lion.LION, LION, True), STATES=1, STOCHASTIC=False,
                      BLOCK=elementwise.BLOCK, **other), elementwise.NUM_WARPS, [], []))
     # SGD without momentum (no state), RMSprop with neither momentum nor centering, Adagrad maximizing
     plain = dict(ALIGNED=True, CHUNK=table.CHUNK, BLOCK=elementwise.BLOCK, STOCHASTIC=False, P_DTYPE=tl.float32,
                  G_DTYPE=tl.float32)
     out.append(("sgd-plain-variants-fp32", kernel,
-                dict(WIDTH=5, **_family(sgd.SGD, dict(SGD, momentum=0.0, nesterov=False), True), STATES=0, **plain),
+                dict(**_family(sgd.SGD, dict(SGD, momentum=0.0, nesterov=False), True), STATES=0, **plain),
                 elementwise.NUM_WARPS, [4, 4], [4]))
     out.append(("rmsprop-plain-variants-fp32", kernel,
-                dict(WIDTH=6, **_family(rmsprop.RMSPROP, dict(RMSPROP, momentum=0.0, centered=False, maximize=True),
+                dict(**_family(rmsprop.RMSPROP, dict(RMSPROP, momentum=0.0, centered=False, maximize=True),
                                         True), STATES=1, **plain), elementwise.NUM_WARPS, [4, 4, 4], [4, 4]))
     out.append(("adagrad-variants-fp16", kernel,
-                dict(WIDTH=6, **fp16, **_family(adagrad.ADAGRAD, dict(ADAGRAD, maximize=True), True), STATES=1,
+                dict(**fp16, **_family(adagrad.ADAGRAD, dict(ADAGRAD, maximize=True), True), STATES=1,
                      STOCHASTIC=False, BLOCK=elementwise.BLOCK, **other), elementwise.NUM_WARPS, [], []))
     two = dict(BLOCK=twopass.BLOCK, HYPER_IN_MEMORY=True, **other)
     out.append(("lamb-norms-variants-fp16", twopass.norms_kernel,
-                dict(hypers=7, UPDATE=lamb.lamb_update, FLAGS=(False,), STATES=2, WIDTH=8, **fp16, **two),
-                twopass.NUM_WARPS, [], []))
+                dict(hypers=7, UPDATE=lamb.lamb_update, FLAGS=(False,), STATES=2, **fp16, **two,
+                     **_bias_corrections(True), FINISH_BLOCK=twopass.FINISH_BLOCK), twopass.NUM_WARPS, [], []))
     out.append(("lamb-apply-variants-fp16", twopass.apply_kernel,
-                dict(hypers=7, DIRECTION=lamb.lamb_stored_direction, FLAGS=(False,), STATES=2, READS_GRAD=False,
-                     WIDTH=8, **fp16, STOCHASTIC=False, **two), twopass.NUM_WARPS, [], []))
+                dict(hypers=7, DIRECTION=lamb.lamb_stored_direction, FINISH=lamb.lamb_trust_ratio, FLAGS=(False,),
+                     STATES=2, READS_GRAD=False, **fp16, STOCHASTIC=False, **two, **_bias_corrections(True)),
+                twopass.NUM_WARPS, [], []))
     # LARS: momentum without nesterov (pass 2 reads no grad), no momentum (no state)
-    for flags, states, width in (((False, True), 1, 7), ((False, False), 0, 6)):
+    for flags, states in (((False, True), 1), ((False, False), 0)):
         name = "momentum" if states else "no-momentum"
         out.append((f"lars-norms-{name}-fp32", twopass.norms_kernel,
-                    dict(hypers=5, UPDATE=lars.lars_update, FLAGS=flags, STATES=states, WIDTH=width,
-                         P_DTYPE=tl.float32, G_DTYPE=tl.float32, BLOCK=twopass.BLOCK, **lamb_chunk),
+                    dict(hypers=5, UPDATE=lars.lars_update, FLAGS=flags, STATES=states, P_DTYPE=tl.float32,
+                         G_DTYPE=tl.float32, BLOCK=twopass.BLOCK, **lamb_chunk, **NO_STEPS,
+                         FINISH_BLOCK=twopass.FINISH_BLOCK),
                     twopass.NUM_WARPS, [4, 4] + [4] * states, [4] * states))
         out.append((f"lars-apply-{name}-fp32", twopass.apply_kernel,
-                    dict(hypers=5, DIRECTION=lars.lars_stored_direction, FLAGS=flags, STATES=states,
-                         READS_GRAD=not states, WIDTH=width, P_DTYPE=tl.float32, G_DTYPE=tl.float32,
-                         STOCHASTIC=False, BLOCK=twopass.BLOCK, **lamb_chunk), twopass.NUM_WARPS,
+                    dict(hypers=5, DIRECTION=lars.lars_stored_direction, FINISH=lars.lars_clip, FLAGS=flags,
+                         STATES=states, READS_GRAD=not states, P_DTYPE=tl.float32, G_DTYPE=tl.float32,
+                         STOCHASTIC=False, BLOCK=twopass.BLOCK, **lamb_chunk, **NO_STEPS), twopass.NUM_WARPS,
                     [4] + [4] * (1 - states) + [4] * states, [4]))
     out.append(("lars-norms-variants-fp16", twopass.norms_kernel,
-                dict(hypers=5, UPDATE=lars.lars_update, FLAGS=(False, True), STATES=1, WIDTH=7, **fp16, **two),
-                twopass.NUM_WARPS, [], []))
+                dict(hypers=5, UPDATE=lars.lars_update, FLAGS=(False, True), STATES=1, **fp16, **two, **NO_STEPS,
+                     FINISH_BLOCK=twopass.FINISH_BLOCK), twopass.NUM_WARPS, [], []))
     eight96 = dict(ALIGNED=True, **quant.layout(96))
     out.append(("adam8bit-96-variants-fp16", kernel8,
-                dict(WIDTH=9, **fp16, **_family(adam.ADAM, ADAM_L2, True), SIGNED=(True, False), STOCHASTIC=False,
+                dict(**fp16, **_family(adam.ADAM, ADAM_L2, True), SIGNED=(True, False), STOCHASTIC=False,
                      **eight96), quant.NUM_WARPS, [2, 2, 1, 1], [2, 1, 1]))
     out.append(("lion8bit-96-fp16", kernel8,
-                dict(WIDTH=7, **fp16, **_family(lion.LION, LION, True), SIGNED=(True,), STOCHASTIC=False, **eight96),
+                dict(**fp16, **_family(lion.LION, LION, True), SIGNED=(True,), STOCHASTIC=False, **eight96),
                 quant.NUM_WARPS, [2, 2, 1], [2, 1]))
     out.append(("lamb8bit-apply-96-variants-fp16", twopass.apply8bit_kernel,
-                dict(hypers=7, UPDATE=lamb.lamb_update, FLAGS=(False,), STATES=2, CODEBOOKS=(1, 0), WIDTH=10,
-                     **fp16, STOCHASTIC=False, HYPER_IN_MEMORY=True, **eight96), quant.NUM_WARPS,
+                dict(hypers=7, UPDATE=lamb.lamb_update, FINISH=lamb.lamb_trust_ratio, FLAGS=(False,), STATES=2,
+                     CODEBOOKS=(1, 0), **fp16, STOCHASTIC=False, HYPER_IN_MEMORY=True, **eight96,
+                     **_bias_corrections(True)), quant.NUM_WARPS,
                 [2, 2, 1, 1], [2, 1, 1]))
     out.append(("lars8bit-apply-96-variants-fp16", twopass.apply8bit_kernel,
-                dict(hypers=5, UPDATE=lars.lars_update, FLAGS=(False, True), STATES=1, CODEBOOKS=(1,), WIDTH=8,
-                     **fp16, STOCHASTIC=False, HYPER_IN_MEMORY=True, **eight96), quant.NUM_WARPS, [2, 2, 1], [2, 1]))
+                dict(hypers=5, UPDATE=lars.lars_update, FINISH=lars.lars_clip, FLAGS=(False, True), STATES=1,
+                     CODEBOOKS=(1,), **fp16, STOCHASTIC=False, HYPER_IN_MEMORY=True, **eight96, **NO_STEPS),
+                quant.NUM_WARPS, [2, 2, 1], [2, 1]))
     out.append(("norm-inf", norm.norm_partial_kernel,
                 dict(G_DTYPE=tl.float32, ORD=0, ALIGNED=True, CHUNK=table.CHUNK, BLOCK=norm.BLOCK),
                 norm.NUM_WARPS, [4], []))
     out.append(("norm-finish", norm.norm_finish_kernel, dict(ORD=2, BLOCK=norm.FINISH_BLOCK), 4, [], []))
-    for finish_name, finish, n_hypers in (("lamb", lamb.lamb_trust_ratio, 7), ("lars", lars.lars_clip, 5)):
-        for in_memory in (False, True):
-            out.append((f"{finish_name}-finish{'-variants-in-memory' if in_memory else ''}", twopass.finish_kernel,
-                        dict(hypers=n_hypers, FINISH=finish, FLAGS=(True, True), HYPER_IN_MEMORY=in_memory,
-                             BLOCK=twopass.FINISH_BLOCK), 4, [], []))
-    steps = dict(WIDTH=7, STEP_COL=4, BLOCK=table.STEP_BLOCK)
-    for name, derive in (
-        ("steps-none", _steps(None, {})),
-        ("steps-bias-corrections-args", dict(DERIVE=bias_corrections_derive, HYPERS=BiasCorrections, MODES=(0, 0))),
-        ("steps-bias-corrections-in-memory", dict(DERIVE=bias_corrections_derive, HYPERS=BiasCorrections,
-                                                  MODES=(2, 2))),
-        ("steps-adam-args", _steps(adam.ADAM, ADAMW)),
-        ("steps-adam-in-memory", _steps(adam.ADAM, ADAMW, (1, 2, 2))),
-        ("steps-sgd", _steps(sgd.SGD, SGD)),
-        ("steps-adagrad-args", _steps(adagrad.ADAGRAD, ADAGRAD)),
-        ("steps-adagrad-in-memory", _steps(adagrad.ADAGRAD, ADAGRAD, (1, 1))),
-    ):
-        out.append((name, step_kernel, dict(steps, **derive), 4, [], []))
     out.append(("norm-1-fp16", norm.norm_partial_kernel,
                 dict(G_DTYPE=tl.float16, ORD=1, ALIGNED=False, CHUNK=table.CHUNK, BLOCK=norm.BLOCK),
                 norm.NUM_WARPS, [], []))
@@ -262,7 +264,7 @@ def _compile_all() -> dict:
                 fields = ["*fp32" if m else "fp32" for m in constexprs["IN_MEMORY"]]
                 signature[arg] = constexprs["HYPERS"](*fields)
                 attrs.update({(i, j): [["tt.divisibility", 16]] for j, f in enumerate(fields) if f == "*fp32"})
-            elif arg == "pointers":  # the step prologue's hyper-parameters in memory
+            elif arg == "step_pointers":  # the per-step derivation's hyper-parameters in memory
                 signature[arg] = ("*fp32",) * max(1, len(constexprs["MODES"]))
                 attrs.update({(i, j): [["tt.divisibility", 16]] for j in range(len(signature[arg]))})
             elif arg in _POINTERS:
@@ -270,7 +272,7 @@ def _compile_all() -> dict:
                 attrs[(i,)] = [["tt.divisibility", 16]]
             elif arg in _INTS:
                 signature[arg] = "i32"
-            elif kernel.params[i].annotation == "fp64":  # annotated tl.float64 (the step prologue's)
+            elif kernel.params[i].annotation == "fp64":  # annotated tl.float64 (the per-step derivation's)
                 signature[arg] = "fp64"
             else:
                 signature[arg] = "fp32"
@@ -366,6 +368,9 @@ def _vectors(streams: list[int], block: int, threads: int) -> int:
 def test_kernels_compile_vectorized_without_spills(report):
     problems = []
     for name, r in sorted(report.items()):
+        registers = re.findall(r"Used (\d+) registers", r["ptxas"])
+        print(f"{name}: {registers[0] if registers else '?'} registers, {r['ld_v4']} ld.v4, {r['st_v4']} st.v4")  # -s
+
         if r["ptxas_rc"] != 0:
             problems.append(f"{name}: ptxas failed: {r['ptxas'][-500:]}")
             continue
@@ -390,8 +395,8 @@ def test_launch_path_specializes_every_argument(tmp_path):
                             cwd=Path(__file__).parent)
     assert result.returncode == 0, \
         f"specializing the launches failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
-    step, update, update8 = "step_kernel", "elementwise_kernel", "elementwise8bit_kernel"
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == [step, update, step, update8, step, update]
+    update, update8 = "elementwise_kernel", "elementwise8bit_kernel"
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == [update, update8, update]
 
 
 if __name__ == "__main__":

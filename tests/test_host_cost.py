@@ -42,9 +42,9 @@ def test_json_has_what_it_promises(host_cost, backend, tmp_path):
         assert len(wall["per_step"]) == 2 and all(t > 0 for t in wall["per_step"])
         assert wall["median"] == pytest.approx(sorted(wall["per_step"])[0] / 2 + sorted(wall["per_step"])[1] / 2)
     if backend == "triton":
-        # One prologue and one update launch (the elementwise kernel, running Adam) per step, all
+        # One launch (the elementwise kernel, running Adam, advancing the steps too) per step,
         # intercepted by the stub.
-        assert doc["launches_per_step"] == {m: {"elementwise_kernel": 1.0, "step_kernel": 1.0} for m in host_cost.MODES}
+        assert doc["launches_per_step"] == {m: {"elementwise_kernel": 1.0} for m in host_cost.MODES}
     else:
         assert doc["launches_per_step"] == {m: {} for m in host_cost.MODES}
     assert doc["instructions"] is None
@@ -58,10 +58,10 @@ def test_stub_restores_the_kernels(host_cost):
         pytest.skip("the Triton backend reaches CPU tensors only with TRITON_INTERPRET=1")
     from fusedopt.kernels import common, elementwise
 
-    before = (elementwise.elementwise_kernel, common.step_kernel)
+    before = (elementwise.elementwise_kernel, common.advance_step)
     with host_cost.stubbed_launches("triton"):
-        assert elementwise.elementwise_kernel is not before[0] and common.step_kernel is not before[1]
-    assert (elementwise.elementwise_kernel, common.step_kernel) == before
+        assert elementwise.elementwise_kernel is not before[0] and common.advance_step is not before[1]
+    assert (elementwise.elementwise_kernel, common.advance_step) == before
 
 
 def test_parse_dumps(host_cost, tmp_path):

@@ -5,13 +5,18 @@ A tensor over 2**31 elements needs every offset computed from a chunk index in i
 int32, ``chunk * CHUNK`` wraps, and the kernel reads and writes 8 GiB away from the tensor (on a
 GPU: a fault or another tensor's memory). The real test of that (tests/test_triton.py,
 ``test_more_than_2_31_elements``) needs a GPU with 16 to 28 GiB free. Here every launch table
-is built for real (small) tensors and then shifted: each tensor is presented as the last part
-of a virtual one of ``SHIFT`` more elements (its address moved back by ``SHIFT`` elements, its
-element count raised by ``SHIFT``, its work items moved to the chunks past ``SHIFT``, an 8-bit
-state's absmax moved back by ``SHIFT / block_size`` blocks). The kernels then address the real
-tensors only through offsets past 2**31 (the chunks of the larger param straddle 2**31), and
-must give exactly what the grid of tests/test_backends.py expects. (Stochastic rounding is left
-out: its noise depends on the element index, which the shift changes.)
+is built for real (small) tensors and then shifted: the first tensor of each table is
+presented as the last part of a virtual one of ``SHIFT`` more elements (its address moved back
+by ``SHIFT`` elements, its element count raised by ``SHIFT``, its work items moved to the chunks
+past ``SHIFT``, an 8-bit state's absmax moved back by ``SHIFT / block_size`` blocks). The
+kernels then address the real tensor only through offsets past 2**31 (its chunks straddle
+2**31), and must give exactly what the grid of tests/test_backends.py expects. (Stochastic
+rounding is left out: its noise depends on the element index, which the shift changes.)
+
+The kernels count a tensor's finished chunks (``common.finished_tensor``) against its element
+count, and the two-pass kernels find its partials from its first work item's index: for the
+virtual tensor, ``SHIFT / chunk`` chunks (its first ones) are counted done before each launch,
+and its partials' buffer starts ``SHIFT / chunk`` zero slots earlier (:class:`_Shifted`).
 
 A kernel that computes such an offset in int32 reaches unmapped memory: the interpreter then
 crashes the test process (a segmentation fault names the test) or the comparison fails.
@@ -19,14 +24,13 @@ crashes the test process (a segmentation fault names the test) or the comparison
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
 import torch
 
 import test_backends as grid
-from fusedopt import backends
+from fusedopt import backends, launch_table
 
 pytest.importorskip("triton")
 from fusedopt.kernels import quant, table  # noqa: E402
@@ -43,29 +47,73 @@ SIZES = (98_309, 1_000)  # the first one's chunks straddle 2**31 after the shift
 SIZES_B = (40_001,)
 
 
-def _shifted(build, shift: int, stats: dict):
-    """``table.build`` whose tables present every tensor as the end of one ``shift`` elements
-    longer (see the module's docstring)."""
+class _Scratch(dict):
+    """A table's scratch buffers, which only the two-pass kernels ask for (their ``(partials,
+    norms)``): made here, with the partials starting ``pad`` zero slots after the start of their
+    memory, where the first tensor's work items, moved by ``pad`` chunks, find them
+    (``twopass.finish_norms``)."""
 
-    def shifted_build(streams, vector_streams, chunk, extra=None, key=None):
-        tab = build(streams, vector_streams, chunk, extra, key=key)
+    def __init__(self, tab, pad: int):
+        super().__init__()
+        self.tab = tab
+        self.pad = pad
+
+    def get(self, name, default=None):
+        if name not in self:
+            tab = self.tab
+            big = torch.zeros((self.pad + tab.n_work, 2), dtype=torch.float32, device=tab.rows.device)
+            self[name] = (big[self.pad:], torch.empty((tab.n_tensors, 2), dtype=torch.float32, device=big.device))
+        return super().get(name, default)
+
+
+class _Shifted:
+    """A shifted table: the table's own attributes, but its rows and work list shifted, and its
+    counters set before each launch (each reads ``counters`` once) to the chunks of the virtual
+    tensor that no work item covers."""
+
+    def __init__(self, tab, rows, work, base, pad):
+        self._tab = tab
+        self.rows = rows
+        self.work = work
+        self._base = base
+        self.scratch = _Scratch(tab, pad)
+
+    def __getattr__(self, name):
+        return getattr(self._tab, name)
+
+    @property
+    def counters(self):
+        return self._tab.counters.copy_(self._base)
+
+
+def _shifted(build, shift: int, stats: dict):
+    """``launch_table.build`` whose tables present their first tensor as the end of one ``shift``
+    elements longer (see the module's docstring)."""
+
+    def shifted_build(cols, chunk, extra=None, key=None):
+        tab = build(cols, chunk, extra, key=key)
         assert shift % chunk == 0, f"SHIFT is not a multiple of the chunk {chunk}"
-        numels = [t.numel() for t in streams[0]]
+        numel = cols[launch_table.PARAM][0].numel()
         rows = tab.rows.clone()
-        for c, column in enumerate(streams):
-            if all(t.dim() == 0 for t in column):
-                continue  # the steps: one value a tensor
-            if all(t.numel() == n for t, n in zip(column, numels)):
-                rows[:, c] -= shift * column[0].element_size()  # an element stream
+        for column, tensors in cols.items():
+            t = tensors[0]
+            if column == launch_table.STEP:
+                continue  # one value a tensor
+            if t.numel() == numel:
+                rows[0, column] -= shift * t.element_size()  # an element stream
                 continue
             # an 8-bit state's absmax: one fp32 per block of block_size elements
-            block_size = next(b for b in (64, 96, 256, 2048, 4096)
-                              if all(t.numel() == -(-n // b) for t, n in zip(column, numels)))
-            assert column[0].dtype == torch.float32 and shift % block_size == 0, (column[0].dtype, block_size)
-            rows[:, c] -= shift // block_size * 4
-        rows[:, len(streams)] += shift
+            block_size = next(b for b in (64, 96, 256, 2048, 4096) if t.numel() == -(-numel // b))
+            assert t.dtype == torch.float32 and shift % block_size == 0, (t.dtype, block_size)
+            rows[0, column] -= shift // block_size * 4
+        rows[0, launch_table.NUMEL] += shift
+        work = tab.work.clone()
+        first = work[:, 0] == 0
+        work[first, 1] += shift // chunk
+        base = torch.zeros_like(tab.counters)
+        base[0] = -(-(numel + shift) // chunk) - max(1, -(-numel // chunk))  # shift // chunk, but for no elements
         stats["tables"] = stats.get("tables", 0) + 1
-        return dataclasses.replace(tab, rows=rows, work=tab.work + shift // chunk)
+        return _Shifted(tab, rows, work, base, shift // chunk)
 
     return shifted_build
 
@@ -73,7 +121,7 @@ def _shifted(build, shift: int, stats: dict):
 @pytest.fixture
 def shifted(monkeypatch):
     stats: dict = {}
-    monkeypatch.setattr(table, "build", _shifted(table.build, SHIFT, stats))
+    monkeypatch.setattr(launch_table, "build", _shifted(launch_table.build, SHIFT, stats))
     yield stats
     assert stats.get("tables"), "no launch table was built (and shifted)"
 
@@ -112,10 +160,10 @@ def test_the_shift_reaches_past_2_31(shifted):
     assert SHIFT % quant.chunk(96) == SHIFT % quant.chunk(256) == SHIFT % quant.chunk(2048) == 0
     assert SHIFT % table.CHUNK == 0
     p = torch.randn(SIZES[0])
-    tab = table.lookup({}, "t", [[p], [p]], vector_streams=2, chunk=table.CHUNK)
-    chunks = (tab.work & 0xFFFFFFFF).tolist()
+    tab = launch_table.lookup({}, "t", launch_table.columns([p], [p]), table.CHUNK)
+    chunks = tab.work[:, 1].tolist()
     starts = [c * table.CHUNK for c in chunks]
     assert starts[0] == SHIFT and starts[-1] < 2**31 + SIZES[0]
     assert any(s < 2**31 <= s + table.CHUNK for s in starts) and any(s >= 2**31 for s in starts)
-    assert int(tab.rows[0, 0]) + SHIFT * 4 == p.data_ptr()
-    assert int(tab.rows[0, 2]) == SHIFT + SIZES[0]
+    assert int(tab.rows[0, launch_table.PARAM]) + SHIFT * 4 == p.data_ptr()
+    assert int(tab.rows[0, launch_table.NUMEL]) == SHIFT + SIZES[0]
