@@ -143,7 +143,7 @@ def row(backend: str, kernel: str, arch: str, text: str, registers: int | None, 
     return Row(backend, kernel, arch, registers, spill_bytes, warps, threads, elements, p.vector_loads,
                p.vector_stores, p.scalar_loads, p.shared_loads, p.instructions, round(per_element, 1),
                round(bytes_per_element, 3), roofline, round(issue, 2), memory,
-               verdict(arch, issue) + (f" ({loop.inner_loops} inner loop(s) counted once)" if loop.inner_loops else ""),
+               verdict(arch, issue) + (f" ({loop.inner_loops} inner loop(s) in its body, each counted once)" if loop.inner_loops else ""),
                matched, loop.inner_loops)
 
 
@@ -457,6 +457,36 @@ def table(rows: list[Row]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(x, widths)).rstrip() for x in lines)
 
 
+def provenance(archs, args) -> dict:
+    """What the rows were read from: the command, the commit, torch, Triton and nvcc."""
+    import datetime
+    import platform
+
+    def run(*command):
+        try:
+            return subprocess.run(command, capture_output=True, text=True, timeout=30,
+                                  cwd=Path(__file__).resolve().parent).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    from . import build
+
+    versions = {}
+    for name in ("torch", "triton"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            versions[name] = None
+    nvcc = build.find_nvcc()
+    argv = getattr(args, "_argv", None)
+    return {"command": "python -m fusedopt static " + " ".join(sys.argv[2:] if argv is None else argv),
+            "archs": list(archs), "commit": run("git", "rev-parse", "HEAD"),
+            "dirty": bool(run("git", "status", "--porcelain", "--untracked-files=no")),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "python": platform.python_version(), **versions,
+            "nvcc": (run(nvcc, "--version") or "").splitlines()[-1] if nvcc else None}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m fusedopt static",
@@ -475,6 +505,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="exit 1 on a spill, or on a streaming kernel whose full iteration does not move "
                              "exactly its roofline row with 128-bit accesses")
     args = parser.parse_args(argv)
+    args._argv = argv
     archs = tuple(args.arch)
     rows: list[Row] = []
     if "triton" in args.backend:
@@ -483,8 +514,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += cuda_rows(archs)
     print(table(rows))
     if args.json:
-        Path(args.json).write_text(json.dumps({"schema": "fusedopt-static/1", "cards": CARDS,
-                                               "rows": [asdict(r) for r in rows]}, indent=1) + "\n")
+        Path(args.json).write_text(json.dumps({"schema": "fusedopt-static/1", "provenance": provenance(archs, args),
+                                               "cards": CARDS, "rows": [asdict(r) for r in rows]}, indent=1) + "\n")
     problems = [f"{r.backend} {r.kernel} ({r.arch}): {p}" for r in rows for p in r.problems]
     for p in problems:
         print("PROBLEM", p, file=sys.stderr)
