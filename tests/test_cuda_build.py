@@ -11,7 +11,6 @@ what quietly disappears when the compiler cannot prove an address space or an al
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -39,17 +38,9 @@ HELPERS = ("norm_finish_kernel", "quantize_kernel")
 
 
 def find_cuobjdump() -> str | None:
-    home = build.find_cuda_home()
-    candidates = [home / "bin" / "cuobjdump"] if home else []
-    try:
-        import triton
+    from fusedopt import static
 
-        candidates.append(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
-    except ImportError:
-        pass
-    found = shutil.which("cuobjdump")
-    candidates += [Path(found)] if found else []
-    return next((str(c) for c in candidates if c.is_file()), None)
+    return static.find_cuobjdump()
 
 
 @pytest.fixture(scope="module")
