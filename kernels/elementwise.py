@@ -275,5 +275,5 @@ def step8bit(batch, family: Family) -> None:
         **step_constexprs, SIGNED=tuple(family.signed(n) for n in names),
         P_DTYPE=table.tl_dtype(batch.params[0].dtype), G_DTYPE=table.tl_dtype(batch.grads[0].dtype),
         STOCHASTIC=stochastic, ALIGNED=tab.aligned, **quant.layout(batch.block_size), num_warps=quant.NUM_WARPS,
-        enable_fp_fusion=False,
+        enable_fp_fusion=False, **quant.register_limit(stochastic),
     )

@@ -33,6 +33,18 @@ TILES = 4
 NUM_WARPS = 4  # 16 elements a thread: 16-byte accesses for the uint8 codes too
 
 
+def register_limit(uncapped: bool) -> dict:
+    """Launch options of an 8-bit kernel: with ``uncapped``, ptxas may use up to 255 registers a
+    thread (``maxnreg``). Left to itself it stops at 168 (three 128-thread blocks an SM) and
+    spilled there: 24-28 bytes in SGD8bit's kernel with stochastic rounding (bf16, sm_90) and
+    48-56 bytes in LAMB8bit's pass 2 with bf16 params (sm_80 and sm_90), as tests/test_compile.py
+    and ``python -m fusedopt static`` compile them; uncapped, they take 178-225 registers and do
+    not spill (8 warps an SM at most). The launchers uncap only the elementwise 8-bit kernel
+    with stochastic rounding (every family's: Lion8bit's then takes 181 registers, not 123) and
+    the two-pass apply with 16-bit params; elsewhere the cap stays, and the occupancy with it."""
+    return {"maxnreg": 255} if uncapped else {}
+
+
 def unsupported_block(block_size: int) -> str | None:
     """Why the 8-bit kernels cannot take ``block_size``, or None."""
     if block_size > MAX_BLOCK:

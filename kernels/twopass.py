@@ -502,6 +502,7 @@ def step(batch, family: Family, states, signed, hypers, flags, reads_grad: bool,
             tab.rows, tab.work, tab.counters, scalars, hyper_tensor, norms, codebook, values, seed, *step_args,
             UPDATE=family.update, FINISH=family.finish, **common_args, **layout, STOCHASTIC=stochastic,
             num_warps=quant.NUM_WARPS, enable_fp_fusion=False,
+            **quant.register_limit(batch.params[0].element_size() == 2),
         )
     else:
         apply_kernel[(tab.n_work,)](

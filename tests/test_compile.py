@@ -249,11 +249,22 @@ def _compile_all() -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
 
+    import triton.language as tl
+
+    from fusedopt.kernels import elementwise, quant, twopass
+
     ptxas = _ptxas()
     report = {}
     for name, kernel, constexprs, num_warps, loads, stores in _cases():
         signature, attrs = {}, {}
         constexprs = dict(constexprs)
+        # the register limit the launchers ask of ptxas (quant.register_limit)
+        if kernel is elementwise.elementwise8bit_kernel:
+            limit = quant.register_limit(constexprs["STOCHASTIC"])
+        elif kernel is twopass.apply8bit_kernel:
+            limit = quant.register_limit(constexprs["P_DTYPE"] in (tl.bfloat16, tl.float16))
+        else:
+            limit = {}
         tuples = {arg: constexprs.pop(arg) for arg in _FP32_TUPLES if arg in constexprs}
         for i, arg in enumerate(kernel.arg_names):
             if arg in tuples:
@@ -279,7 +290,7 @@ def _compile_all() -> dict:
         for cc in CCS if "variants" not in name else CCS[:1]:  # the switches compile alike on both
             source = triton.compiler.ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
             compiled = triton.compile(source, target=GPUTarget("cuda", cc, 32),
-                                      options={"num_warps": num_warps, "enable_fp_fusion": False})
+                                      options={"num_warps": num_warps, "enable_fp_fusion": False, **limit})
             ptx = compiled.asm["ptx"]
             arch = re.search(r"\.target\s+(\w+)", ptx).group(1)
             path = Path(os.environ["FUSEDOPT_PTX_DIR"]) / f"{name}-{cc}.ptx"
